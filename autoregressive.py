@@ -1,0 +1,82 @@
+"""autoregressive.py: plain autoregressive decoding, the baseline and the oracle.
+
+One target forward per generated token: feed the last token, read the distribution p over the
+next one, sample (or take the argmax at temperature 0), repeat. Every token costs a full pass
+over the model's weights, and on small batches that pass is bound by memory bandwidth, not
+arithmetic: verifying 5 tokens costs about what 1 does. That slack is what speculative.py uses.
+
+Every richer loop (speculative.py, ssd.py, saguaro.py) must reproduce this file's output token
+for token at temperature 0, and its distribution exactly at temperature > 0.
+
+    python autoregressive.py --prompt "Write a haiku about cacti."
+"""
+import argparse
+import time
+
+import torch
+
+import kernels
+
+
+@torch.inference_mode()
+def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0, top_k=None,
+             top_p=None, seed=0, eos=True):
+    """prompt_ids: a list of token ids, or a batch of them (ragged is fine).
+    Returns (tokens, stats): tokens[b] = the new tokens of row b (ending at EOS if one came,
+    EOS included); stats as in kernels.new_stats. `draft` is ignored: AR needs none."""
+    prompts = kernels.as_batch(prompt_ids)
+    kernels.check_sampling(temperature, top_k, top_p)
+    max_len = kernels.check_request(target, prompts, max_new_tokens)
+    B, dev = len(prompts), target.device
+    gen = kernels.make_generator(seed, dev)
+    eos_ids = torch.tensor(target.cfg.eos_token_ids if eos else (), device=dev)
+    stats = kernels.new_stats()
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)   # (B, N)
+    n_out = torch.zeros(B, dtype=torch.long, device=dev)                  # tokens so far per row
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    # 1) prefill: the whole prompt in one forward; its last position gives the first token
+    t0 = time.perf_counter()
+    cache = target.new_cache(B, max_len)
+    p = kernels.probs_from_logits(target.prefill(prompts, cache), temperature, top_k, top_p)
+    token = kernels.sample(p, gen)                                        # (B,)
+    kernels.sync(dev)
+    stats["prefill_s"] = time.perf_counter() - t0
+
+    # 2) decode: one target forward per token, every row in one batch
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens):
+        out[:, i] = torch.where(done, out[:, i], token)
+        n_out += ~done
+        done |= torch.isin(token, eos_ids)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        stats["target_calls"] += 1
+        stats["rows_verified"] += int((~done).sum())
+        logits = target(token[:, None], cache)                            # (B, 1, V)
+        p = kernels.probs_from_logits(logits[:, -1], temperature, top_k, top_p)
+        token = kernels.sample(p, gen)
+    kernels.sync(dev)
+    stats["decode_s"] = time.perf_counter() - t0
+
+    # 3) hand back each row's tokens
+    tokens = [out[b, : n_out[b]].tolist() for b in range(B)]
+    return tokens, kernels.finish_stats(stats, tokens)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    kernels.add_common_args(ap)
+    ap.add_argument("--prompt", required=True)
+    args = ap.parse_args()
+    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
+    ids = kernels.encode_prompt(target, args.prompt)
+    tokens, stats = generate(target, ids, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
+    print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
+          f"decode {stats['decode_tokens_per_s']:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()

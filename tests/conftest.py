@@ -1,0 +1,51 @@
+"""Shared fixtures: the default model (loaded once per session) and tiny random models."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_config(model_type="llama", vocab_size=64, **over):
+    """A transformers-style config dict for a tiny model of one supported family."""
+    c = {"model_type": model_type, "vocab_size": vocab_size, "hidden_size": 32,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 8, "intermediate_size": 64, "rms_norm_eps": 1e-6,
+         "rope_theta": 10000.0, "tie_word_embeddings": False,
+         "max_position_embeddings": 256, "eos_token_id": None}
+    c.update(over)
+    return c
+
+
+def tiny_model(seed=0, model_type="llama", vocab_size=64, scale=1.0, **over) -> kernels.Model:
+    """Our Model with random weights (no tokenizer). `scale` sharpens the output distribution."""
+    cfg = kernels.ModelConfig.from_hf(tiny_config(model_type, vocab_size, **over))
+    g = torch.Generator().manual_seed(seed)
+    model = kernels.Model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.head.weight.mul_(scale)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    return kernels.load_model("default", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def default_prompts(default_model):
+    texts = ["Write a Python function that checks whether a number is prime.",
+             "Explain why the sky is blue in two sentences.",
+             "Give me three tips for learning to play the guitar.",
+             "What is the capital of France, and what is it famous for?"]
+    return [kernels.encode_prompt(default_model, t) for t in texts]
