@@ -45,7 +45,7 @@ def default_model():
 @pytest.fixture(scope="session")
 def default_prompts(default_model):
     texts = ["Write a Python function that checks whether a number is prime.",
-             "Explain why the sky is blue in two sentences.",
+             "Write a short story about a robot who learns to paint.",
              "Give me three tips for learning to play the guitar.",
              "What is the capital of France, and what is it famous for?"]
     return [kernels.encode_prompt(default_model, t) for t in texts]

@@ -1,0 +1,199 @@
+"""kernels.py: our forward equals transformers', the cache and masks behave, inputs are checked."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import kernels
+from conftest import tiny_config, tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def hf_and_ours(model_type, **over):
+    """A random tiny transformers model of one family and our Model loaded from its weights."""
+    c = tiny_config(model_type, **over)
+    c.pop("model_type")
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **c),
+                                          dtype=torch.float32).eval()
+    ours = kernels.model_from_hf_state(kernels.ModelConfig.from_hf(hf.config), hf.state_dict())
+    return hf, ours.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers_on_tiny_models(family):
+    hf, ours = hf_and_ours(family)
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids, ours.new_cache(2, 32))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_llama3_rope_scaling_equals_transformers():
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+               "rope_theta": 500000.0}
+    hf, ours = hf_and_ours("llama", rope_parameters=scaling)
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, ours.new_cache(1, 64)), hf(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_logits_equal_transformers_on_default_model(default_model, default_prompts):
+    hf = AutoModelForCausalLM.from_pretrained(default_model.path, dtype=torch.float32).eval()
+    ids = torch.tensor([default_prompts[0]])
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = default_model(ids, default_model.new_cache(1, ids.shape[1]))
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_incremental_decode_equals_full_forward():
+    model = tiny_model(seed=3)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    full = model(ids, model.new_cache(1, 16))
+    cache = model.new_cache(1, 16)
+    parts = [model(ids[:, :5], cache), model(ids[:, 5:9], cache)]
+    parts += [model(ids[:, i:i + 1], cache) for i in range(9, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [12]
+
+
+def test_ragged_prefill_rows_equal_each_prompt_alone():
+    model = tiny_model(seed=4)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    cache = model.new_cache(3, 16)
+    batched = model.prefill(prompts, cache)
+    assert cache.lengths.tolist() == [3, 7, 1]
+    step = model(torch.tensor([[5], [6], [7]]), cache)[:, 0]
+    for b, p in enumerate(prompts):
+        alone = model.new_cache(1, 16)
+        torch.testing.assert_close(model.prefill([p], alone)[0], batched[b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(torch.tensor([[5 + b]]), alone)[0, 0], step[b],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_rollback_then_redecode_equals_fresh_decode():
+    model = tiny_model(seed=5)
+    cache = model.new_cache(1, 32)
+    model.prefill([[1, 2, 3, 4]], cache)
+    model(torch.tensor([[9, 9, 9]]), cache)      # three tokens that get rejected
+    cache.lengths -= 3                            # roll back: only a length moves
+    after = model(torch.tensor([[5, 6]]), cache)
+    fresh = model.new_cache(1, 32)
+    model.prefill([[1, 2, 3, 4]], fresh)
+    torch.testing.assert_close(after, model(torch.tensor([[5, 6]]), fresh), atol=1e-5, rtol=1e-5)
+
+
+def test_tree_masked_forward_equals_each_branch_alone():
+    """Two branches forked after a shared prefix, laid out in scratch slots, decoded in one
+    forward with a tree mask, give the logits of each branch decoded alone."""
+    model = tiny_model(seed=6)
+    prefix, branches = [1, 2, 3, 4, 5], [[7, 8], [9, 10]]
+    cache = model.new_cache(1, 16)
+    model.prefill([prefix], cache)
+    P = len(prefix)
+    # slots: branch 0 -> 5, 6; branch 1 -> 7, 8; positions: both P, P+1
+    tokens = torch.tensor([[7, 9, 8, 10]])
+    positions = torch.tensor([[P, P, P + 1, P + 1]])
+    slots = torch.tensor([[5, 7, 6, 8]])
+    mask = torch.zeros(1, 4, 16, dtype=torch.bool)
+    mask[..., :P] = True
+    for q, own in enumerate([[5], [7], [5, 6], [7, 8]]):
+        mask[0, q, own] = True
+    tree = model(tokens, cache, positions=positions, slots=slots, mask=mask)[0]
+    assert cache.lengths.tolist() == [P]           # explicit calls leave lengths alone
+    for i, br in enumerate(branches):
+        alone = model.new_cache(1, 16)
+        model.prefill([prefix], alone)
+        ref = model(torch.tensor([br]), alone)[0]
+        torch.testing.assert_close(tree[[i, i + 2]], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    probs = torch.softmax(torch.randn(4, 50), -1)
+    draw = lambda seed: kernels.sample(probs.expand(64, 4, 50), kernels.make_generator(seed, "cpu"))
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+
+
+def test_probs_from_logits_greedy_topk_topp():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert kernels.probs_from_logits(logits, 0.0).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    p = kernels.probs_from_logits(logits, 1.0, top_k=2)
+    assert (p[0, 2:] == 0).all() and abs(p.sum().item() - 1) < 1e-6
+    full = torch.softmax(logits, -1)[0]
+    p = kernels.probs_from_logits(logits, 1.0, top_p=float(full[0]) + 1e-3)  # needs 2 tokens
+    assert (p[0, :2] > 0).all() and (p[0, 2:] == 0).all()
+    p = kernels.probs_from_logits(logits, 1.0, top_p=float(full[0]) - 1e-3)  # 1 token suffices
+    assert p[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+# -- bad input gets a clear error ---------------------------------------------------------------
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        kernels.load_model(str(tmp_path / "nope"), device="cpu")
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama"):
+        kernels.ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        kernels.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            kernels.resolve_device("cuda")
+
+
+def test_bad_requests_are_clear_errors():
+    model = tiny_model(seed=0)  # context of 256 tokens
+    with pytest.raises(ValueError, match="empty prompt"):
+        kernels.check_request(model, [[]], 4)
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        kernels.check_request(model, [[1] * 250], 10)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        kernels.check_request(model, [[1]], 0)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        kernels.check_request(model, [[64]], 1)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        kernels.probs_from_logits(torch.zeros(1, 4), -0.5)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        model(torch.tensor([[1, 2, 3]]), model.new_cache(1, 2))
+
+
+# -- GPU only: the flash-attn and CUDA-graph paths against the eager SDPA path --------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_graph_decode_equals_eager():
+    model = tiny_model(seed=8).to("cuda", torch.bfloat16)
+    eager = model.new_cache(2, 64)
+    model.prefill([[1, 2, 3], [4, 5]], eager)
+    ref = model(torch.tensor([[6], [7]], device="cuda"), eager)
+    graphed = model.use_cuda_graphs(2, 64, step_lengths=(1, 5))
+    model.prefill([[1, 2, 3], [4, 5]], graphed)
+    got = model(torch.tensor([[6], [7]], device="cuda"), graphed)
+    model.graphs = None
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+@cuda
+@pytest.mark.skipif(kernels.ATTENTION != "flash", reason="flash-attn not installed")
+def test_flash_attention_equals_sdpa():
+    model = tiny_model(seed=9).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 9), device="cuda")
+    flash = model(ids, model.new_cache(2, 16))
+    kernels.ATTENTION = "sdpa"
+    try:
+        sdpa = model(ids, model.new_cache(2, 16))
+    finally:
+        kernels.ATTENTION = "flash"
+    torch.testing.assert_close(flash, sdpa, atol=2e-2, rtol=2e-2)
