@@ -1,0 +1,245 @@
+"""bench.py: every decoding loop of this project, and the Hugging Face peers, in one table.
+
+    python bench.py                                    # default model, a few prompts, greedy
+    python bench.py --model Qwen/Qwen3-32B --draft Qwen/Qwen3-0.6B --device cuda --dtype bfloat16
+
+Rows: ar (autoregressive.py), hf (transformers `generate`), sd (speculative.py), hf-assisted
+(transformers assisted generation with the same draft and K), ssd (ssd.py), saguaro (saguaro.py).
+Each method is warmed up first; prompts run in turn through every method (so drift hits all rows
+alike); the table reports medians over prompts. Decode tokens/s = (new tokens - 1) / (time after
+the first token): the first token comes out of prefill, which is reported apart. For the HF rows
+prefill is timed as `generate(max_new_tokens=1)` on the same prompt. `Match` says whether a row's
+greedy tokens equal ar's, token for token. The last stdout line is JSON with every figure.
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import autoregressive
+import kernels
+import prompts as prompt_sets
+
+METHODS = ("ar", "hf", "sd", "hf-assisted", "ssd", "saguaro")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1) the runners: one callable per row, prompt ids in, (tokens, stats) out
+
+def ours(module, target, args, threads, **kw):
+    def run(prompt):
+        kernels.set_threads(threads)
+        return module.generate(target, prompt, args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, **kw)
+    return run
+
+
+def hf_runner(hf, args, threads, assistant=None):
+    """transformers' generate, timed the same way: prefill = generate(max_new_tokens=1)."""
+    kw = {"do_sample": args.temperature > 0, "pad_token_id": hf.config.eos_token_id}
+    if args.temperature > 0:
+        kw.update(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0)
+    if assistant is not None:
+        assistant.generation_config.num_assistant_tokens = args.k
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        kw["assistant_model"] = assistant
+
+    @torch.inference_mode()
+    def run(prompt):
+        kernels.set_threads(threads)
+        ids = torch.tensor([prompt], device=hf.device)
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, **kw)
+        kernels.sync(hf.device)
+        t1 = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=args.max_new_tokens, **kw)
+        kernels.sync(hf.device)
+        t2 = time.perf_counter()
+        stats = kernels.new_stats()
+        stats.update(prefill_s=t1 - t0, decode_s=max(1e-9, (t2 - t1) - (t1 - t0)))
+        tokens = [out[0, len(prompt):].tolist()]
+        return tokens, kernels.finish_stats(stats, tokens)
+    return run
+
+
+def load_hf(path, device, dtype):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=kernels.resolve_dtype(dtype)).to(
+        kernels.resolve_device(device)).eval()
+
+
+def load_draft(name, target, args):
+    """--draft: 'self' (the target drafts for itself), a name drafts.py knows, or a model."""
+    if name == "self":
+        return target
+    try:
+        import drafts
+    except ImportError:
+        return kernels.load_model(name, args.device, args.dtype)
+    return drafts.load_draft(name, target)
+
+
+def build_rows(args, target, draft):
+    """name -> runner, for the methods asked for."""
+    rows = {}
+    for m in args.methods:
+        if m == "ar":
+            rows["ar"] = ours(autoregressive, target, args, args.threads)
+        elif m == "hf":
+            rows["hf"] = hf_runner(load_hf(target.path, args.device, args.dtype), args,
+                                   args.threads)
+        elif m == "sd":
+            import speculative
+            rows["sd"] = ours(speculative, target, args, args.threads, draft=draft, k=args.k)
+        elif m == "hf-assisted":
+            path = getattr(draft, "path", None)
+            if path is None or getattr(draft, "hf_equivalent", True) is False:
+                print(f"[bench] hf-assisted skipped: draft {args.draft!r} is not a transformers "
+                      "model (use --draft self or a model folder to compare with it)")
+                continue
+            hf = load_hf(target.path, args.device, args.dtype)
+            rows["hf-assisted"] = hf_runner(hf, args, args.threads,
+                                            assistant=load_hf(path, args.device, args.dtype))
+        elif m == "ssd":
+            import ssd
+            rows["ssd"] = ours(ssd, target, args, args.threads, draft=draft, k=args.k, f=args.f)
+        elif m == "saguaro":
+            raise SystemExit("saguaro is not wired into bench.py yet")
+        else:
+            raise SystemExit(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 2) the measurement
+
+def measure(rows, prompts, args):
+    """Warm up every row once, then run every prompt through every row in turn."""
+    from rich.progress import Progress
+    results = {name: [] for name in rows}
+    warm = prompts[0][1][: max(8, min(len(prompts[0][1]), 32))]
+    for run in rows.values():
+        saved, args.max_new_tokens = args.max_new_tokens, 8
+        run(warm)
+        args.max_new_tokens = saved
+    with Progress(transient=True) as bar:
+        task = bar.add_task("benchmarking", total=len(prompts) * len(rows))
+        for dataset, ids in prompts:
+            for name, run in rows.items():
+                bar.update(task, description=f"{name} on {dataset}")
+                tokens, stats = run(ids)
+                results[name].append({"dataset": dataset, "tokens": tokens[0], **stats})
+                bar.advance(task)
+    return results
+
+
+def summarize(results, args):
+    ar = results.get("ar")
+    table = {}
+    for name, runs in results.items():
+        med = lambda key: statistics.median(r[key] for r in runs)
+        row = {"decode_tokens_per_s": med("decode_tokens_per_s"), "prefill_ms": 1e3 * med("prefill_s"),
+               "new_tokens": sum(r["new_tokens"] for r in runs)}
+        row["ms_per_token"] = 1e3 / row["decode_tokens_per_s"] if row["decode_tokens_per_s"] else None
+        if runs[0]["target_calls"]:
+            row["tau"] = sum(r["new_tokens"] - 1 for r in runs) / sum(r["rows_verified"] for r in runs)
+        if runs[0]["acceptance_rate"] is not None:
+            row["acceptance_rate"] = statistics.fmean(r["acceptance_rate"] for r in runs)
+        if runs[0]["accept_counts"]:
+            row["accept_counts"] = [sum(c) for c in zip(*(r["accept_counts"] for r in runs))]
+        hits = sum(r["cache_hits"] for r in runs)
+        misses = sum(r["cache_misses"] for r in runs)
+        if hits + misses:
+            row["hit_rate"] = hits / (hits + misses)
+        if ar is not None:
+            row["speedup_vs_ar"] = row["decode_tokens_per_s"] / summarize_ar(ar)
+            if args.temperature == 0:
+                row["match"] = all(r["tokens"] == a["tokens"] for r, a in zip(runs, ar))
+        table[name] = row
+    return table
+
+
+def summarize_ar(ar_runs):
+    return statistics.median(r["decode_tokens_per_s"] for r in ar_runs)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3) the report
+
+def conditions(args, target, draft, prompts):
+    lens = [len(ids) for _, ids in prompts]
+    cpu = platform.processor() or platform.machine()
+    if kernels.resolve_device(args.device).type == "cuda":
+        cpu = torch.cuda.get_device_name()
+    return {"hardware": cpu, "device": str(target.device), "threads": torch.get_num_threads(),
+            "attention": kernels.ATTENTION, "model": target.name,
+            "draft": args.draft if "sd" in args.methods or "ssd" in args.methods else None,
+            "dtype": args.dtype, "batch": 1, "prompts": len(prompts),
+            "dataset": args.dataset, "prompt_tokens_median": statistics.median(lens),
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "k": args.k, "f": args.f, "torch": torch.__version__}
+
+
+def print_table(table, cond):
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+    console.print("[bold]conditions[/bold]: " + ", ".join(f"{k}={v}" for k, v in cond.items()
+                                                         if v is not None))
+    t = Table(title="decode speed (medians over prompts)")
+    cols = [("method", None), ("tok/s", "decode_tokens_per_s"), ("vs ar", "speedup_vs_ar"),
+            ("ms/tok", "ms_per_token"), ("prefill ms", "prefill_ms"), ("tau", "tau"),
+            ("accept", "acceptance_rate"), ("hit rate", "hit_rate"),
+            ("accept hist", "accept_counts"), ("Match", "match")]
+    for header, _ in cols:
+        t.add_column(header, justify="right")
+    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+    for name, row in table.items():
+        t.add_row(name, *(fmt(row.get(key)) for _, key in cols[1:]))
+    console.print(t)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    kernels.add_common_args(ap)
+    ap.set_defaults(threads=None)
+    ap.add_argument("--draft", default="default",
+                    help="'self' (the target), a drafts.py name (default, ngram), or a model")
+    ap.add_argument("--k", type=int, default=4, help="speculation length K")
+    ap.add_argument("--f", type=int, default=3, help="SSD fan-out per outcome position")
+    ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,ssd",
+                    help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--dataset", default="alpaca",
+                    help="humaneval | alpaca | gsm8k | ultrafeedback | all")
+    ap.add_argument("--num-prompts", type=int, default=4, help="prompts per dataset")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in args.methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+
+    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
+    draft = load_draft(args.draft, target, args) if {"sd", "hf-assisted", "ssd", "saguaro"} & \
+        set(args.methods) else None
+    prompts = [(d, kernels.encode_prompt(target, text))
+               for d, text in prompt_sets.load(args.dataset, args.num_prompts)]
+    rows = build_rows(args, target, draft)
+    results = measure(rows, prompts, args)
+    table = summarize(results, args)
+    cond = conditions(args, target, draft, prompts)
+    print_table(table, cond)
+    record = {"conditions": cond, "rows": table}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**record, "runs": results}, f, indent=1)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
