@@ -30,9 +30,9 @@ METHODS = ("ar", "hf", "sd", "hf-assisted", "ssd", "saguaro")
 # 1) the runners: one callable per row, prompt ids in, (tokens, stats) out
 
 def ours(module, target, args, threads, **kw):
-    def run(prompt):
+    def run(batch):
         kernels.set_threads(threads)
-        return module.generate(target, prompt, args.max_new_tokens, temperature=args.temperature,
+        return module.generate(target, batch, args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, **kw)
     return run
 
@@ -48,7 +48,8 @@ def hf_runner(hf, args, threads, assistant=None):
         kw["assistant_model"] = assistant
 
     @torch.inference_mode()
-    def run(prompt):
+    def run(batch):
+        (prompt,) = batch  # batch 1 only: HF rows are skipped for --batch-size > 1
         kernels.set_threads(threads)
         ids = torch.tensor([prompt], device=hf.device)
         t0 = time.perf_counter()
@@ -88,6 +89,8 @@ def build_rows(args, target, draft):
     for m in args.methods:
         if m == "ar":
             rows["ar"] = ours(autoregressive, target, args, args.threads)
+        elif m.startswith("hf") and args.batch_size > 1:
+            print(f"[bench] {m} skipped: the HF rows run batch 1 only")
         elif m == "hf":
             rows["hf"] = hf_runner(load_hf(target.path, args.device, args.dtype), args,
                                    args.threads)
@@ -107,7 +110,23 @@ def build_rows(args, target, draft):
             import ssd
             rows["ssd"] = ours(ssd, target, args, args.threads, draft=draft, k=args.k, f=args.f)
         elif m == "saguaro":
-            raise SystemExit("saguaro is not wired into bench.py yet")
+            import saguaro
+            # the draft process gets its own cores: half of --threads each (1 + 1 on 2 cores)
+            half = max(1, args.threads // 2)
+            spec = target.path if args.draft == "self" else args.draft
+            worker = saguaro.DraftWorker(spec, target, threads=max(1, args.threads - half))
+            args.cleanup.append(worker.close)
+            rows["saguaro"] = ours(saguaro, target, args, half, draft=worker, k=args.k, f=args.f,
+                                   fan_out=args.fan_out, saguaro_c=args.saguaro_c,
+                                   backup=args.backup, target_threads=half)
+            if args.accounting and half != args.threads:
+                # the paper's accounting: AR and SD on the target's cores only, the draft's
+                # device on top (its 5th H100); equal cores: AR and SD get every core
+                rows[f"ar@{half}t"] = ours(autoregressive, target, args, half)
+                if "sd" in args.methods:
+                    import speculative
+                    rows[f"sd@{half}t"] = ours(speculative, target, args, half, draft=draft,
+                                               k=args.k)
         else:
             raise SystemExit(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
     return rows
@@ -117,29 +136,30 @@ def build_rows(args, target, draft):
 # 2) the measurement
 
 def measure(rows, prompts, args):
-    """Warm up every row once, then run every prompt through every row in turn."""
+    """Warm up every row once, then run every batch of prompts through every row in turn."""
     from rich.progress import Progress
     results = {name: [] for name in rows}
-    warm = prompts[0][1][: max(8, min(len(prompts[0][1]), 32))]
+    batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for run in rows.values():
         saved, args.max_new_tokens = args.max_new_tokens, 8
-        run(warm)
+        run([ids for _, ids in batches[0]])
         args.max_new_tokens = saved
     with Progress(transient=True) as bar:
-        task = bar.add_task("benchmarking", total=len(prompts) * len(rows))
-        for dataset, ids in prompts:
+        task = bar.add_task("benchmarking", total=len(batches) * len(rows))
+        for batch in batches:
             for name, run in rows.items():
-                bar.update(task, description=f"{name} on {dataset}")
-                tokens, stats = run(ids)
-                results[name].append({"dataset": dataset, "tokens": tokens[0], **stats})
+                bar.update(task, description=f"{name} on {batch[0][0]}")
+                tokens, stats = run([ids for _, ids in batch])
+                results[name].append({"dataset": batch[0][0], "tokens": tokens, **stats})
                 bar.advance(task)
     return results
 
 
 def summarize(results, args):
-    ar = results.get("ar")
     table = {}
     for name, runs in results.items():
+        # each row is compared with ar on the same cores (rows named "x@Nt" with "ar@Nt")
+        ar = results.get("ar" + name[name.index("@"):] if "@" in name else "ar")
         med = lambda key: statistics.median(r[key] for r in runs)
         row = {"decode_tokens_per_s": med("decode_tokens_per_s"), "prefill_ms": 1e3 * med("prefill_s"),
                "new_tokens": sum(r["new_tokens"] for r in runs)}
@@ -155,15 +175,32 @@ def summarize(results, args):
         if hits + misses:
             row["hit_rate"] = hits / (hits + misses)
         if ar is not None:
-            row["speedup_vs_ar"] = row["decode_tokens_per_s"] / summarize_ar(ar)
+            row["speedup_vs_ar"] = row["decode_tokens_per_s"] / median_speed(ar)
             if args.temperature == 0:
                 row["match"] = all(r["tokens"] == a["tokens"] for r, a in zip(runs, ar))
         table[name] = row
     return table
 
 
-def summarize_ar(ar_runs):
-    return statistics.median(r["decode_tokens_per_s"] for r in ar_runs)
+def median_speed(runs):
+    return statistics.median(r["decode_tokens_per_s"] for r in runs)
+
+
+def accountings(results, args):
+    """Saguaro uses two devices (here: two groups of cores). Two fair comparisons:
+    equal cores (ar, sd on all cores) and the paper's (ar, sd on the target's cores only)."""
+    if "saguaro" not in results:
+        return None
+    sag = median_speed(results["saguaro"])
+    half = max(1, args.threads // 2)
+    out = {}
+    for label, suffix in (("equal_cores", ""), ("paper", f"@{half}t")):
+        ar, sd = results.get("ar" + suffix), results.get("sd" + suffix)
+        out[label] = {"ar_threads": args.threads if not suffix else half,
+                      "split": f"{half}+{max(1, args.threads - half)} threads",
+                      "saguaro_vs_ar": sag / median_speed(ar) if ar else None,
+                      "saguaro_vs_sd": sag / median_speed(sd) if sd else None}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,13 +214,13 @@ def conditions(args, target, draft, prompts):
     return {"hardware": cpu, "device": str(target.device), "threads": torch.get_num_threads(),
             "attention": kernels.ATTENTION, "model": target.name,
             "draft": args.draft if "sd" in args.methods or "ssd" in args.methods else None,
-            "dtype": args.dtype, "batch": 1, "prompts": len(prompts),
+            "dtype": args.dtype, "batch": args.batch_size, "prompts": len(prompts),
             "dataset": args.dataset, "prompt_tokens_median": statistics.median(lens),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "k": args.k, "f": args.f, "torch": torch.__version__}
 
 
-def print_table(table, cond):
+def print_table(table, cond, acc=None):
     from rich.console import Console
     from rich.table import Table
     console = Console()
@@ -200,6 +237,11 @@ def print_table(table, cond):
     for name, row in table.items():
         t.add_row(name, *(fmt(row.get(key)) for _, key in cols[1:]))
     console.print(t)
+    for label, a in (acc or {}).items():
+        fmt_x = lambda v: "-" if v is None else f"{v:.2f}x"
+        console.print(f"saguaro, {label.replace('_', ' ')} accounting (ar/sd on "
+                      f"{a['ar_threads']} thread(s), saguaro target+draft on {a['split']}): "
+                      f"{fmt_x(a['saguaro_vs_sd'])} sd, {fmt_x(a['saguaro_vs_ar'])} ar")
 
 
 def main(argv=None):
@@ -215,6 +257,12 @@ def main(argv=None):
     ap.add_argument("--dataset", default="alpaca",
                     help="humaneval | alpaca | gsm8k | ultrafeedback | all")
     ap.add_argument("--num-prompts", type=int, default=4, help="prompts per dataset")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
+    ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
+    ap.add_argument("--backup", default="auto", choices=["auto", "jit", "fast"])
+    ap.add_argument("--no-accounting", dest="accounting", action="store_false",
+                    help="skip the ar/sd rows on the target's cores that saguaro adds")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -223,18 +271,26 @@ def main(argv=None):
             ap.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
     if args.threads is None:
         args.threads = torch.get_num_threads()
+    if args.batch_size < 1 or args.num_prompts < 1 or args.k < 1 or args.f < 1:
+        ap.error("--batch-size, --num-prompts, --k and --f must be >= 1")
 
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     draft = load_draft(args.draft, target, args) if {"sd", "hf-assisted", "ssd", "saguaro"} & \
         set(args.methods) else None
     prompts = [(d, kernels.encode_prompt(target, text))
                for d, text in prompt_sets.load(args.dataset, args.num_prompts)]
-    rows = build_rows(args, target, draft)
-    results = measure(rows, prompts, args)
+    args.cleanup = []
+    try:
+        rows = build_rows(args, target, draft)
+        results = measure(rows, prompts, args)
+    finally:
+        for close in args.cleanup:
+            close()
     table = summarize(results, args)
     cond = conditions(args, target, draft, prompts)
-    print_table(table, cond)
-    record = {"conditions": cond, "rows": table}
+    acc = accountings(results, args)
+    print_table(table, cond, acc)
+    record = {"conditions": cond, "rows": table, "accounting": acc}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**record, "runs": results}, f, indent=1)
