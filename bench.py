@@ -13,6 +13,7 @@ greedy tokens equal ar's, token for token. The last stdout line is JSON with eve
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -165,7 +166,8 @@ def summarize(results, args):
                "new_tokens": sum(r["new_tokens"] for r in runs)}
         row["ms_per_token"] = 1e3 / row["decode_tokens_per_s"] if row["decode_tokens_per_s"] else None
         if runs[0]["target_calls"]:
-            row["tau"] = sum(r["new_tokens"] - 1 for r in runs) / sum(r["rows_verified"] for r in runs)
+            decoded = sum(r["new_tokens"] - len(r["tokens"]) for r in runs)  # minus prefill's
+            row["tau"] = decoded / sum(r["rows_verified"] for r in runs)
         if runs[0]["acceptance_rate"] is not None:
             row["acceptance_rate"] = statistics.fmean(r["acceptance_rate"] for r in runs)
         if runs[0]["accept_counts"]:
@@ -244,6 +246,66 @@ def print_table(table, cond, acc=None):
                       f"{fmt_x(a['saguaro_vs_sd'])} sd, {fmt_x(a['saguaro_vs_ar'])} ar")
 
 
+# ----------------------------------------------------------------------------------------------
+# 4) the sweep: the same measurement over a grid of K, F, batch size and temperature
+
+SWEEPABLE = {"k": int, "f": int, "batch_size": int, "temperature": float}
+
+
+def parse_sweep(text):
+    """'k=2,4,6;f=1,3;batch_size=1,4;temperature=0,1' -> {"k": [2, 4, 6], ...}"""
+    grid = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, values = part.partition("=")
+        key = key.strip().replace("-", "_").replace("batch", "batch_size").replace(
+            "batch_size_size", "batch_size")
+        if key not in SWEEPABLE or not values:
+            raise SystemExit(f"--sweep: bad part {part!r}; use e.g. 'k=2,4;f=1,3;batch=1,4;"
+                             "temperature=0,1' with keys k, f, batch, temperature")
+        grid[key] = [SWEEPABLE[key](v) for v in values.split(",")]
+    return grid
+
+
+def sweep(args, target, draft, prompts):
+    import csv
+    import itertools
+    from rich.console import Console
+    grid = parse_sweep(args.sweep)
+    points = []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        for key, v in point.items():
+            setattr(args, key, v)
+        args.cleanup = []
+        try:
+            rows = build_rows(args, target, draft)
+            table = summarize(measure(rows, prompts, args), args)
+        finally:
+            for close in args.cleanup:
+                close()
+        for method, row in table.items():
+            points.append({**point, "method": method,
+                           **{k: v for k, v in row.items() if not isinstance(v, list)}})
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(points, f, indent=1)
+    with open(args.out + ".csv", "w", newline="") as f:
+        cols = sorted({k for p in points for k in p}, key=lambda k: (k not in grid, k))
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(points)
+    console = Console()
+    top = max(p.get("speedup_vs_ar") or 0 for p in points) or 1
+    console.print(f"[bold]sweep[/bold] ({args.out}.json / .csv): speedup vs ar, one bar per point")
+    for p in points:
+        label = " ".join(f"{k}={p[k]}" for k in grid) + f" {p['method']:>8}"
+        x = p.get("speedup_vs_ar") or 0
+        hit = f" hit {p['hit_rate']:.2f}" if p.get("hit_rate") is not None else ""
+        console.print(f"{label} [green]{'#' * round(40 * x / top):<40}[/green] {x:.2f}x "
+                      f"tau {p.get('tau') or 0:.2f}{hit}")
+    return points
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     kernels.add_common_args(ap)
@@ -264,6 +326,9 @@ def main(argv=None):
     ap.add_argument("--no-accounting", dest="accounting", action="store_false",
                     help="skip the ar/sd rows on the target's cores that saguaro adds")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--sweep", default=None,
+                    help="grid, e.g. 'k=2,4,6;f=1,3;batch=1,4;temperature=0,1' (no HF rows)")
+    ap.add_argument("--out", default="results/sweep", help="sweep output prefix (.json, .csv)")
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
@@ -279,6 +344,12 @@ def main(argv=None):
         set(args.methods) else None
     prompts = [(d, kernels.encode_prompt(target, text))
                for d, text in prompt_sets.load(args.dataset, args.num_prompts)]
+    if args.sweep:
+        args.methods = [m for m in args.methods if not m.startswith("hf")]
+        points = sweep(args, target, draft, prompts)
+        print(json.dumps({"conditions": conditions(args, target, draft, prompts),
+                          "sweep": points}))
+        return
     args.cleanup = []
     try:
         rows = build_rows(args, target, draft)
