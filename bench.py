@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -225,7 +226,7 @@ def conditions(args, target, draft, prompts):
 def print_table(table, cond, acc=None):
     from rich.console import Console
     from rich.table import Table
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)
     console.print("[bold]conditions[/bold]: " + ", ".join(f"{k}={v}" for k, v in cond.items()
                                                          if v is not None))
     t = Table(title="decode speed (medians over prompts)")
