@@ -295,7 +295,7 @@ def sweep(args, target, draft, prompts):
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(points)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)
     top = max(p.get("speedup_vs_ar") or 0 for p in points) or 1
     console.print(f"[bold]sweep[/bold] ({args.out}.json / .csv): speedup vs ar, one bar per point")
     for p in points:
