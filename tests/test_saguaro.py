@@ -1,0 +1,485 @@
+"""saguaro.py: the pieces are right (geometric fan-out, Saguaro sampling, the speed model and the
+batch-aware rule), and the two-process loop is lossless and survives losing its draft.
+
+Every two-process test below is a real run: the draft lives in a spawned process joined to this
+one by torch.distributed (gloo on the CPU). Statistical tests: each chi-square test runs at
+ALPHA / NUM_STAT_TESTS (tests/exact.py), so under a correct implementation the chance that any
+of them fails is at most ALPHA = 1e-3 for this file (Bonferroni); seeds are fixed, so a run is
+reproducible. The negative control must FAIL the same test at the same level.
+"""
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+import torch
+
+import autoregressive
+import exact
+import kernels
+import saguaro
+import speculative
+from conftest import tiny_model
+
+V = 8                    # the law tests' vocabulary: 8^3 = 512 sequences at most
+PROMPT, N_TOKENS, SAMPLES = [1, 2, 3], 3, 10_000
+ALPHA = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread_each():
+    """On 2 cores: 1 thread for the target (this process), 1 for the draft process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def noisy_model(seed, vocab_size, noise, noise_seed, scale=1.0):
+    """tiny_model(seed) with Gaussian noise on every weight: a draft that mostly agrees.
+    Top-level, so a draft process can build it from a functools.partial."""
+    model = tiny_model(seed, vocab_size=vocab_size, scale=scale)
+    g = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+    return model
+
+
+def proc_gone(pid, wait_s=5.0) -> bool:
+    """True once `pid` is no running process (gone, or a zombie about to be reaped)."""
+    end = time.time() + wait_s
+    while time.time() < end:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if "State:\tZ" in f.read():
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# geometric fan-out (Thm. 12)
+
+def real_fan_out(budget, K, a, r):
+    e = 1 / (1 + r)
+    w = [a ** (k * e) for k in range(K)] + [a ** (K * e) * (1 - a) ** -e]
+    return [budget * x / sum(w) for x in w]
+
+
+GRID = [(budget, K, a, r) for budget in (1, 5, 15, 40) for K in (1, 2, 4, 7)
+        for a in (0.05, 0.3, 0.5, 0.7, 0.95) for r in (0.3, 1.0, 3.0)]
+
+
+def test_geometric_fan_out_sums_to_the_budget_within_one_of_the_formula():
+    for budget, K, a, r in GRID:
+        F = saguaro.geometric_fan_out(budget, K, a, r)
+        real = real_fan_out(budget, K, a, r)
+        assert len(F) == K + 1 and sum(F) == budget and min(F) >= 0, (budget, K, a, r, F)
+        assert all(abs(f - x) < 1 for f, x in zip(F, real)), (budget, K, a, r, F, real)
+
+
+def test_geometric_fan_out_is_monotone_as_the_theory_says():
+    for budget, K, a, r in GRID:
+        real = real_fan_out(budget, K, a, r)
+        F = saguaro.geometric_fan_out(1000, K, a, r)   # a big budget: rounding cannot hide it
+        # fewer guesses the more tokens must be accepted first (P(k) falls with k) ...
+        assert all(x >= y for x, y in zip(real[:K], real[1:K])) and F[:K] == sorted(F[:K])[::-1]
+        # ... but k = K (all accepted: P = a^K, no (1 - a) factor) outgrows k = K-1 iff a > 1/2
+        if a == 0.5:  # a tie, which rounding may break either way
+            assert abs(real[K] - real[K - 1]) < 1e-9 and abs(F[K] - F[K - 1]) <= 1
+        else:
+            assert (real[K] > real[K - 1]) == (F[K] > F[K - 1]) == (a > 0.5)
+    # more acceptance moves the budget from k = 0 toward k = K
+    shares = [saguaro.geometric_fan_out(1000, 4, a, 1.0) for a in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert [s[0] for s in shares] == sorted(s[0] for s in shares)[::-1]
+    assert [s[4] for s in shares] == sorted(s[4] for s in shares)
+
+
+def test_geometric_fan_out_is_sensible_at_the_limits():
+    for a in (0.0, 1e-9):      # nothing is ever accepted: every guess on k = 0
+        assert saguaro.geometric_fan_out(15, 4, a, 1.0) == [15, 0, 0, 0, 0]
+    for a in (1.0, 1 - 1e-9):  # everything is accepted: every guess on k = K
+        assert saguaro.geometric_fan_out(15, 4, a, 1.0) == [0, 0, 0, 0, 15]
+    # a steep miss curve (r -> inf: one guess already hits) spreads the budget evenly; a flat
+    # one (r -> 0) follows the outcome law P(k) itself
+    assert saguaro.geometric_fan_out(15, 4, 0.6, 1e6) == [3, 3, 3, 3, 3]
+    law = [0.6 ** k * 0.4 for k in range(4)] + [0.6 ** 4]
+    F = saguaro.geometric_fan_out(1000, 4, 0.6, 1e-6)
+    assert all(abs(f - 1000 * p) < 1 for f, p in zip(F, law))
+
+
+def test_uniform_fan_out_is_f_at_every_k_and_rounds_to_the_budget():
+    assert saguaro.uniform_fan_out(15, 4) == [3] * 5
+    assert saguaro.uniform_fan_out(7, 2) == [3, 2, 2]
+
+
+@pytest.mark.parametrize("args", [(0, 4, 0.5, 1.0), (5, 0, 0.5, 1.0), (5, 4, 1.5, 1.0),
+                                  (5, 4, 0.5, 0.0)])
+def test_fan_out_refuses_bad_input(args):
+    with pytest.raises(ValueError, match="geometric fan-out needs"):
+        saguaro.geometric_fan_out(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saguaro sampling (Def. 14)
+
+def test_saguaro_sampling_scales_the_top_f_plus_1_tokens_by_c():
+    logits = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 2
+    q = kernels.probs_from_logits(logits, 1.0)
+    for c in (0.0, 0.3, 1.0):
+        q2 = saguaro.saguaro_probs(logits, 1.0, None, None, c, f=2)
+        top = logits.topk(3, dim=-1).indices
+        in_top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, top, True)
+        ratio = q2 / q                                   # s * c on the top 3, s elsewhere
+        s = 1 / (1 - (1 - c) * (q * in_top).sum(-1, keepdim=True))
+        torch.testing.assert_close(ratio, torch.where(in_top, s * c, s))
+        torch.testing.assert_close(q2.sum(-1), torch.ones(3))
+
+
+def test_saguaro_sampling_leaves_one_hot_and_massless_cases_alone():
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(saguaro.saguaro_probs(logits, 0.0, None, None, 0.2, 3),
+                       kernels.probs_from_logits(logits, 0.0))   # greedy stays greedy
+    # top-k = f + 1 leaves no mass outside the scaled tokens: C = 0 would leave nothing
+    assert torch.equal(saguaro.saguaro_probs(logits, 1.0, 4, None, 0.0, 3),
+                       kernels.probs_from_logits(logits, 1.0, 4))
+
+
+def test_saguaro_probs_fn_uses_f_j_at_drafting_step_j():
+    logits = torch.arange(10.0).flip(0).expand(1, 10)   # token 0 is the top, then 1, 2, ...
+    fn = saguaro.saguaro_probs_fn(0.0, [0, 2, 1], vocab=10)
+    plain = kernels.probs_from_logits(logits, 1.0)
+    assert torch.equal(fn(logits, 1.0, None, None), plain)                 # F_0 = 0: plain q
+    assert fn(logits, 1.0, None, None)[0, :3].sum() == 0                   # F_1 = 2: top 3 out
+    second = fn(logits, 1.0, None, None)[0]                                # F_2 = 1: top 2 out
+    assert second[:2].sum() == 0 and second[2] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the speed model (Thm. 7) and the batch-aware backup rule
+
+def test_expected_tokens_and_speed_model_at_known_points():
+    assert saguaro.expected_tokens(0.0, 4) == 1 and saguaro.expected_tokens(1.0, 4) == 5
+    assert saguaro.expected_tokens(0.5, 2) == pytest.approx(1.75)
+    # all hits and a draft faster than the verify: E_hit tokens per verify
+    assert saguaro.predicted_speedup(1.0, 3.0, 1.0, 0.5, 9.0) == pytest.approx(3.0)
+    # a slower draft makes every hit round last T_p
+    assert saguaro.predicted_speedup(1.0, 3.0, 1.0, 2.0, 9.0) == pytest.approx(1.5)
+    # all misses: E_miss per (verify + backup)
+    assert saguaro.predicted_speedup(0.0, 3.0, 2.0, 0.5, 1.0) == pytest.approx(1.0)
+    # Thm. 7 at b = 1, and P(all hit) = p^b in a batch
+    p, eh, em, tp, tb = 0.7, 3.2, 2.1, 0.8, 0.6
+    assert saguaro.predicted_speedup(p, eh, em, tp, tb) == pytest.approx(
+        (p * eh + (1 - p) * em) / (p * 1.0 + (1 - p) * (1 + tb)))
+    assert saguaro.predicted_speedup(p, eh, em, tp, tb, batch=3) == pytest.approx(
+        (p * eh + (1 - p) * em) / (p ** 3 * 1.0 + (1 - p ** 3) * (1 + tb)))
+
+
+def rule(p_hit=0.8, a=0.8, a_fast=0.4, jit_s=0.3, fast_s=0.001, backup="auto"):
+    est = saguaro.Estimates(K=4, budget=15, fan_out="geometric", backup=backup)
+    n = 1e6  # as if measured over many rounds
+    est.acc = {"draft": [a * n, n], "fast": [a_fast * n, n]}
+    est.hits = [p_hit * n, n]
+    est.secs = {"verify": 1.0, "build": 0.9, "jit": jit_s, "fast": fast_s}
+    return est
+
+
+def test_batch_aware_rule_takes_jit_below_b_star_and_fast_from_it():
+    est = rule()
+    b_star = est.b_star()
+    assert b_star is not None and b_star > 1
+    assert est.choose_backup(b_star - 1)[0] == "jit" and est.choose_backup(b_star)[0] == "fast"
+    assert est.choose_backup(1000)[0] == "fast"
+    assert "predicted" in est.choose_backup(1)[1]
+    # a backup as slow as the draft, or a perfect cache, never makes the fast backup worth it
+    assert rule(jit_s=0.001).b_star() is None and rule(p_hit=1.0).b_star() is None
+    # a fast backup as good as the draft always wins
+    assert rule(a_fast=0.8).b_star() == 1
+    assert rule(backup="jit").choose_backup(1000) == ("jit", "--backup jit")
+
+
+def test_r_estimate_recovers_a_power_law_miss_curve():
+    for r in (0.5, 1.0, 2.0):
+        est = saguaro.Estimates(K=4, budget=15, fan_out="geometric", backup="auto")
+        u = torch.rand(50_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        ranks = (u ** (-1 / r)).floor().long().clamp_max(64)   # P(rank >= F) = F^-r
+        est.rank_counts += torch.bincount(ranks, minlength=65).float()
+        assert est.r() == pytest.approx(r, rel=0.15), r
+
+
+# ----------------------------------------------------------------------------------------------
+# two processes, temperature 0: token for token equal to autoregressive.py
+
+_RUNNING = {}
+
+
+def worker_for(name, draft, target):
+    """One draft process at a time (torch.distributed: one default group per process): reuse
+    the running one if it serves `name`, else close it and start this one."""
+    if _RUNNING.get("name") != name or not _RUNNING["worker"].alive:
+        close_worker()
+        _RUNNING.update(name=name, worker=saguaro.DraftWorker(draft, target, threads=1))
+    return _RUNNING["worker"]
+
+
+def close_worker():
+    if _RUNNING:
+        _RUNNING.pop("worker").close()
+        _RUNNING.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_worker_left_behind():
+    yield
+    close_worker()
+
+
+@pytest.fixture
+def tiny_pair():
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    draft = functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0)  # mostly agrees
+    return target, worker_for("tiny", draft, target)
+
+
+RAGGED = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]]
+CONFIGS = [dict(k=3, f=2), dict(k=2, f=1, fan_out="uniform", backup="jit"),
+           dict(k=4, f=3, backup="fast", saguaro_c=0.5), dict(k=1, f=4, backup="auto")]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in
+                                                                  c.items()))
+def test_greedy_output_equals_autoregressive_in_two_processes(tiny_pair, config):
+    target, worker = tiny_pair
+    ref, _ = autoregressive.generate(target, RAGGED, 40)
+    out, stats = saguaro.generate(target, RAGGED, 40, draft=worker, **config)
+    assert out == ref
+    assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0, stats  # both paths ran
+    assert stats["draft_lost"] is None and worker.alive
+    assert sum(stats["backup_used"].values()) >= len(RAGGED)  # the cold start, at least
+
+
+def test_eos_and_max_new_tokens_end_rows_like_autoregressive(tiny_pair):
+    target, worker = tiny_pair
+    ref, _ = autoregressive.generate(target, RAGGED, 30)
+    target.cfg.eos_token_ids = (ref[1][5],)      # row 1 meets it early, others maybe never
+    try:
+        for n in (1, 2, 17):
+            ref, _ = autoregressive.generate(target, RAGGED, n)
+            out, _ = saguaro.generate(target, RAGGED, n, draft=worker, k=3, f=2)
+            assert out == ref, n
+    finally:
+        target.cfg.eos_token_ids = ()
+
+
+def test_draft_equal_to_target_hits_every_time_at_temperature_0():
+    close_worker()  # generate starts (and stops) a draft process of its own
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    ref, _ = autoregressive.generate(target, RAGGED, 30)
+    out, stats = saguaro.generate(target, RAGGED, 30, k=3, f=2, backup="jit", draft_threads=1,
+                                  draft=functools.partial(tiny_model, 0, vocab_size=64, scale=3.0))
+    assert out == ref and stats["hit_rate"] == 1.0 and stats["a"] > 0.9
+    assert stats["fan_out_hit"][-1] == max(stats["fan_out_hit"])  # a -> 1: bet on k = K
+
+
+def default_model_draft():
+    return kernels.load_model("default", "cpu")
+
+
+def test_greedy_equals_autoregressive_on_the_default_model(default_model, default_prompts):
+    """The default target with itself as the draft, in its own process: exact, and every
+    lookup hits."""
+    close_worker()
+    ref, _ = autoregressive.generate(default_model, default_prompts[:2], 10)
+    out, stats = saguaro.generate(default_model, default_prompts[:2], 10, draft=default_model_draft,
+                                  k=2, f=1, draft_threads=1)
+    assert out == ref and stats["hit_rate"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# temperature > 0: the exact law of the first tokens, with Saguaro sampling and both backups
+
+LAW_CASES = {
+    # name: generate kwargs (k = 2, 3 tokens: the third comes from a cache hit or a backup)
+    "C=0.3 jit geometric": dict(saguaro_c=0.3, backup="jit", f=2),
+    "C=0.3 fast uniform": dict(saguaro_c=0.3, backup="fast", f=2, fan_out="uniform"),
+    "C=0 auto top-k top-p": dict(saguaro_c=0.0, backup="auto", f=1, temperature=0.8, top_k=5,
+                                 top_p=0.9),
+}
+NUM_STAT_TESTS = len(LAW_CASES)
+
+
+@pytest.fixture
+def law_pair():
+    target = tiny_model(3, vocab_size=V)
+    return target, worker_for("law", functools.partial(noisy_model, 3, V, 0.2, 5), target)
+
+
+def law_test(target, generate, **kwargs):
+    totals = {"cache_hits": 0, "cache_misses": 0, "jit": 0, "fast": 0}
+
+    def run(*args, **kw):
+        tokens, stats = generate(*args, **kw)
+        totals["cache_hits"] += stats["cache_hits"]
+        totals["cache_misses"] += stats["cache_misses"]
+        for name, n in stats.get("backup_used", {}).items():
+            totals[name] += n
+        return tokens, stats
+    sampling = {"temperature": 1.0, **{n: kwargs.pop(n) for n in ("temperature", "top_k", "top_p")
+                                       if n in kwargs}}
+    law = exact.exact_distribution(target, PROMPT, N_TOKENS, **sampling)
+    counts = exact.sample_sequences(run, target, PROMPT, N_TOKENS, SAMPLES, batch_size=SAMPLES,
+                                    **sampling, **kwargs)
+    passed, stat, threshold = exact.chi_square_test(counts, law, ALPHA / NUM_STAT_TESTS)
+    shown = (f"{totals}; chi2 {stat:.1f} vs {threshold:.1f}, TV "
+             f"{exact.total_variation(counts, law):.4f}")
+    print(shown)
+    return passed, totals, shown
+
+
+@pytest.mark.parametrize("case", list(LAW_CASES))
+def test_sampled_output_follows_the_exact_target_law(law_pair, case):
+    target, worker = law_pair
+    passed, totals, shown = law_test(target, saguaro.generate, draft=worker, k=2,
+                                     **LAW_CASES[case])
+    assert totals["cache_hits"] > 300 and totals["cache_misses"] > 300, shown
+    for backup in ("jit", "fast"):   # "auto" ran both
+        if LAW_CASES[case]["backup"] in (backup, "auto"):
+            assert totals[backup] > 300, shown
+    assert passed, shown
+
+
+class SaguaroDraftLyingAboutQ:
+    """WRONG: samples from Saguaro's q' (C = 0.3) but reports the plain q for verification."""
+
+    def __init__(self, model, c=0.3, f=1):
+        self.model, self.c, self.f, self.vocab_size = model, c, f, model.cfg.vocab_size
+
+    def propose(self, contexts, k, temperature, generator):
+        seqs, xs, qs = [list(c) for c in contexts], [], []
+        for _ in range(k):
+            cache = self.model.new_cache(len(seqs), max(map(len, seqs)) + 1)
+            logits = self.model.prefill(seqs, cache)                          # (B, V)
+            q_scaled = saguaro.saguaro_probs(logits, temperature, None, None, self.c, self.f)
+            x = kernels.sample(q_scaled, generator)                            # from q' ...
+            xs.append(x)
+            qs.append(kernels.probs_from_logits(logits, temperature))          # ... but q told
+            for seq, t in zip(seqs, x.tolist()):
+                seq.append(t)
+        return torch.stack(xs, 1), torch.stack(qs, 1)
+
+
+def test_negative_control_verifying_with_q_instead_of_q_prime_fails():
+    """Saguaro sampling is lossless only because verification divides by the same q'. Verifying
+    q'-samples with the unscaled q (through speculative.py, in one process) must fail."""
+    target = tiny_model(3, vocab_size=V)
+    draft = SaguaroDraftLyingAboutQ(noisy_model(3, V, 0.2, 5))
+    passed, _, shown = law_test(target, speculative.generate, draft=draft, k=2)
+    assert not passed, shown
+
+
+# ----------------------------------------------------------------------------------------------
+# faults: losing the draft costs speed, never tokens
+
+def fault_run(worker, kill_at_round=None):
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    ref, _ = autoregressive.generate(target, RAGGED, 50)
+    if kill_at_round is not None:  # SIGKILL the draft process just before this round's message
+        real_round = worker.round
+
+        def round_then_kill(*args, **kwargs):
+            if worker.rounds == kill_at_round:
+                os.kill(worker.process.pid, signal.SIGKILL)
+            return real_round(*args, **kwargs)
+        worker.round = round_then_kill
+    pid, t0 = worker.process.pid, time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, stats = saguaro.generate(target, RAGGED, 50, draft=worker, k=3, f=2, backup="jit")
+    return out, ref, stats, [str(w.message) for w in caught], time.time() - t0, pid
+
+
+def test_killing_the_draft_process_mid_generation_loses_no_token():
+    close_worker()
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    worker = saguaro.DraftWorker(functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0),
+                                 target, threads=1, timeout_s=5.0)
+    out, ref, stats, caught, seconds, pid = fault_run(worker, kill_at_round=4)
+    assert out == ref                                   # complete, nothing lost or repeated
+    assert stats["draft_lost"] and any("draft process" in w for w in caught), caught
+    assert stats["backup_used"]["fast"] > 0 and seconds < 30
+    assert not worker.alive and proc_gone(pid) and not saguaro.dist.is_initialized()
+
+
+def test_a_draft_that_stops_answering_times_out_and_the_target_finishes():
+    close_worker()
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    worker = saguaro.DraftWorker(functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0),
+                                 target, threads=1, timeout_s=1.0, _fault=("hang", 3))
+    out, ref, stats, caught, seconds, pid = fault_run(worker)
+    assert out == ref and "Timed out" in stats["draft_lost"], stats["draft_lost"]
+    assert any("stopped answering" in w for w in caught) and seconds < 30
+    assert proc_gone(pid)
+    # a dead worker passed again: a warning, and the target still does the whole job
+    with pytest.warns(RuntimeWarning, match="not running"):
+        again, _ = saguaro.generate(target, RAGGED, 50, draft=worker, k=3, f=2)
+    assert again == ref
+
+
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import functools, sys
+    sys.path[:0] = [{tests!r}, {root!r}]
+    import saguaro
+    from conftest import tiny_model
+    if __name__ == "__main__":
+        target = tiny_model(0, vocab_size=64)
+        with saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=64), target,
+                                 threads=1) as worker:
+            print(worker.process.pid, flush=True)
+            while True:
+                saguaro.generate(target, [[1, 2, 3]], 200, draft=worker, k=3, f=2)
+""")
+
+
+def test_ctrl_c_leaves_no_orphan_process(tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT.format(tests=tests, root=os.path.dirname(tests)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        worker_pid = int(proc.stdout.readline())
+        time.sleep(1.0)                                  # let it generate for a while
+        os.killpg(proc.pid, signal.SIGINT)               # what Ctrl-C in a terminal sends
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()
+    assert proc_gone(worker_pid)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+
+def test_bad_arguments_are_refused_with_clear_errors():
+    close_worker()
+    target = tiny_model(0, vocab_size=64)
+    draft = functools.partial(tiny_model, 1, vocab_size=64)
+    cases = [(dict(f=0), "k and f"), (dict(k=0), "k and f"), (dict(fan_out="cone"), "fan_out"),
+             (dict(backup="maybe"), "backup"), (dict(saguaro_c=1.5), r"\[0, 1\]"),
+             (dict(k=7, f=8), "budget")]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            saguaro.generate(target, [1, 2], 4, draft=draft, **kwargs)
+    ngram = type("Proposer", (), {"vocab_size": 64, "propose": lambda self, *a: None})()
+    with pytest.raises(ValueError, match="neural draft"):
+        saguaro.DraftWorker(ngram, target)
