@@ -1,0 +1,260 @@
+"""speculative.py: speculative decoding (SD), the loop ssd.py and saguaro.py build on.
+
+New compared with autoregressive.py: a cheap draft proposes K tokens x_1..x_K, each sampled from
+its distribution q_i; the target scores [last token, x_1..x_K] in ONE forward (K+1 positions cost
+about what 1 does, since decoding is memory-bound) and reads p_1..p_{K+1}. The rule below keeps
+the output distributed exactly as the target's (Leviathan et al. 2023, Chen et al. 2023):
+
+    for i = 1..K in order: accept x_i with probability min(1, p_i(x_i) / q_i(x_i));
+    at the first rejection the bonus token t ~ norm(max(0, p_i - q_i)), and the round ends;
+    if all K are accepted, t ~ p_{K+1}.
+
+A round's verification outcome is v = (k, t): k in 0..K drafted tokens accepted, then the bonus
+t. Each round emits k+1 tokens for one target forward; tau = mean tokens per round per row
+(bonus included). At temperature 0, p and q are one-hot and the rule becomes "accept while
+x_i == argmax p_i, bonus = argmax": the output equals autoregressive.py token for token.
+
+Notation (Speculative Speculative Decoding, Kumar, Dao, May 2026, after Leviathan et al.):
+p = the target's distribution, q = the draft's (gpt-fast names them the other way round).
+
+Lossless needs q to be EXACTLY the distribution each proposal was sampled from, after
+temperature, top-k and top-p. A proposal chosen without sampling (n-gram lookup, a fixed guess)
+is verified with a one-hot q (`one_hot`): then x is accepted with probability p(x), and a
+rejection resamples from p with x removed.
+
+The draft is either a kernels.Model over the same tokenizer, driven through its own KV cache, or
+a model-free proposer: any object with `vocab_size` and
+`propose(contexts, k, temperature, generator) -> (draft_tokens (B, k), draft_probs (B, k, V))`.
+
+    python speculative.py --prompt "Write a haiku about cacti." --draft default --k 4
+"""
+import argparse
+import importlib.util
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+
+def verify(target_probs, draft_probs, draft_tokens, generator):
+    """The verification rule, for a batch of rows (shared by ssd.py and saguaro.py).
+    target_probs (B, K+1, V): p_1..p_{K+1} at the K+1 verified positions; draft_probs (B, K, V):
+    q_1..q_K, exactly what draft_tokens (B, K) were sampled from. Returns n_accepted (B,) in
+    0..K and bonus (B,), the token after the accepted ones. Every random draw uses `generator`."""
+    B, K = draft_tokens.shape
+    V = target_probs.shape[-1]
+    if target_probs.shape != (B, K + 1, V) or draft_probs.shape != (B, K, V):
+        raise ValueError(f"verify wants target_probs (B, K+1, V), draft_probs (B, K, V) and "
+                         f"draft_tokens (B, K); got {tuple(target_probs.shape)}, "
+                         f"{tuple(draft_probs.shape)} and {tuple(draft_tokens.shape)}.")
+    x = draft_tokens[..., None]
+    p_x = target_probs[:, :K].gather(-1, x)[..., 0]   # (B, K) p_i(x_i)
+    q_x = draft_probs.gather(-1, x)[..., 0]          # (B, K) q_i(x_i)
+    if bool((q_x <= 0).any()):
+        raise ValueError("a draft token has probability 0 under its own draft_probs: draft_probs "
+                         "must be exactly the distribution each token was sampled from (use "
+                         "speculative.one_hot for a proposal chosen deterministically).")
+    # accept x_i with probability min(1, p/q): u < p/q for u ~ U[0, 1), written without dividing
+    u = torch.rand(B, K, generator=generator, device=draft_tokens.device)
+    n_accepted = (u * q_x < p_x).long().cumprod(-1).sum(-1)   # (B,) accepted up to the first no
+    # the bonus comes from the residual norm(max(0, p - q)) at the first rejected position; a
+    # zero q appended as q_{K+1} makes "all K accepted" the same formula: residual = p_{K+1}
+    q = F.pad(draft_probs, (0, 0, 0, 1))                          # (B, K+1, V)
+    rows = torch.arange(B, device=draft_tokens.device)
+    p_at = target_probs[rows, n_accepted]                         # (B, V)
+    residual = (p_at - q[rows, n_accepted]).clamp_min(0)          # (B, V)
+    mass = residual.sum(-1, keepdim=True)
+    # p == q up to rounding can leave no residual mass; then p itself is the right law
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_at)
+    return n_accepted, kernels.sample(residual, generator)
+
+
+def one_hot(tokens, vocab_size):
+    """The q of a proposal chosen deterministically: tokens (B, k) -> (B, k, V) float32."""
+    return F.one_hot(tokens, vocab_size).float()
+
+
+def check_draft(target, draft, k) -> int:
+    """Reject what cannot be verified; return the draft's vocabulary size. Embedding matrices
+    padded to different sizes over one tokenizer (151936 vs 152064) are fine: both are cut or
+    padded to a common size. Tiny test models have no tokenizer: then the sizes must agree."""
+    if draft is None:
+        raise ValueError("speculative decoding needs a draft: pass draft=<a kernels.Model over the "
+                         "target's tokenizer> or a proposer (vocab_size + propose(...)); without "
+                         "a draft use autoregressive.generate.")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}.")
+    if hasattr(draft, "propose"):
+        Vd = draft.vocab_size
+    elif hasattr(draft, "new_cache") and hasattr(draft, "prefill"):
+        Vd = draft.cfg.vocab_size
+    else:
+        raise ValueError(f"draft {type(draft).__name__} is neither a kernels.Model nor a proposer "
+                         "with vocab_size and propose(contexts, k, temperature, generator).")
+    Vt = target.cfg.vocab_size
+    tt, td = target.tokenizer, getattr(draft, "tokenizer", None)
+    names = f"target {getattr(target, 'name', '?')!r} and draft " \
+            f"{getattr(draft, 'name', type(draft).__name__)!r}"
+    if tt is not None and td is not None:
+        if tt is not td and (len(tt) != len(td) or tt.get_vocab() != td.get_vocab()):
+            raise ValueError(f"{names} use different tokenizers: speculative decoding needs one "
+                             "vocabulary. Pick a draft from the target's model family.")
+        if len(tt) > min(Vt, Vd):
+            raise ValueError(f"{names}: the tokenizer has {len(tt)} tokens but an embedding has "
+                             f"only {min(Vt, Vd)} rows.")
+    elif Vt != Vd:
+        raise ValueError(f"{names} have vocabularies of {Vt} and {Vd} tokens and no tokenizers "
+                         "to show they share ids: give them one vocabulary.")
+    return Vd
+
+
+def pad_vocab(probs, V):
+    """Zero probability for the ids a distribution does not cover: (..., V') -> (..., V)."""
+    return F.pad(probs, (0, V - probs.shape[-1]))
+
+
+def emit(row, new_tokens, room, eos_ids) -> bool:
+    """Append up to `room` tokens to a row, stopping after an EOS; True when the row is done."""
+    for token in new_tokens[:room]:
+        row.append(token)
+        if token in eos_ids:
+            return True
+    return len(new_tokens) >= room
+
+
+@torch.inference_mode()
+def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature=0.0, top_k=None,
+             top_p=None, seed=0, eos=True):
+    """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a
+    kernels.Model or a proposer (see the module docstring); k: draft tokens per round (K).
+    Returns (tokens, stats) as autoregressive.generate does; stats also fills accept_counts
+    (rounds per k = 0..K), tau, acceptance_rate and draft_calls (draft forwards, or propose
+    calls for a proposer)."""
+    prompts = kernels.as_batch(prompt_ids)
+    kernels.check_sampling(temperature, top_k, top_p)
+    Vd, K = check_draft(target, draft, k), k
+    max_len = kernels.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
+    neural = not hasattr(draft, "propose")
+    gen = kernels.make_generator(seed, dev)
+    eos_ids = set(target.cfg.eos_token_ids) if eos else set()
+    stats = kernels.new_stats(K)
+    rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
+    done = [False] * B
+
+    # 1) prefill: the target gives the first token; a neural draft reads the prompts too
+    t0 = time.perf_counter()
+    cache = target.new_cache(B, max_len)
+    p = kernels.probs_from_logits(target.prefill(prompts, cache), temperature, top_k, top_p)
+    token = kernels.sample(p, gen).tolist()                               # (B,)
+    if neural:
+        draft_cache = draft.new_cache(B, max_len)
+        draft.prefill(prompts, draft_cache)
+    for b in range(B):
+        done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
+    kernels.sync(dev)
+    stats["prefill_s"] = time.perf_counter() - t0
+
+    # 2) decode: per round, the draft proposes K tokens, the target verifies K+1 positions
+    t0 = time.perf_counter()
+    accepted = 0
+    while not all(done):
+        # 2a) draft x_1..x_K with their q_1..q_K. Invariant: each cache holds KV for a row's
+        # tokens except the last one (the target) or the last two (the draft). Re-feeding the
+        # second to last token costs nothing (memory-bound) and is how the draft receives x_K
+        # after a round that accepted all K: x_K was sampled, never fed, so without this its
+        # cache would lack one token for the rest of the generation and acceptance would decay.
+        if neural:
+            Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
+            draft_cache.lengths.copy_(torch.tensor([len(r) - 2 for r in rows]))
+            # a padding id only the target can emit is shown to the draft as a stand-in
+            inp = torch.tensor([r[-2:] for r in rows], device=draft.device).clamp_max(Vd - 1)
+            draft_tokens, draft_probs = [], []
+            for i in range(K):
+                logits = draft(inp, draft_cache)[:, -1, :Vc].to(dev)      # (B, Vc)
+                q = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+                x = kernels.sample(q, gen)                                # (B,)
+                draft_tokens.append(x)
+                draft_probs.append(q)
+                inp = x[:, None].to(draft.device)
+            draft_tokens = torch.stack(draft_tokens, 1)                   # (B, K)
+            draft_probs = torch.stack(draft_probs, 1)                     # (B, K, Vc)
+            stats["draft_calls"] += K
+        else:
+            draft_tokens, draft_probs = draft.propose(rows, K, temperature, gen)
+            if draft_tokens.shape != (B, K) or draft_probs.shape != (B, K, Vd):
+                raise ValueError(f"{type(draft).__name__}.propose returned shapes "
+                                 f"{tuple(draft_tokens.shape)} and {tuple(draft_probs.shape)}; "
+                                 f"expected ({B}, {K}) and ({B}, {K}, {Vd}).")
+            draft_tokens, draft_probs = draft_tokens.to(dev), draft_probs.to(dev).float()
+            stats["draft_calls"] += 1
+
+        # 2b) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
+        # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in
+        last = torch.tensor([r[-1] for r in rows], device=dev)
+        tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
+        logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        V = max(Vt, draft_probs.shape[-1])
+        n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(draft_probs, V), draft_tokens, gen)
+        stats["target_calls"] += 1
+
+        # 2c) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
+        # max_new_tokens), then rolls its target cache back to keep KV through x_k: t is fed
+        # next round. Finished rows keep their length and ride along unchanged.
+        n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), draft_tokens.tolist()
+        for b in range(B):
+            if done[b]:
+                continue
+            n = n_accepted[b]
+            stats["accept_counts"][n] += 1
+            stats["rows_verified"] += 1
+            accepted += n
+            room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
+            done[b] = emit(rows[b], x[b][:n] + [bonus[b]], room, eos_ids)
+        cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
+    kernels.sync(dev)
+    stats["decode_s"] = time.perf_counter() - t0
+    if stats["rows_verified"]:
+        stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
+
+    # 3) hand back each row's tokens
+    tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
+    return tokens, kernels.finish_stats(stats, tokens)
+
+
+def load_draft(name, target, args):
+    """drafts.load_draft (model-free proposers, cheap neural drafts) when drafts.py exists,
+    else a model name or folder; the target's own name reuses the target (own cache)."""
+    if importlib.util.find_spec("drafts") is not None:
+        import drafts
+        return drafts.load_draft(name, target)
+    if name == args.model:
+        return target
+    return kernels.load_model(name, args.device, args.dtype, args.threads)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    kernels.add_common_args(ap)
+    ap.add_argument("--draft", default="default", help="draft model name/folder, or a drafts.py name")
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
+    ap.add_argument("--prompt", required=True)
+    args = ap.parse_args()
+    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
+    draft = load_draft(args.draft, target, args)
+    ids = kernels.encode_prompt(target, args.prompt)
+    tokens, stats = generate(target, ids, args.max_new_tokens, draft=draft, k=args.k,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed)
+    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
+    print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
+          f"decode {stats['decode_tokens_per_s']:.1f} tokens/s, tau {stats['tau']:.2f}, "
+          f"acceptance {stats['acceptance_rate'] or 0:.2f}, accept_counts k=0..{args.k}: "
+          f"{stats['accept_counts']}]")
+
+
+if __name__ == "__main__":
+    main()
