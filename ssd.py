@@ -1,4 +1,34 @@
-"""ssd.py: speculative speculative decoding (SSD) -- work in progress (draft side first)."""
+"""ssd.py: speculative speculative decoding (SSD), speculative.py with the drafting taken off the
+critical path.
+
+New compared with speculative.py: in SD the target waits while the draft decodes K tokens, and
+the draft waits while the target verifies them. SSD lets the draft work during verification:
+while the target verifies speculation s = (x_1..x_K, with q_1..q_K) for a context ending in the
+last emitted token t0, the draft
+
+    1. predicts outcomes v = (k, t) the verification may return: for k < K a rejection of x_{k+1}
+       draws the bonus from the residual at position k+1, so it bets on the top-F_k tokens of
+       q_{k+1} other than x_{k+1}; for k = K it bets on the top-F_K tokens of q_{K+1};
+    2. drafts the next speculation y_1..y_K from context + x_1..x_k + t for every bet, all at once:
+       one "glue" forward over [t0, x_1..x_K] writes their KV into the draft's cache (the trunk)
+       and gives q at every position, then K batched steps decode all sum(F_k) branches together
+       under a tree attention mask (a branch sees the trunk up to its fork x_k and its own tokens);
+    3. stores them in the speculation cache S: (k, t) -> (y_1..y_K, the q's they were sampled from).
+
+When the target's outcome (k, t) arrives: a hit means the next speculation is S[(k, t)], ready at
+once; a miss falls back to drafting K tokens now (just in time, as SD does). Verification is SD's
+rule, unchanged, with the q each cached token was really sampled from: the output is exactly the
+target's distribution, and equals autoregressive.py token for token at temperature 0.
+
+Notation (Speculative Speculative Decoding, Kumar, Dao, May 2026): p = target, q = draft, K =
+speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k branches per row
+per round), tau = tokens per round per row. This file runs target and draft one after the other on
+one device, so a reader can step through a round; its stats give the cache hit rate and, labelled
+"modelled", the time two devices would take (max(verify, cache build) + the fallback on a miss).
+saguaro.py runs the draft in its own process and calls `build_speculation_cache` there.
+
+    python ssd.py --prompt "Write a haiku about cacti." --draft default --k 4 --f 3
+"""
 import argparse
 import time
 from dataclasses import dataclass
@@ -6,6 +36,8 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from speculative import check_draft, emit, load_draft, pad_vocab, verify
+
 
 # ----------------------------------------------------------------------------------------------
 # The new idea: the speculation cache, and the draft side that fills it
@@ -44,13 +76,16 @@ def predict_outcomes(glue_logits, spec_tokens, fanout):
     q_{k+1} but x_{k+1}. For k = K the bonus comes from p_{K+1}: guess the top-F_K of q_{K+1}.
     Ranked by logits, not q: at temperature 0 q is one-hot, so its order says nothing, and at
     T > 0 the order is the same (top-k/top-p only zero the tail). Returns keys (B, N, 2)."""
-    B, K1, V = glue_logits.shape
+    K = spec_tokens.shape[1]
+    if max(fanout[:K], default=0) >= glue_logits.shape[-1] or fanout[K] > glue_logits.shape[-1]:
+        raise ValueError(f"fan-out {fanout} asks for more guesses than the vocabulary "
+                         f"({glue_logits.shape[-1]} tokens) holds.")
     keys = []
     for k, f in enumerate(fanout):
         if f == 0:
             continue
         scores = glue_logits[:, k].clone()                           # (B, V)
-        if k < K1 - 1:
+        if k < K:
             scores.scatter_(1, spec_tokens[:, k:k + 1], float("-inf"))  # x_{k+1} is never the bonus
         t = scores.topk(f, dim=-1).indices                           # (B, f)
         keys.append(torch.stack((torch.full_like(t, k), t), dim=-1))  # (B, f, 2)
@@ -58,16 +93,17 @@ def predict_outcomes(glue_logits, spec_tokens, fanout):
 
 
 def draft_branches(draft, cache, fork, first, K, temperature, top_k, top_p, generator,
-                   probs_fn=kernels.probs_from_logits):
+                   probs_fn=kernels.probs_from_logits, vocab=None):
     """Decode K tokens on N branches per row at once. Branch (b, i) continues the trunk of row b
     cut to its first fork[b, i] tokens, then first[b, i]; it drafts y_1..y_K from there.
     The branches live in scratch slots after the trunk (cache.lengths is not moved): step j
     writes branch i at slot length + j*N + i. Tree mask: a branch sees its trunk prefix and its
-    own earlier tokens, never a sibling's. Returns tokens (B, N, K), probs (B, N, K, V): each
-    y with the exact q it was sampled from."""
+    own earlier tokens, never a sibling's. `vocab` cuts padded logits to the vocabulary shared
+    with the target. Returns tokens (B, N, K), probs (B, N, K, V): each y with the exact q it
+    was sampled from (probs_fn is where saguaro.py reshapes q)."""
     B, N = first.shape
     dev = first.device
-    base = cache.lengths[:, None].clone().long()                        # (B, 1): scratch starts here
+    base = cache.lengths[:, None].clone().long()                   # (B, 1): scratch starts here
     cols = torch.arange(cache.max_len, device=dev)                 # (S,)
     scratch = cols - base[:, :, None]                              # (B, 1, S) offset into scratch
     mine = (scratch >= 0) & (scratch % N == torch.arange(N, device=dev)[:, None])  # (B, N, S)
@@ -76,8 +112,8 @@ def draft_branches(draft, cache, fork, first, K, temperature, top_k, top_p, gene
     for j in range(K):
         slots = base + j * N + torch.arange(N, device=dev)         # (B, N)
         mask = trunk | (mine & (scratch < (j + 1) * N))            # own tokens up to step j
-        logits = draft(y, cache, positions=fork + j, slots=slots,
-                       mask=mask)                                  # (B, N, V)
+        logits = draft(y.clamp_max(draft.cfg.vocab_size - 1), cache, positions=fork + j,
+                       slots=slots, mask=mask)[..., :vocab]        # (B, N, V)
         q = probs_fn(logits, temperature, top_k, top_p)            # (B, N, V)
         y = kernels.sample(q, generator)                           # (B, N)
         tokens.append(y)
@@ -86,16 +122,182 @@ def draft_branches(draft, cache, fork, first, K, temperature, top_k, top_p, gene
 
 
 def build_speculation_cache(draft, cache, last_token, spec_tokens, fanout, temperature, top_k,
-                            top_p, generator, probs_fn=kernels.probs_from_logits):
+                            top_p, generator, probs_fn=kernels.probs_from_logits, vocab=None):
     """The draft's work while the target verifies s = (t0 = last_token (B,), x = spec_tokens
     (B, K)): one glue forward over [t0, x_1..x_K] writes their KV into the trunk (lengths += K+1)
     and gives q at every position; predict outcomes; draft K tokens for all of them as one tree.
     Returns the SpeculationCache. The caller rolls the trunk back once the outcome is known."""
     K = spec_tokens.shape[1]
     L = cache.lengths.clone().long()                               # (B,) trunk before the glue
-    glue = draft(torch.cat((last_token[:, None], spec_tokens), 1), cache)   # (B, K+1, V)
+    glue_in = torch.cat((last_token[:, None], spec_tokens), 1).clamp_max(draft.cfg.vocab_size - 1)
+    glue = draft(glue_in, cache)[..., :vocab]                      # (B, K+1, V)
     keys = predict_outcomes(glue, spec_tokens, fanout_list(fanout, K))  # (B, N, 2)
     fork = L[:, None] + keys[..., 0] + 1                           # sees t0, x_1..x_k
     tokens, probs = draft_branches(draft, cache, fork, keys[..., 1], K, temperature, top_k,
-                                   top_p, generator, probs_fn)
+                                   top_p, generator, probs_fn, vocab)
     return SpeculationCache(keys, tokens, probs)
+
+
+@torch.inference_mode()
+def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temperature=0.0,
+             top_k=None, top_p=None, seed=0, eos=True):
+    """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a
+    kernels.Model over the target's vocabulary; k: draft tokens per round (K); f: fan-out, an int
+    (F at every k) or K+1 ints F_0..F_K. Returns (tokens, stats) as speculative.generate does;
+    stats also fills cache_hits, cache_misses, hit_rate, hits_by_k / lookups_by_k (lookups per
+    outcome k), cold_starts (rows drafted before any cache existed: the first round, counted
+    apart from hits and misses), tau_on_hit / tau_on_miss (tokens per row-round when the
+    speculation came from the cache / was drafted just in time, cold starts included), measured
+    one-device times verify_s / cache_build_s / jit_draft_s, and modelled_two_device_* figures."""
+    prompts = kernels.as_batch(prompt_ids)
+    kernels.check_sampling(temperature, top_k, top_p)
+    Vd, K = check_draft(target, draft, k), k
+    if hasattr(draft, "propose"):
+        raise ValueError("ssd.py drafts trees of speculations with a neural draft (a kernels.Model "
+                         "with its own KV cache); a model-free proposer fits speculative.py.")
+    fanout = fanout_list(f, K)
+    max_len = kernels.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
+    Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
+    gen = kernels.make_generator(seed, dev)
+    eos_ids = set(target.cfg.eos_token_ids) if eos else set()
+    stats = kernels.new_stats(K)
+    stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), cold_starts=0,
+                 verify_s=0.0, cache_build_s=0.0, jit_draft_s=0.0, modelled_two_device_decode_s=0.0)
+    rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
+    done = [False] * B
+
+    # 1) prefill: the target gives the first token; the draft reads the prompts too
+    t0 = time.perf_counter()
+    cache = target.new_cache(B, max_len)
+    p = kernels.probs_from_logits(target.prefill(prompts, cache), temperature, top_k, top_p)
+    token = kernels.sample(p, gen).tolist()                               # (B,)
+    draft_cache = draft.new_cache(B, max_len + K * sum(fanout))  # + the branches' scratch slots
+    draft.prefill(prompts, draft_cache)
+    for b in range(B):
+        done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
+    kernels.sync(dev)
+    stats["prefill_s"] = time.perf_counter() - t0
+
+    # 2) decode: per round, the target verifies a speculation while the draft prepares the next
+    t0 = time.perf_counter()
+    accepted, tau_sums = 0, {True: [0, 0], False: [0, 0]}   # from cache? -> [tokens, row-rounds]
+    spec_tokens = torch.zeros(B, K, dtype=torch.long, device=dev)         # (B, K) x per row
+    spec_probs = torch.zeros(B, K, Vc, device=dev)                        # (B, K, Vc) their q
+    cached = torch.zeros(B, dtype=torch.bool, device=dev)  # row's speculation came from S
+    while not all(done):
+        # 2a) the speculation x_1..x_K with q_1..q_K. Invariant: both caches hold KV for a
+        # row's tokens except the last one. A row whose last outcome hit the cache has it
+        # already; the others (all rows in the first round, and rows that missed) get one now:
+        # the JIT fallback, K draft steps from the row's context, as speculative.py drafts.
+        # It is drafted as a one-branch tree in the scratch slots, so the trunk is untouched;
+        # in a batch the rows that hit ride along and keep their cached speculation.
+        tick = time.perf_counter()
+        last = torch.tensor([r[-1] for r in rows], device=dev)
+        jit = ~cached & ~torch.tensor(done, device=dev)
+        if bool(jit.any()):
+            y, q = draft_branches(draft, draft_cache, draft_cache.lengths[:, None].long(),
+                                  last[:, None], K, temperature, top_k, top_p, gen, vocab=Vc)
+            spec_tokens[jit], spec_probs[jit] = y[jit, 0], q[jit, 0]      # (B, 1, K) -> (K,)
+            stats["draft_calls"] += K
+        kernels.sync(dev)
+        jit_s, tick = time.perf_counter() - tick, time.perf_counter()
+
+        # 2b) NEW: the draft bets on the outcomes of this verification and drafts the next
+        # speculation for each: glue forward over [t0, x], outcome prediction, tree of
+        # branches -> S. On two devices this runs while the target verifies (2c).
+        S = build_speculation_cache(draft, draft_cache, last, spec_tokens, fanout, temperature,
+                                    top_k, top_p, gen, vocab=Vc)
+        stats["draft_calls"] += K + 1
+        kernels.sync(dev)
+        build_s, tick = time.perf_counter() - tick, time.perf_counter()
+
+        # 2c) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
+        # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in
+        tokens_in = torch.cat((last[:, None], spec_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
+        logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        V = max(Vt, Vc)
+        n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(spec_probs, V), spec_tokens, gen)
+        stats["target_calls"] += 1
+        kernels.sync(dev)
+        verify_s = time.perf_counter() - tick
+        stats["jit_draft_s"] += jit_s
+        stats["cache_build_s"] += build_s
+        stats["verify_s"] += verify_s
+        stats["modelled_two_device_decode_s"] += max(verify_s, build_s) + jit_s
+
+        # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
+        # max_new_tokens), then rolls both caches back to keep KV through x_k: t is fed
+        # next round. The outcome (k, t) is looked up in S: a hit is next round's speculation.
+        hit, next_tokens, next_probs = S.lookup(n_accepted, bonus)
+        n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), spec_tokens.tolist()
+        for b in range(B):
+            if done[b]:
+                continue
+            n, before = n_accepted[b], len(rows[b])
+            stats["accept_counts"][n] += 1
+            stats["rows_verified"] += 1
+            accepted += n
+            room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
+            done[b] = emit(rows[b], x[b][:n] + [bonus[b]], room, eos_ids)
+            tau_sums[bool(cached[b])][0] += len(rows[b]) - before
+            tau_sums[bool(cached[b])][1] += 1
+            stats["cold_starts"] += stats["target_calls"] == 1
+            if not done[b]:  # a finished row needs no next speculation: no lookup counted
+                stats["lookups_by_k"][n] += 1
+                stats["hits_by_k"][n] += bool(hit[b])
+        cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
+        draft_cache.lengths.copy_(cache.lengths)  # the glue wrote x_1..x_K: keep through x_k
+        cached = hit & ~torch.tensor(done, device=dev)
+        spec_tokens[cached], spec_probs[cached] = next_tokens[cached], next_probs[cached]
+    kernels.sync(dev)
+    stats["decode_s"] = time.perf_counter() - t0
+    if stats["rows_verified"]:
+        stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
+    stats["cache_hits"] = sum(stats["hits_by_k"])
+    stats["cache_misses"] = sum(stats["lookups_by_k"]) - stats["cache_hits"]
+    if sum(stats["lookups_by_k"]):
+        stats["hit_rate"] = stats["cache_hits"] / sum(stats["lookups_by_k"])
+    stats["tau_on_hit"], stats["tau_on_miss"] = (s[0] / s[1] if s[1] else None
+                                                 for s in (tau_sums[True], tau_sums[False]))
+    stats["draft_calls_per_round"] = stats["draft_calls"] / max(stats["target_calls"], 1)
+
+    # 3) hand back each row's tokens
+    tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
+    stats = kernels.finish_stats(stats, tokens)
+    decoded, modelled = stats["new_tokens"] - B, stats["modelled_two_device_decode_s"]
+    stats["modelled_two_device_tokens_per_s"] = decoded / modelled if modelled > 0 else 0.0
+    return tokens, stats
+
+
+def parse_fanout(text):
+    """--f 3 (F at every k) or --f 4,3,2,2,1 (F_0..F_K)."""
+    return [int(x) for x in text.split(",")] if "," in text else int(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    kernels.add_common_args(ap)
+    ap.add_argument("--draft", default="default", help="draft model name/folder, or a drafts.py name")
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
+    ap.add_argument("--f", type=parse_fanout, default=3, help="fan-out F, or F_0,...,F_K")
+    ap.add_argument("--prompt", required=True)
+    args = ap.parse_args()
+    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
+    draft = load_draft(args.draft, target, args)
+    ids = kernels.encode_prompt(target, args.prompt)
+    tokens, stats = generate(target, ids, args.max_new_tokens, draft=draft, k=args.k, f=args.f,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed)
+    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
+    print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
+          f"decode {stats['decode_tokens_per_s']:.1f} tokens/s (one device), tau "
+          f"{stats['tau']:.2f}, acceptance {stats['acceptance_rate'] or 0:.2f}, cache hit rate "
+          f"{stats['hit_rate'] or 0:.2f}, hits/lookups by k=0..{args.k}: {stats['hits_by_k']} / "
+          f"{stats['lookups_by_k']}, modelled two-device decode "
+          f"{stats['modelled_two_device_tokens_per_s']:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()
