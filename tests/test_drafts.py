@@ -1,0 +1,134 @@
+"""drafts.py: the n-gram proposer's q is the law its tokens come from, lookup finds repeated spans,
+the build is deterministic, shipped drafts refuse a target they do not belong to, and the neural
+self-draft keeps q = 0 outside its truncated head."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import drafts
+import kernels
+from conftest import tiny_model
+
+V = 64
+
+
+def drafter(sequences, starts=None):
+    starts = starts or [0] * len(sequences)
+    return drafts.NGramDrafter.from_counts(drafts.NGramDrafter.count(sequences, starts), V)
+
+
+# A corpus where after (1, 2, 3) the next token is 4 three times and 5 once: q = (3/4, 1/4)
+CORPUS = [[1, 2, 3, 4, 9], [1, 2, 3, 4, 9], [1, 2, 3, 4, 9], [1, 2, 3, 5, 8]]
+
+
+def test_ngram_q_is_the_law_its_tokens_are_drawn_from():
+    d = drafter(CORPUS)
+    n = 4000
+    tokens, probs = d.propose([[7, 1, 2, 3]] * n, 1, 1.0, kernels.make_generator(0, "cpu"))
+    assert probs.shape == (n, 1, V) and torch.allclose(probs.sum(-1), torch.ones(n, 1))
+    assert torch.allclose(probs[0, 0, [4, 5]], torch.tensor([0.75, 0.25]))
+    freq = torch.bincount(tokens[:, 0], minlength=V).float() / n
+    # binomial standard deviation at n=4000 is ~0.007: 0.03 is over four of them
+    assert abs(freq[4] - 0.75) < 0.03 and abs(freq[5] - 0.25) < 0.03
+    assert freq.sum() == freq[4] + freq[5]  # nothing outside q's support
+    # every drawn token has q > 0 at its own position (verification divides by it)
+    assert bool((probs[torch.arange(n), 0, tokens[:, 0]] > 0).all())
+
+
+def test_ngram_second_token_q_is_conditional_on_the_first():
+    d = drafter(CORPUS)
+    tokens, probs = d.propose([[7, 1, 2, 3]] * 400, 2, 1.0, kernels.make_generator(1, "cpu"))
+    for b in range(400):  # after ...3, 4 comes 9; after ...3, 5 comes 8 (one-hot, either way)
+        expect = 9 if tokens[b, 0] == 4 else 8
+        assert tokens[b, 1] == expect and probs[b, 1, expect] == 1.0
+
+
+def test_ngram_temperature_zero_is_one_hot_argmax():
+    d = drafter(CORPUS)
+    tokens, probs = d.propose([[7, 1, 2, 3], [0, 2, 3]], 2, 0.0, kernels.make_generator(0, "cpu"))
+    assert tokens.tolist() == [[4, 9], [4, 9]]
+    assert torch.equal(probs, F.one_hot(tokens, V).float())
+
+
+def test_lookup_proposes_the_continuation_of_a_repeated_span():
+    d = drafter(CORPUS)  # the tables say 4 after (1, 2, 3); the context itself says 11
+    ctx = [1, 2, 3, 11, 12, 13, 20, 21, 1, 2, 3]
+    tokens, probs = d.propose([ctx], 3, 1.0, kernels.make_generator(0, "cpu"))
+    assert tokens.tolist() == [[11, 12, 13]]
+    assert torch.equal(probs, F.one_hot(tokens, V).float())  # a lookup hit is one-hot
+    assert d.distribution([5, 6, 40, 5, 6])[2] == "lookup2"
+    assert d.distribution([30, 31, 32])[2] == "unigram"
+
+
+def test_count_tables_are_deterministic_and_ignore_prompt_tokens_as_targets():
+    a = drafts.NGramDrafter.count(CORPUS, [2] * 4)
+    b = drafts.NGramDrafter.count(list(reversed(CORPUS)), [2] * 4)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert set(a["next0"].tolist()) == {3, 4, 5, 8, 9}  # tokens before `start` never "next"
+    assert 1 not in a["next0"] and 2 not in a["next0"]
+
+
+def test_load_draft_refuses_a_target_it_was_not_built_for():
+    tiny = tiny_model(0)
+    for name in ("ngram", "default"):
+        with pytest.raises(ValueError, match="no shipped draft belongs to target"):
+            drafts.load_draft(name, tiny)
+
+
+def test_int4_linear_recovers_weights_on_a_q4_1_grid_and_int8_is_close():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (48, 4, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15                    # a Q4_1 block spans its whole range
+    d, m = torch.rand(48, 4, 1, generator=g) * 0.1, torch.randn(48, 4, 1, generator=g) * 0.1
+    w = (q * d + m).reshape(48, 128)
+    x = torch.randn(3, 128, generator=g)
+    exact = drafts.Int4Linear(w, compute=torch.float32)(x)
+    assert torch.allclose(exact, x @ w.T, atol=1e-4, rtol=1e-4)
+    int8 = drafts.Int8Linear(w)(x)
+    assert (int8 - x @ w.T).abs().max() < 0.05 * (x @ w.T).abs().max()
+
+
+def test_truncated_head_gives_minus_inf_outside_its_tokens():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 5, bias=False)
+    ids = torch.tensor([3, 0, 9, 2, 7])
+    head = drafts.TruncatedHead(lin, ids, 12)
+    x = torch.randn(2, 8)
+    out = head(x)
+    assert out.shape == (2, 12)
+    assert torch.equal(out[:, ids], lin(x))
+    outside = torch.ones(12, dtype=torch.bool)
+    outside[ids] = False
+    assert bool(torch.isneginf(out[:, outside]).all()) and bool(out.softmax(-1)[:, outside].eq(0).all())
+
+
+def test_shipped_neural_draft_loads_and_keeps_q_zero_outside_its_head(default_model,
+                                                                    default_prompts):
+    draft = drafts.load_draft("default", default_model)
+    assert isinstance(draft, kernels.Model) and isinstance(draft.head, drafts.TruncatedHead)
+    prompt = default_prompts[0]
+    with torch.inference_mode():
+        q_logits = draft(torch.tensor([prompt]), draft.new_cache(1, len(prompt)))
+        p_logits = default_model(torch.tensor([prompt]), default_model.new_cache(1, len(prompt)))
+    V_full = default_model.cfg.vocab_size
+    assert q_logits.shape == (1, len(prompt), V_full) and q_logits.dtype == torch.float32
+    inside = torch.zeros(V_full, dtype=torch.bool)
+    inside[draft.head.token_ids] = True
+    assert bool(torch.isneginf(q_logits[..., ~inside]).all())
+    assert bool(torch.isfinite(q_logits[..., inside]).all())
+    # it is the target's own weights: the argmax agrees at most positions of a real prompt
+    agree = (q_logits.argmax(-1) == p_logits.argmax(-1)).float().mean().item()
+    assert agree > 0.6, agree
+
+
+def test_ngram_drafter_reproduces_autoregressive_at_temperature_zero():
+    speculative = pytest.importorskip("speculative")
+    import autoregressive
+    target = tiny_model(3, scale=3.0)
+    prompt = [5, 9, 2, 5, 9]
+    ref, _ = autoregressive.generate(target, prompt, 24, eos=False)
+    d = drafter([prompt + ref[0][:12]], [len(prompt)])  # tables from part of the answer
+    out, stats = speculative.generate(target, prompt, 24, draft=d, k=3, eos=False)
+    assert out == ref
+    assert stats["acceptance_rate"] > 0  # the tables did propose accepted tokens
