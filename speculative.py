@@ -56,15 +56,16 @@ def verify(target_probs, draft_probs, draft_tokens, generator):
         raise ValueError("a draft token has probability 0 under its own draft_probs: draft_probs "
                          "must be exactly the distribution each token was sampled from (use "
                          "speculative.one_hot for a proposal chosen deterministically).")
-    # accept x_i with probability min(1, p/q): u < p/q for u ~ U[0, 1), written without dividing
+    # accept x_i with probability min(1, p/q): u < p/q for u ~ U[0, 1), multiplied out so that
+    # p == q accepts surely, with no rounding from a division
     u = torch.rand(B, K, generator=generator, device=draft_tokens.device)
-    n_accepted = (u * q_x < p_x).long().cumprod(-1).sum(-1)   # (B,) accepted up to the first no
+    n_accepted = (u * q_x < p_x).long().cumprod(-1).sum(-1)   # (B,) successes before the first no
     # the bonus comes from the residual norm(max(0, p - q)) at the first rejected position; a
     # zero q appended as q_{K+1} makes "all K accepted" the same formula: residual = p_{K+1}
     q = F.pad(draft_probs, (0, 0, 0, 1))                          # (B, K+1, V)
-    rows = torch.arange(B, device=draft_tokens.device)
-    p_at = target_probs[rows, n_accepted]                         # (B, V)
-    residual = (p_at - q[rows, n_accepted]).clamp_min(0)          # (B, V)
+    b = torch.arange(B, device=draft_tokens.device)
+    p_at = target_probs[b, n_accepted]                            # (B, V)
+    residual = (p_at - q[b, n_accepted]).clamp_min(0)             # (B, V)
     mass = residual.sum(-1, keepdim=True)
     # p == q up to rounding can leave no residual mass; then p itself is the right law
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_at)
