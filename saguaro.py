@@ -139,7 +139,7 @@ class Estimates:
         self.acc = {"draft": [1.0, self.PRIOR_N], "fast": [1.0, self.PRIOR_N]}  # sum, count: a=0.5
         self.hits = [1.0, self.PRIOR_N]
         self.rank_counts = torch.zeros(65)   # ranks of the true bonus among the draft's guesses
-        self.secs = {}                       # running means: verify, build, jit, fast
+        self.secs = {}                       # running means: verify, build, step, jit, fast
 
     def a(self, who):
         total, n = self.acc[who]
@@ -178,7 +178,9 @@ class Estimates:
     def speed(self, backup, batch):
         verify = self.sec("verify", 1.0)
         build = self.sec("build", verify)
-        t_b = {"jit": self.sec("jit", build * self.K / (self.K + 1)), "fast": self.sec("fast", 0.0)}
+        # until the JIT backup has run, K draft steps (one step ~ the glue forward) stand in
+        t_b = {"jit": self.sec("jit", self.K * self.sec("step", build / (self.K + 1))),
+               "fast": self.sec("fast", 0.0)}
         e_hit = expected_tokens(self.a("draft"), self.K)
         e_miss = expected_tokens(self.a("fast" if backup == "fast" else "draft"), self.K)
         return predicted_speedup(self.p_hit(), e_hit, e_miss, build / verify,
@@ -206,8 +208,9 @@ class Estimates:
 #   target -> draft   START   float64 (16,) header, then int64 (B, 1 + longest prompt) prompts
 #   target -> draft   ROUND   int64 (2 + 3B + 2(K+1),): cmd, backup, k (B), t (B), live (B),
 #                             fan-out after a hit (K+1), after a miss (K+1). cmd END ends it.
-#   draft  -> target  answer  int64 (B*(K+3) + 3,): hit, source, rank, y_1..y_K per row, then
-#                             build/JIT microseconds and draft forwards; float32 (B, K, V) q'
+#   draft  -> target  answer  int64 (B*(K+2) + 4,): source, rank, y_1..y_K per row, then
+#                             build/JIT/glue microseconds, draft forwards; float32 (B, K, V) q'
+#                             (not at temperature 0: q is one-hot on y there)
 #   target -> draft   backup  int64 (B, K): the fast backup's tokens (only after a miss in
 #                             fast mode: the draft glues them as it would glue its own)
 
@@ -305,21 +308,25 @@ class DraftWorker:
         self.in_session = True
         self._send(header)
         self._send(table)
-        self.B, self.K, self.V = len(prompts), K, vocab
+        self.B, self.K, self.V, self.greedy = len(prompts), K, vocab, temperature == 0
 
     def round(self, k, t, live, backup, fan_hit, fan_miss):
         """Send the outcome; return (source (B,), rank (B,), y (B, K), q' (B, K, V), seconds of
-        the build that made this round's cache, seconds of JIT drafting, draft forwards)."""
+        the build that made this round's cache, of JIT drafting, of its glue forward (about one
+        draft step), and the draft forwards run)."""
         B, K = self.B, self.K
         msg = torch.cat((torch.tensor([ROUND, BACKUPS.index(backup)]), k.cpu(), t.cpu(),
                          live.long().cpu(), torch.tensor(fan_hit + fan_miss)))
         self._send(msg)
-        ints = self._recv(torch.zeros(B * (K + 3) + 3, dtype=torch.long, device=self.comm)).cpu()
-        q = self._recv(torch.zeros(B, K, self.V, device=self.comm))
-        rows = ints[: B * (K + 3)].view(B, K + 3)
+        ints = self._recv(torch.zeros(B * (K + 2) + 4, dtype=torch.long, device=self.comm)).cpu()
+        rows = ints[: B * (K + 2)].view(B, K + 2)
+        if self.greedy:  # q is one-hot on y at temperature 0: only the tokens had to cross
+            q = one_hot(rows[:, 2:], self.V)
+        else:
+            q = self._recv(torch.zeros(B, K, self.V, device=self.comm))
         self.rounds += 1
-        return (rows[:, 1], rows[:, 2], rows[:, 3:], q, ints[-3].item() / 1e6,
-                ints[-2].item() / 1e6, int(ints[-1]))
+        build_s, jit_s, glue_s = (x / 1e6 for x in ints[-4:-1].tolist())
+        return rows[:, 0], rows[:, 1], rows[:, 2:], q, build_s, jit_s, glue_s, int(ints[-1])
 
     def send_backup(self, tokens):
         self._send(tokens.long())
@@ -373,15 +380,14 @@ def _exit_with_parent(parent_pid):
 
 
 def _load_draft(spec, target_ref, device):
-    if isinstance(spec, str):
+    if isinstance(spec, str):  # drafts.py builds its drafts from the target's weights
         path, dtype = target_ref
         target = kernels.load_model(path or "default", str(device), dtype)
-        try:
+        if spec in ("self", path):
+            model = target
+        else:
             import drafts
             model = drafts.load_draft(spec, target)
-        except ImportError:  # no drafts.py: a model name or folder; the target's name is itself
-            model = target if spec in ("default", path) else kernels.load_model(spec, str(device),
-                                                                                dtype)
     elif callable(spec) and not isinstance(spec, torch.nn.Module):
         model = spec()
     else:
@@ -417,40 +423,15 @@ def _worker_main(spec, target_ref, device, threads, backend, port, parent_pid, f
             dist.recv(header, src=0)
             if int(header[0]) != START:
                 break
-            B, longest, K, V, max_len, seed = (int(x) for x in header[1:7])
-            T, top_k, top_p, c = (float(x) for x in header[7:11])
-            table = torch.zeros(B, 1 + longest, dtype=torch.long, device=comm)
-            dist.recv(table, src=0)
-            prompts = [row[1:1 + row[0]].tolist() for row in table.cpu()]
-            side = _DraftSide(draft, prompts, K, V, max_len, T, None if top_k < 0 else int(top_k),
-                              None if top_p < 0 else top_p, c, seed)
+            side = _DraftSide(draft, header.cpu(), comm)
             while True:
-                msg = torch.zeros(2 + 3 * B + 2 * (K + 1), dtype=torch.long, device=comm)
-                dist.recv(msg, src=0)
-                msg = msg.cpu()
-                if int(msg[0]) != ROUND:
-                    break
                 rounds += 1
                 if fault and rounds > fault[1]:  # tests: die or hang mid-generation
                     if fault[0] == "exit":
                         os._exit(1)
                     time.sleep(3600)
-                k, t, live = msg[2:2 + B], msg[2 + B:2 + 2 * B], msg[2 + 2 * B:2 + 3 * B].bool()
-                fans = msg[2 + 3 * B:].tolist()
-                fan_hit, fan_miss = fans[: K + 1], fans[K + 1:]
-                source, rank, y, q = side.answer(k, t, live, BACKUPS[int(msg[1])], fan_hit,
-                                                 fan_miss)
-                ints = torch.cat((torch.stack((source == HIT, source, rank), 1).long(), y.cpu()),
-                                 1).flatten()
-                ints = torch.cat((ints, torch.tensor([int(side.build_s * 1e6),
-                                                      int(side.jit_s * 1e6), side.forwards])))
-                dist.send(ints.to(comm), dst=0)
-                dist.send(q.float().to(comm), dst=0)
-                if bool((live & (source == NEED_FAST)).any()):
-                    backup = torch.zeros(B, K, dtype=torch.long, device=comm)
-                    dist.recv(backup, src=0)
-                    y = torch.where((source == NEED_FAST)[:, None], backup.cpu(), y.cpu())
-                side.build(t, y.to(dev), source.to(dev), fan_hit, fan_miss)
+                if not side.serve_round():
+                    break
     dist.destroy_process_group()
 
 
@@ -459,17 +440,46 @@ class _DraftSide:
     tokens, then the glue of the speculation being verified), the speculation cache S built for
     that speculation, and the glue logits (to rank the true bonus among the guesses, for r)."""
 
-    def __init__(self, draft, prompts, K, V, max_len, temperature, top_k, top_p, c, seed):
-        self.draft, self.K, self.V, self.c = draft, K, V, c
-        self.sampling = (temperature, top_k, top_p)
-        dev = draft.device
-        self.gen = kernels.make_generator(seed + 1, dev)  # the draft's own coins
-        self.cache = draft.new_cache(len(prompts), max_len)
+    def __init__(self, draft, header, comm):
+        B, longest, K, V, max_len, seed = (int(x) for x in header[1:7])
+        temperature, top_k, top_p, self.c = (float(x) for x in header[7:11])
+        self.sampling = (temperature, None if top_k < 0 else int(top_k),
+                         None if top_p < 0 else top_p)
+        self.draft, self.comm, self.B, self.K, self.V = draft, comm, B, K, V
+        table = torch.zeros(B, 1 + longest, dtype=torch.long, device=comm)
+        dist.recv(table, src=0)
+        prompts = [row[1:1 + row[0]].tolist() for row in table.cpu()]
+        self.gen = kernels.make_generator(seed + 1, draft.device)  # the draft's own coins
+        self.cache = draft.new_cache(B, max_len)
         draft.prefill(prompts, self.cache)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.glue = self.spec = None
-        self.build_s = self.jit_s = 0.0
+        self.build_s = self.jit_s = self.glue_s = 0.0
         self.forwards = 0
+
+    def serve_round(self) -> bool:
+        """One round, as the protocol above says: outcome in, answer out at once, (the fast
+        backup's tokens in), then the next cache while the target verifies. False at END."""
+        B, K, comm = self.B, self.K, self.comm
+        msg = torch.zeros(2 + 3 * B + 2 * (K + 1), dtype=torch.long, device=comm)
+        dist.recv(msg, src=0)
+        msg = msg.cpu()
+        if int(msg[0]) != ROUND:
+            return False
+        k, t, live = msg[2:2 + B], msg[2 + B:2 + 2 * B], msg[2 + 2 * B:2 + 3 * B].bool()
+        fan_hit, fan_miss = msg[2 + 3 * B:3 + 3 * B + K].tolist(), msg[3 + 3 * B + K:].tolist()
+        source, rank, y, q = self.answer(k, t, live, BACKUPS[int(msg[1])], fan_hit, fan_miss)
+        times = [int(self.build_s * 1e6), int(self.jit_s * 1e6), int(self.glue_s * 1e6)]
+        ints = torch.cat((torch.stack((source, rank), 1), y.cpu()), 1).flatten()
+        dist.send(torch.cat((ints, torch.tensor(times + [self.forwards]))).to(comm), dst=0)
+        if self.sampling[0] > 0:  # greedy: q is one-hot on y, the target rebuilds it
+            dist.send(q.float().to(comm), dst=0)
+        if bool((live & (source == NEED_FAST)).any()):
+            backup = torch.zeros(B, K, dtype=torch.long, device=comm)
+            dist.recv(backup, src=0)
+            y = torch.where((source == NEED_FAST)[:, None], backup.cpu(), y.cpu())
+        self.build(t, y, source, fan_hit, fan_miss)
+        return True
 
     def answer(self, k, t, live, backup, fan_hit, fan_miss):
         """1) keep t0, x_1..x_k of the last glue (all of it on a miss-free k = K; nothing of it
@@ -527,10 +537,13 @@ class _DraftSide:
         outcome prediction with each row's schedule (after a hit or after a miss), then all
         branches drafted as one tree, sampling from Saguaro's q'."""
         t0 = time.perf_counter()
+        dev = self.draft.device
+        t, y, source = t.to(dev), y.to(dev), source.to(dev)
         self.trunk = self.cache.lengths.clone()
         inp = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
         self.glue = self.draft(inp, self.cache)                              # (B, K+1, V_draft)
-        keys = torch.zeros(len(t), sum(fan_hit), 2, dtype=torch.long, device=t.device)
+        self.glue_s = time.perf_counter() - t0
+        keys = torch.zeros(len(t), sum(fan_hit), 2, dtype=torch.long, device=dev)
         for fan, rows in ((fan_hit, source == HIT), (fan_miss, source != HIT)):
             if bool(rows.any()):                                             # (B, N, 2)
                 keys[rows] = ssd.predict_outcomes(self.glue[rows, :, : self.V], y[rows], fan)
@@ -647,10 +660,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
             choice, stats["backup_why"] = est.choose_backup(int(live.sum()))
             fan_hit, fan_miss = est.fan_outs(choice)
             source = torch.full((B,), NEED_FAST)                            # (B,)
+            answered = worker.alive  # a cache was looked up this round (else: nothing to count)
             if worker.alive:
                 tick = time.perf_counter()
                 try:
-                    source, rank, x, q, build_s, jit_s, forwards = worker.round(
+                    source, rank, x, q, build_s, jit_s, glue_s, forwards = worker.round(
                         outcome, last, live, choice, fan_hit, fan_miss)
                     x, q = x.to(dev), pad_vocab(q.to(dev), Vt)  # (B, K), (B, K, Vt)
                     stats["draft_wait_s"] += time.perf_counter() - tick
@@ -661,11 +675,12 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
                         est.rank_counts[min(rk, 64)] += 1
                     if outcome.min() >= 0:
                         est.time("build", build_s)
+                        est.time("step", glue_s)
                     if jit_s > 0:
                         est.time("jit", jit_s)
                 except DraftLost as e:
                     lose(f"stopped answering ({e})")
-                    source = torch.full((B,), NEED_FAST)
+                    source, answered = torch.full((B,), NEED_FAST), False
             if not worker.alive:
                 x = torch.zeros(B, K, dtype=torch.long, device=dev)
                 q = torch.zeros(B, K, Vt, device=dev)
@@ -715,7 +730,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
                 stats["accept_counts"][n] += 1
                 stats["rows_verified"] += 1
                 accepted += n
-                if outcome[b] >= 0:  # the first round had no cache to hit
+                if answered and outcome[b] >= 0:  # the first round had no cache to hit
                     stats["lookups_by_k"][int(outcome[b])] += 1
                     stats["hits_by_k"][int(outcome[b])] += bool(hit[b])
                     est.hits[0] += bool(hit[b])
@@ -783,10 +798,12 @@ def main():
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the draft")
     ap.add_argument("--prompt", required=True)
     args = ap.parse_args()
+    cores = os.cpu_count() or 2  # on a CPU, each process gets its own cores: half and half
+    draft_threads = args.draft_threads or max(1, cores // 2)
     target = kernels.load_model(args.model, args.target_device or args.device, args.dtype,
-                                args.threads)
+                                args.threads or max(1, cores - draft_threads))
     ids = kernels.encode_prompt(target, args.prompt)
-    with DraftWorker(args.draft, target, device=args.draft_device, threads=args.draft_threads,
+    with DraftWorker(args.draft, target, device=args.draft_device, threads=draft_threads,
                      timeout_s=args.timeout) as worker:
         tokens, stats = generate(target, ids, args.max_new_tokens, draft=worker, k=args.k,
                                  f=args.f, fan_out=args.fan_out, saguaro_c=args.saguaro_c,
