@@ -42,6 +42,7 @@ import threading
 import time
 import traceback
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ import torch.multiprocessing as mp
 
 import kernels
 import ssd
-from speculative import emit, one_hot, pad_vocab, verify
+from speculative import check_draft, emit, one_hot, pad_vocab, verify
 
 # ----------------------------------------------------------------------------------------------
 # The new ideas, part 1: where the cache budget goes, and how the draft samples
@@ -158,6 +159,29 @@ class Estimates:
     def p_hit(self):
         return self.hits[0] / self.hits[1]
 
+    def learn_from_draft(self, reply, live, first_round):
+        """The draft process's answer: ranks of the true bonus (for r), its latencies."""
+        for rank in reply.rank[live & (reply.rank >= 0)].tolist():
+            self.rank_counts[min(rank, 64)] += 1
+        if not first_round:  # the first round had no cache built before it
+            self.time("build", reply.build_s)
+            self.time("step", reply.glue_s)
+        if reply.jit_s > 0:
+            self.time("jit", reply.jit_s)
+
+    def learn_acceptance(self, p, q, from_draft, from_fast, shadow, q_shadow):
+        """Acceptance at position i is sum_x min(p_i(x), q_i(x)): exact in expectation, and of
+        lower variance than counting accepted tokens. The shadow proposals of the fast backup
+        share the target's context at their first position only."""
+        K = q.shape[1]
+        overlap = torch.minimum(p[:, :K], q).sum(-1).cpu()                  # (B, K)
+        for who, rows in (("draft", from_draft), ("fast", from_fast)):
+            self.acc[who][0] += float(overlap[rows].sum())
+            self.acc[who][1] += K * int(rows.sum())
+        if bool(shadow.any()):
+            self.acc["fast"][0] += float(torch.minimum(p[shadow, 0], q_shadow[shadow, 0]).sum())
+            self.acc["fast"][1] += int(shadow.sum())
+
     def sec(self, name, default=None):
         return self.secs.get(name, default)
 
@@ -248,6 +272,11 @@ class DraftWorker:
 
     def __init__(self, draft, target, *, device=None, threads=None, timeout_s=10.0,
                  load_timeout_s=300.0, _fault=None):
+        if draft is None:
+            raise ValueError("saguaro needs a draft: a drafts.py name ('default'), a model "
+                             "folder, a factory returning a kernels.Model, or a kernels.Model.")
+        if isinstance(draft, kernels.Model):
+            check_draft(target, draft, 1)  # one vocabulary, checked before a process starts
         if hasattr(draft, "propose"):
             raise ValueError("saguaro's draft process needs a neural draft (a kernels.Model, its "
                              "name, or a factory): a model-free proposer cannot fill a speculation "
@@ -284,6 +313,10 @@ class DraftWorker:
             raise RuntimeError("the draft process could not load its draft (its traceback is "
                                "printed above).")
         self.vocab_size = int(ready)
+        if self.vocab_size != target.cfg.vocab_size and target.tokenizer is None:
+            self.close()
+            raise ValueError(f"target and draft have vocabularies of {target.cfg.vocab_size} and "
+                             f"{self.vocab_size} tokens and no tokenizer to show they share ids.")
 
     @property
     def alive(self) -> bool:
@@ -311,9 +344,9 @@ class DraftWorker:
         self.B, self.K, self.V, self.greedy = len(prompts), K, vocab, temperature == 0
 
     def round(self, k, t, live, backup, fan_hit, fan_miss):
-        """Send the outcome; return (source (B,), rank (B,), y (B, K), q' (B, K, V), seconds of
-        the build that made this round's cache, of JIT drafting, of its glue forward (about one
-        draft step), and the draft forwards run)."""
+        """Send the outcome; return the answer: source (B,) (HIT, JIT or NEED_FAST), rank (B,),
+        tokens y (B, K), probs q' (B, K, V), seconds of the build that made this round's cache,
+        of JIT drafting and of the glue forward (about one draft step), draft forwards run."""
         B, K = self.B, self.K
         msg = torch.cat((torch.tensor([ROUND, BACKUPS.index(backup)]), k.cpu(), t.cpu(),
                          live.long().cpu(), torch.tensor(fan_hit + fan_miss)))
@@ -326,7 +359,9 @@ class DraftWorker:
             q = self._recv(torch.zeros(B, K, self.V, device=self.comm))
         self.rounds += 1
         build_s, jit_s, glue_s = (x / 1e6 for x in ints[-4:-1].tolist())
-        return rows[:, 0], rows[:, 1], rows[:, 2:], q, build_s, jit_s, glue_s, int(ints[-1])
+        return SimpleNamespace(source=rows[:, 0], rank=rows[:, 1], tokens=rows[:, 2:], probs=q,
+                               build_s=build_s, jit_s=jit_s, glue_s=glue_s,
+                               forwards=int(ints[-1]))
 
     def send_backup(self, tokens):
         self._send(tokens.long())
@@ -659,40 +694,33 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
             live = ~torch.tensor(done)
             choice, stats["backup_why"] = est.choose_backup(int(live.sum()))
             fan_hit, fan_miss = est.fan_outs(choice)
-            source = torch.full((B,), NEED_FAST)                            # (B,)
-            answered = worker.alive  # a cache was looked up this round (else: nothing to count)
-            if worker.alive:
-                tick = time.perf_counter()
+            x = torch.zeros(B, K, dtype=torch.long, device=dev)          # (B, K) speculation
+            q = torch.zeros(B, K, Vt, device=dev)                          # (B, K, Vt) its q
+            source = torch.full((B,), NEED_FAST)                           # (B,) its origin
+            answered, tick = worker.alive, time.perf_counter()
+            if answered:
                 try:
-                    source, rank, x, q, build_s, jit_s, glue_s, forwards = worker.round(
-                        outcome, last, live, choice, fan_hit, fan_miss)
-                    x, q = x.to(dev), pad_vocab(q.to(dev), Vt)  # (B, K), (B, K, Vt)
-                    stats["draft_wait_s"] += time.perf_counter() - tick
-                    stats["draft_calls"] += forwards
-                    stats["draft_build_s"] += build_s
-                    stats["jit_draft_s"] += jit_s
-                    for rk in rank[live & (rank >= 0)].tolist():
-                        est.rank_counts[min(rk, 64)] += 1
-                    if outcome.min() >= 0:
-                        est.time("build", build_s)
-                        est.time("step", glue_s)
-                    if jit_s > 0:
-                        est.time("jit", jit_s)
+                    reply = worker.round(outcome, last, live, choice, fan_hit, fan_miss)
+                    source, x = reply.source, reply.tokens.to(dev)
+                    q = pad_vocab(reply.probs.to(dev), Vt)
                 except DraftLost as e:
                     lose(f"stopped answering ({e})")
-                    source, answered = torch.full((B,), NEED_FAST), False
-            if not worker.alive:
-                x = torch.zeros(B, K, dtype=torch.long, device=dev)
-                q = torch.zeros(B, K, Vt, device=dev)
+                    answered = False
+            if answered:
+                stats["draft_wait_s"] += time.perf_counter() - tick
+                stats["draft_calls"] += reply.forwards
+                stats["draft_build_s"] += reply.build_s
+                stats["jit_draft_s"] += reply.jit_s
+                est.learn_from_draft(reply, live, first_round=bool(outcome.min() < 0))
             # the fast backup runs for the rows that need it, and in auto mode on a few more
             # rows as a shadow that measures its acceptance and latency for the rule
             need_fast = live & (source == NEED_FAST)
             shadow = live & ~need_fast & (live.cumsum(0) <= 4) & (backup == "auto")
             ask = torch.nonzero(need_fast | shadow)[:, 0].tolist()
+            q_fast = torch.zeros(B, K, Vt, device=dev)
             if ask:
                 tick = time.perf_counter()
                 x_fast = torch.zeros(B, K, dtype=torch.long, device=dev)
-                q_fast = torch.zeros(B, K, Vt, device=dev)
                 x_ask, q_ask = fast.propose([rows[b] for b in ask], K, temperature, gen)
                 x_fast[ask], q_fast[ask] = x_ask.to(dev), pad_vocab(q_ask.to(dev).float(), Vt)
                 est.time("fast", time.perf_counter() - tick)
@@ -739,15 +767,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
                 done[b] = emit(rows[b], x[b, :n].tolist() + [int(bonus[b])], room, eos_ids)
             cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
 
-            # 2d) NEW: learn a, the fast backup's a, r (above) and p_hit (above) for the rules.
-            # Acceptance at position i is sum_x min(p_i(x), q_i(x)): exact, and low-variance.
-            overlap = torch.minimum(p[:, :K], q).sum(-1).cpu()                    # (B, K)
-            for who, mask in (("draft", live & ~need_fast), ("fast", need_fast)):
-                est.acc[who][0] += float(overlap[mask].sum())
-                est.acc[who][1] += K * int(mask.sum())
-            if bool(shadow.any()):  # the shadow proposals: only x_1 shares the target's context
-                est.acc["fast"][0] += float(torch.minimum(p[shadow, 0], q_fast[shadow, 0]).sum())
-                est.acc["fast"][1] += int(shadow.sum())
+            # 2d) NEW: learn the acceptance of the draft and of the fast backup for the rules
+            est.learn_acceptance(p, q, live & ~need_fast, need_fast, shadow, q_fast)
             outcome = n_accepted.cpu()
         if worker.alive:
             try:

@@ -483,3 +483,10 @@ def test_bad_arguments_are_refused_with_clear_errors():
     ngram = type("Proposer", (), {"vocab_size": 64, "propose": lambda self, *a: None})()
     with pytest.raises(ValueError, match="neural draft"):
         saguaro.DraftWorker(ngram, target)
+    with pytest.raises(ValueError, match="needs a draft"):
+        saguaro.generate(target, [1, 2], 4)
+    with pytest.raises(ValueError, match="vocabularies of 64 and 80"):
+        saguaro.DraftWorker(tiny_model(1, vocab_size=80), target)
+    with pytest.raises(ValueError, match="vocabularies of 64 and 80"):  # found in the process
+        saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=80), target, threads=1)
+    assert not saguaro.dist.is_initialized()
