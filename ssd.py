@@ -176,14 +176,15 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     draft.prefill(prompts, draft_cache)
     for b in range(B):
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
+    stats["cold_starts"] = done.count(False)  # their first speculation has no cache to come from
     kernels.sync(dev)
     stats["prefill_s"] = time.perf_counter() - t0
 
     # 2) decode: per round, the target verifies a speculation while the draft prepares the next
     t0 = time.perf_counter()
     accepted, tau_sums = 0, {True: [0, 0], False: [0, 0]}   # from cache? -> [tokens, row-rounds]
-    spec_tokens = torch.zeros(B, K, dtype=torch.long, device=dev)         # (B, K) x per row
-    spec_probs = torch.zeros(B, K, Vc, device=dev)                        # (B, K, Vc) their q
+    draft_tokens = torch.zeros(B, K, dtype=torch.long, device=dev)         # (B, K) x per row
+    draft_probs = torch.zeros(B, K, Vc, device=dev)                        # (B, K, Vc) their q
     cached = torch.zeros(B, dtype=torch.bool, device=dev)  # row's speculation came from S
     while not all(done):
         # 2a) the speculation x_1..x_K with q_1..q_K. Invariant: both caches hold KV for a
@@ -198,7 +199,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         if bool(jit.any()):
             y, q = draft_branches(draft, draft_cache, draft_cache.lengths[:, None].long(),
                                   last[:, None], K, temperature, top_k, top_p, gen, vocab=Vc)
-            spec_tokens[jit], spec_probs[jit] = y[jit, 0], q[jit, 0]      # (B, 1, K) -> (K,)
+            draft_tokens[jit], draft_probs[jit] = y[jit, 0], q[jit, 0]      # (B, 1, K) -> (K,)
             stats["draft_calls"] += K
         kernels.sync(dev)
         jit_s, tick = time.perf_counter() - tick, time.perf_counter()
@@ -206,7 +207,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # 2b) NEW: the draft bets on the outcomes of this verification and drafts the next
         # speculation for each: glue forward over [t0, x], outcome prediction, tree of
         # branches -> S. On two devices this runs while the target verifies (2c).
-        S = build_speculation_cache(draft, draft_cache, last, spec_tokens, fanout, temperature,
+        S = build_speculation_cache(draft, draft_cache, last, draft_tokens, fanout, temperature,
                                     top_k, top_p, gen, vocab=Vc)
         stats["draft_calls"] += K + 1
         kernels.sync(dev)
@@ -214,11 +215,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 
         # 2c) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
         # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in
-        tokens_in = torch.cat((last[:, None], spec_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
+        tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
         p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
-        V = max(Vt, Vc)
-        n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(spec_probs, V), spec_tokens, gen)
+        V = max(Vt, draft_probs.shape[-1])
+        n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(draft_probs, V), draft_tokens, gen)
         stats["target_calls"] += 1
         kernels.sync(dev)
         verify_s = time.perf_counter() - tick
@@ -231,7 +232,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # max_new_tokens), then rolls both caches back to keep KV through x_k: t is fed
         # next round. The outcome (k, t) is looked up in S: a hit is next round's speculation.
         hit, next_tokens, next_probs = S.lookup(n_accepted, bonus)
-        n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), spec_tokens.tolist()
+        n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), draft_tokens.tolist()
+        from_cache, in_cache = cached.tolist(), hit.tolist()
         for b in range(B):
             if done[b]:
                 continue
@@ -241,16 +243,15 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             accepted += n
             room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
             done[b] = emit(rows[b], x[b][:n] + [bonus[b]], room, eos_ids)
-            tau_sums[bool(cached[b])][0] += len(rows[b]) - before
-            tau_sums[bool(cached[b])][1] += 1
-            stats["cold_starts"] += stats["target_calls"] == 1
+            tau_sums[from_cache[b]][0] += len(rows[b]) - before
+            tau_sums[from_cache[b]][1] += 1
             if not done[b]:  # a finished row needs no next speculation: no lookup counted
                 stats["lookups_by_k"][n] += 1
-                stats["hits_by_k"][n] += bool(hit[b])
+                stats["hits_by_k"][n] += in_cache[b]
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
         draft_cache.lengths.copy_(cache.lengths)  # the glue wrote x_1..x_K: keep through x_k
         cached = hit & ~torch.tensor(done, device=dev)
-        spec_tokens[cached], spec_probs[cached] = next_tokens[cached], next_probs[cached]
+        draft_tokens[cached], draft_probs[cached] = next_tokens[cached], next_probs[cached]
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0
     if stats["rows_verified"]:

@@ -100,7 +100,8 @@ def perturbed(model, seed, noise):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for (_, p), (_, ref) in zip(draft.named_parameters(), model.named_parameters()):
-            p.copy_(ref + noise * torch.randn(ref.shape, generator=g) * (ref.std() if ref.numel() > 1 else 0))
+            spread = ref.std() if ref.numel() > 1 else 0.0
+            p.copy_(ref + noise * spread * torch.randn(ref.shape, generator=g))
     return draft
 
 
@@ -116,6 +117,9 @@ def test_greedy_equals_autoregressive_on_tiny_models(k, f):
         assert stats["new_tokens"] == 60 and stats["cold_starts"] == 3
         assert stats["cache_hits"] + stats["cache_misses"] == sum(stats["lookups_by_k"]) > 0
         hit_rates.append(stats["hit_rate"])
+        if draft is target:  # JIT drafting only for the cold start: K + the glue and K tree steps
+            assert stats["draft_calls"] == k + stats["target_calls"] * (k + 1)
+            assert stats["tau_on_hit"] > 1 and stats["modelled_two_device_decode_s"] > 0
     # self-draft: the bonus is the draft's own top guess, always in S; a random draft misses
     assert hit_rates[0] == 1.0 and 0 < hit_rates[1] < 1 and hit_rates[2] < 0.5, hit_rates
 
@@ -162,6 +166,14 @@ def test_each_row_stops_at_eos_and_at_max_new_tokens_like_autoregressive():
     finally:
         target.cfg.eos_token_ids = ()
     assert len(ref[0]) == free[0].index(stop) + 1 <= 5
+
+
+def test_same_seed_same_tokens_at_temperature_above_0():
+    target = tiny_model(seed=5, vocab_size=32)
+    draft = perturbed(target, 2, 0.3)
+    runs = [ssd.generate(target, [[1, 2], [3]], 20, draft=draft, k=3, f=2, temperature=1.0,
+                         seed=s)[0] for s in (4, 4, 5)]
+    assert runs[0] == runs[1] != runs[2]
 
 
 def test_not_a_neural_draft_or_bad_k_is_refused_with_a_clear_error():
