@@ -268,7 +268,8 @@ class DraftWorker:
             tokens, stats = saguaro.generate(target, ids, 64, draft=worker)
     `draft`: a name for drafts.load_draft (loaded in the worker beside the target's weights),
     a picklable factory returning a kernels.Model, or a kernels.Model (pickled across).
-    `threads`: CPU threads of the draft process (on 2 cores: 1, the target keeps the other)."""
+    `threads`: CPU threads of the draft process; default on a CPU: half the cores (give the
+    target the other half with generate(target_threads=...): each process its own cores)."""
 
     def __init__(self, draft, target, *, device=None, threads=None, timeout_s=10.0,
                  load_timeout_s=300.0, _fault=None):
@@ -293,10 +294,19 @@ class DraftWorker:
         self.comm = tdev if self.backend == "nccl" else torch.device("cpu")
         self.timeout_s, self.rounds, self.process, self.in_session = timeout_s, 0, None, False
         target_ref = (getattr(target, "path", None), str(target.dtype).split(".")[-1])
+        # on a CPU each process gets its own cores, pinned: left free, the two processes (which
+        # wake each other every round) get placed on one core by the scheduler, half speed each
+        cpus = sorted(os.sched_getaffinity(0))
+        if threads is None and ddev.type == "cpu":
+            threads = max(1, len(cpus) // 2)
+        draft_cpus, self.target_cpus = None, None
+        if ddev.type == "cpu" and tdev.type == "cpu" and threads < len(cpus):
+            draft_cpus, self.target_cpus = cpus[-threads:], cpus[:-threads]
         port = _free_port()
         self.process = mp.get_context("spawn").Process(
             target=_worker_main, daemon=True, name="saguaro-draft",
-            args=(draft, target_ref, str(ddev), threads, self.backend, port, os.getpid(), _fault))
+            args=(draft, target_ref, str(ddev), threads, draft_cpus, self.backend, port,
+                  os.getpid(), _fault))
         self.process.start()
         _LIVE.add(self)
         try:
@@ -432,10 +442,12 @@ def _load_draft(spec, target_ref, device):
     return model.to(device)
 
 
-def _worker_main(spec, target_ref, device, threads, backend, port, parent_pid, fault):
+def _worker_main(spec, target_ref, device, threads, cpus, backend, port, parent_pid, fault):
     """The draft process: load the draft, then serve generations until SHUTDOWN."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the target: it closes us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
     kernels.set_threads(threads)
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -634,13 +646,15 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
     if budget >= Vt:
         raise ValueError(f"the cache budget (K+1) f = {budget} must stay below the vocabulary "
                          f"({Vt} tokens): lower f.")
-    threads_before = torch.get_num_threads()
+    threads_before, cpus_before = torch.get_num_threads(), os.sched_getaffinity(0)
     kernels.set_threads(target_threads)
     own = not isinstance(draft, DraftWorker)
     worker = DraftWorker(draft, target, device=draft_device, threads=draft_threads,
                          timeout_s=timeout_s) if own else draft
     clean = False
     try:
+        if worker.target_cpus:  # this thread on the target's cores (the draft has the others)
+            os.sched_setaffinity(0, worker.target_cpus)
         fast = fast_backup or _fast_backup(target, prompts)
         gen = kernels.make_generator(seed, dev)
         eos_ids = set(target.cfg.eos_token_ids) if eos else set()
@@ -802,6 +816,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         if own or not clean:  # a worker left mid-generation is out of step: stop it
             worker.close()
         torch.set_num_threads(threads_before)
+        os.sched_setaffinity(0, cpus_before)
 
 
 def main():
