@@ -100,12 +100,14 @@ def test_truncated_head_gives_minus_inf_outside_its_tokens():
     assert torch.equal(out[:, ids], lin(x))
     outside = torch.ones(12, dtype=torch.bool)
     outside[ids] = False
-    assert bool(torch.isneginf(out[:, outside]).all()) and bool(out.softmax(-1)[:, outside].eq(0).all())
+    assert bool(torch.isneginf(out[:, outside]).all())
+    assert bool(out.softmax(-1)[:, outside].eq(0).all())
 
 
 def test_shipped_neural_draft_loads_and_keeps_q_zero_outside_its_head(default_model,
                                                                     default_prompts):
-    draft = drafts.load_draft("default", default_model)
+    assert drafts.load_draft("default", default_model).name == drafts.DEFAULT_DRAFT
+    draft = drafts.load_draft("int4-h8k", default_model)
     assert isinstance(draft, kernels.Model) and isinstance(draft.head, drafts.TruncatedHead)
     prompt = default_prompts[0]
     with torch.inference_mode():
@@ -132,3 +134,15 @@ def test_ngram_drafter_reproduces_autoregressive_at_temperature_zero():
     out, stats = speculative.generate(target, prompt, 24, draft=d, k=3, eos=False)
     assert out == ref
     assert stats["acceptance_rate"] > 0  # the tables did propose accepted tokens
+
+
+def test_fingerprint_recognizes_the_target_in_bf16_and_rejects_a_changed_weight(default_model):
+    fp = drafts.fingerprint(default_model)
+    assert drafts.fingerprint(kernels.load_model("default", "cpu", "bfloat16")) == fp
+    w = default_model.layers[3].w2.weight
+    old = w[0, 0].item()
+    w[0, 0] += 1.0  # index 0 is in the strided sample
+    try:
+        assert drafts.fingerprint(default_model) != fp
+    finally:
+        w[0, 0] = old
