@@ -8,7 +8,9 @@ costs no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
    on CPU, NCCL between two GPUs). Each round the target sends the outcome (k, t) per row; the
    draft answers at once from its speculation cache (hit: K tokens and the q rows to verify them)
    or with a backup, then builds the next cache WHILE the target verifies. Each process keeps
-   its own model and KV cache: only tokens and q rows cross, never KV.
+   its own model and KV cache: only tokens and q rows cross, never KV. On a CPU each process
+   is pinned to its own cores: it only pays if the build (one glue forward + K tree steps)
+   fits in one verify, so on a small CPU keep K small (K = 1 or 2, f = 1).
 2. Geometric fan-out (Thm. 12). With acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
    F_k ~ P(k)^(1/(1+r)): F_k = F_0 a^(k/(1+r)) for k < K, F_K = F_0 a^(K/(1+r)) (1-a)^(-1/(1+r)).
@@ -30,6 +32,7 @@ F_k fan-out, B budget per row, C Saguaro factor, r miss-curve exponent, a accept
 
     python saguaro.py --prompt "Write a haiku about cacti." --draft default --k 4 --f 3 \\
         --fan-out geometric --saguaro-c 1.0 --backup auto --target-device cpu --draft-device cpu
+    python saguaro.py --prompt "Write a haiku about cacti." --k 1 --f 1   # a 2-core CPU
 """
 import argparse
 import atexit
