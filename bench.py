@@ -173,6 +173,9 @@ def summarize(results, args):
             row["acceptance_rate"] = statistics.fmean(r["acceptance_rate"] for r in runs)
         if runs[0]["accept_counts"]:
             row["accept_counts"] = [sum(c) for c in zip(*(r["accept_counts"] for r in runs))]
+        if "hits_by_k" in runs[0]:  # ssd, saguaro: the cache hit rate per accepted count k
+            row["hits_by_k"] = [sum(h) for h in zip(*(r["hits_by_k"] for r in runs))]
+            row["lookups_by_k"] = [sum(n) for n in zip(*(r["lookups_by_k"] for r in runs))]
         hits = sum(r["cache_hits"] for r in runs)
         misses = sum(r["cache_misses"] for r in runs)
         if hits + misses:
@@ -240,6 +243,11 @@ def print_table(table, cond, acc=None):
     for name, row in table.items():
         t.add_row(name, *(fmt(row.get(key)) for _, key in cols[1:]))
     console.print(t)
+    for name, row in table.items():
+        if "hits_by_k" in row:
+            console.print(f"{name} cache hits / lookups by k = 0..{len(row['hits_by_k']) - 1}: "
+                          + "  ".join(f"{h}/{n}" for h, n in zip(row["hits_by_k"],
+                                                                 row["lookups_by_k"])))
     for label, a in (acc or {}).items():
         fmt_x = lambda v: "-" if v is None else f"{v:.2f}x"
         console.print(f"saguaro, {label.replace('_', ' ')} accounting (ar/sd on "
