@@ -650,10 +650,11 @@ def exact_kernel_check(target, context, log=print) -> dict:
     return out
 
 
-def measure_sd(target, prompts, n_code, args, log=print) -> dict:
+def measure_sd(target, prompts, n_code, args, log=print, reps=2) -> dict:
     """speculative.generate with drafts vs autoregressive.generate: batch 1, temperature 0, a few
-    held-out prompts, the methods taking turns on each prompt so that noise from shared cores
-    hits all of them; checks that every method returns AR's tokens (it must)."""
+    held-out prompts. The methods take turns on each prompt, `reps` times, and the fastest
+    run of each counts: other processes on shared cores only ever slow a run down. Checks that
+    every method returns AR's tokens (it must)."""
     import autoregressive
     import speculative
     pick = prompts[:3] + prompts[n_code: n_code + 3]
@@ -661,17 +662,21 @@ def measure_sd(target, prompts, n_code, args, log=print) -> dict:
     autoregressive.generate(target, pick[0], 8)  # warm-up
     secs, decoded, taus, match = {n: 0.0 for n in methods}, {n: 0 for n in methods}, {}, {}
     for p in pick:
-        ref = None
-        for n, draft in methods.items():
-            if draft is None:
-                t, st = autoregressive.generate(target, p, args.max_new_tokens)
-                ref = t
-            else:
-                t, st = speculative.generate(target, p, args.max_new_tokens, draft=draft, k=args.k)
-                taus.setdefault(n, []).append(st["tau"])
-            secs[n] += st["decode_s"]
-            decoded[n] += len(t[0]) - 1
-            match[n] = match.get(n, True) and t == ref
+        ref, best = None, {n: float("inf") for n in methods}
+        for _ in range(reps):
+            for n, draft in methods.items():
+                if draft is None:
+                    t, st = autoregressive.generate(target, p, args.max_new_tokens)
+                    ref = t
+                else:
+                    t, st = speculative.generate(target, p, args.max_new_tokens, draft=draft,
+                                                 k=args.k)
+                    taus[n] = taus.get(n, []) + [st["tau"]]
+                best[n] = min(best[n], st["decode_s"])
+                match[n] = match.get(n, True) and t == ref
+        for n in methods:
+            secs[n] += best[n]
+            decoded[n] += len(ref[0]) - 1
     out = {}
     for n in methods:
         out[n] = {"tokens_per_s": round(decoded[n] / secs[n], 2), "match_ar": match[n],
