@@ -35,7 +35,9 @@ work, so timings are noisy):
     int4-h8k         0.42  0.90              0.89         1.52   1.08x
     ngram            0.002 0.48 (code 0.59)  0.43         1.86   0.89x
 The gap between S_4 and the measurement: verifying K+1 = 5 tokens costs r ~ 1.7-1.9 float32
-decode steps here, not 1 (small-M float32 GEMM), and S_K assumes 1. `eval` prints every candidate.
+decode steps here, not 1 (small-M float32 GEMM), and S_K assumes 1. Up to 3 tokens cost ~1 step,
+so small K pays on this CPU: at K = 2, int4 1.29x and ngram 1.22x (`python drafts.py sd --k 2`).
+`eval` prints every candidate.
 
 Notation as in the README: p = target distribution, q = draft distribution, K = draft tokens per
 round, c = draft/target cost per token, a = acceptance; with i.i.d. acceptance SD's speedup is
