@@ -300,6 +300,43 @@ class Model(nn.Module):
         return self.head(last).float()
 
 
+class PackedLinear(nn.Module):
+    """A float32 CPU linear whose weight MKL has pre-packed for a small number of rows M (the
+    2..8 tokens of a verify or draft step), packed on first use. Same float32 math as
+    F.linear (differences ~1e-6), but a 5-token verify costs ~25% less: MKL's unpacked small-M
+    GEMM re-packs the weight on every call. M = 1 (decode) and long prefills stay on F.linear, so
+    autoregressive.py is unchanged; every loop shares this kernel, the baseline included."""
+
+    SIZES = range(2, 9)
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.packed = {}  # M -> packed weight
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        M = flat.shape[0]
+        if M not in self.SIZES:
+            return F.linear(x, self.weight, self.bias)
+        if M not in self.packed:
+            self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, M)
+        y = torch.ops.mkl._mkl_linear(flat, self.packed[M], self.weight, self.bias, M)
+        return y.view(*x.shape[:-1], -1)
+
+
+def pack_linears(model: "Model") -> "Model":
+    """Swap every linear of a CPU float32 model for a PackedLinear (no-op where MKL is absent)."""
+    if (model.device.type != "cpu" or model.dtype != torch.float32
+            or not torch.backends.mkl.is_available()):
+        return model
+    for block in model.layers:
+        for name in ("wqkv", "wo", "w13", "w2"):
+            setattr(block, name, PackedLinear(getattr(block, name)))
+    model.head = PackedLinear(model.head)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # 4) the static KV cache
 
@@ -491,7 +528,7 @@ def load_model(name: str = "default", device: str = "auto", dtype: str = "float3
     state = {}
     for f in files:
         state.update(load_file(f))
-    model = model_from_hf_state(cfg, state).to(device=dev, dtype=dt).eval()
+    model = pack_linears(model_from_hf_state(cfg, state).to(device=dev, dtype=dt).eval())
     model.inv_freq = model.inv_freq.float()
     model.requires_grad_(False)
     from transformers import AutoTokenizer

@@ -197,3 +197,18 @@ def test_flash_attention_equals_sdpa():
     finally:
         kernels.ATTENTION = "flash"
     torch.testing.assert_close(flash, sdpa, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL")
+def test_packed_linear_equals_plain_linear_for_every_row_count():
+    lin = torch.nn.Linear(48, 80)
+    packed = kernels.PackedLinear(lin)
+    for M in range(1, 11):  # 2..8 take the packed path, the others F.linear
+        x = torch.randn(1, M, 48)
+        torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert sorted(packed.packed) == list(range(2, 9))
+
+
+def test_default_model_is_packed_on_cpu_float32(default_model):
+    assert isinstance(default_model.layers[0].wqkv, kernels.PackedLinear)
+    assert default_model.head.weight is default_model.embed.weight  # still tied
