@@ -217,7 +217,7 @@ def conditions(args, target, draft, prompts):
     cpu = platform.processor() or platform.machine()
     if kernels.resolve_device(args.device).type == "cuda":
         cpu = torch.cuda.get_device_name()
-    return {"hardware": cpu, "device": str(target.device), "threads": torch.get_num_threads(),
+    return {"hardware": cpu, "device": str(target.device), "threads": args.threads,
             "attention": kernels.ATTENTION, "model": target.name,
             "draft": args.draft if "sd" in args.methods or "ssd" in args.methods else None,
             "dtype": args.dtype, "batch": args.batch_size, "prompts": len(prompts),
