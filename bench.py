@@ -215,6 +215,9 @@ def accountings(results, args):
 def conditions(args, target, draft, prompts):
     lens = [len(ids) for _, ids in prompts]
     cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        cpu = f"{names[0]} x {len(names)}" if names else cpu
     if kernels.resolve_device(args.device).type == "cuda":
         cpu = torch.cuda.get_device_name()
     return {"hardware": cpu, "device": str(target.device), "threads": args.threads,
