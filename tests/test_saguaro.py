@@ -267,6 +267,16 @@ def test_greedy_output_equals_autoregressive_in_two_processes(tiny_pair, config)
     assert sum(stats["backup_used"].values()) >= len(RAGGED)  # the cold start, at least
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
+def test_each_process_gets_its_own_cores_and_the_caller_gets_its_own_back(tiny_pair):
+    target, worker = tiny_pair
+    before = os.sched_getaffinity(0)
+    draft_cpus = os.sched_getaffinity(worker.process.pid)
+    assert draft_cpus and not draft_cpus & set(worker.target_cpus)
+    saguaro.generate(target, RAGGED, 5, draft=worker, k=2, f=1)
+    assert os.sched_getaffinity(0) == before
+
+
 def test_eos_and_max_new_tokens_end_rows_like_autoregressive(tiny_pair):
     target, worker = tiny_pair
     ref, _ = autoregressive.generate(target, RAGGED, 30)
