@@ -118,7 +118,8 @@ def build_rows(args, target, draft):
             spec = target.path if args.draft == "self" else args.draft
             worker = saguaro.DraftWorker(spec, target, threads=max(1, args.threads - half))
             args.cleanup.append(worker.close)
-            rows["saguaro"] = ours(saguaro, target, args, half, draft=worker, k=args.k, f=args.f,
+            rows["saguaro"] = ours(saguaro, target, args, half, draft=worker,
+                                   k=args.saguaro_k or args.k, f=args.f,
                                    fan_out=args.fan_out, saguaro_c=args.saguaro_c,
                                    backup=args.backup, target_threads=half)
             if args.accounting and half != args.threads:
@@ -226,7 +227,7 @@ def conditions(args, target, draft, prompts):
             "dtype": args.dtype, "batch": args.batch_size, "prompts": len(prompts),
             "dataset": args.dataset, "prompt_tokens_median": statistics.median(lens),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "k": args.k, "f": args.f, "torch": torch.__version__}
+            "k": args.k, "saguaro_k": args.saguaro_k or args.k, "f": args.f, "torch": torch.__version__}
 
 
 def print_table(table, cond, acc=None):
@@ -334,6 +335,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
+    ap.add_argument("--saguaro-k", type=int, default=None,
+                    help="K for the saguaro row (default --k): the draft process must build its "
+                         "cache within one verify, which on a small CPU wants a smaller K")
     ap.add_argument("--backup", default="auto", choices=["auto", "jit", "fast"])
     ap.add_argument("--no-accounting", dest="accounting", action="store_false",
                     help="skip the ar/sd rows on the target's cores that saguaro adds")
