@@ -327,7 +327,7 @@ def main(argv=None):
                     help="'self' (the target), a drafts.py name (default, ngram), or a model")
     ap.add_argument("--k", type=int, default=4, help="speculation length K")
     ap.add_argument("--f", type=int, default=3, help="SSD fan-out per outcome position")
-    ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,ssd",
+    ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,ssd,saguaro",
                     help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--dataset", default="alpaca",
                     help="humaneval | alpaca | gsm8k | ultrafeedback | all")
