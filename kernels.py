@@ -636,6 +636,11 @@ def finish_stats(stats: dict, tokens: list) -> dict:
     stats["new_tokens"] = sum(len(t) for t in tokens)
     decoded = stats["new_tokens"] - len(tokens)  # the first token of each row came from prefill
     stats["decode_tokens_per_s"] = decoded / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
+    if "lookups_by_k" in stats:  # ssd, saguaro: speculation-cache lookups per accepted count k
+        stats["cache_hits"] = sum(stats["hits_by_k"])
+        stats["cache_misses"] = sum(stats["lookups_by_k"]) - stats["cache_hits"]
+        if sum(stats["lookups_by_k"]):
+            stats["hit_rate"] = stats["cache_hits"] / sum(stats["lookups_by_k"])
     if stats["rows_verified"]:  # target forwards x live rows: tau counts per sequence
         stats["tau"] = decoded / stats["rows_verified"]
     return stats

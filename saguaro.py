@@ -796,10 +796,6 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         stats["decode_s"] = time.perf_counter() - t0
         if stats["rows_verified"]:
             stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
-        stats["cache_hits"] = sum(stats["hits_by_k"])
-        stats["cache_misses"] = sum(stats["lookups_by_k"]) - stats["cache_hits"]
-        if sum(stats["lookups_by_k"]):
-            stats["hit_rate"] = stats["cache_hits"] / sum(stats["lookups_by_k"])
         choice, _ = est.choose_backup(B)
         stats.update(a=est.a("draft"), a_fast=est.a("fast"), r=est.r(), p_hit=est.p_hit(),
                      b_star=est.b_star(),

@@ -256,10 +256,6 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     stats["decode_s"] = time.perf_counter() - t0
     if stats["rows_verified"]:
         stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
-    stats["cache_hits"] = sum(stats["hits_by_k"])
-    stats["cache_misses"] = sum(stats["lookups_by_k"]) - stats["cache_hits"]
-    if sum(stats["lookups_by_k"]):
-        stats["hit_rate"] = stats["cache_hits"] / sum(stats["lookups_by_k"])
     stats["tau_on_hit"], stats["tau_on_miss"] = (s[0] / s[1] if s[1] else None
                                                  for s in (tau_sums[True], tau_sums[False]))
     stats["draft_calls_per_round"] = stats["draft_calls"] / max(stats["target_calls"], 1)
