@@ -165,9 +165,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, D); cos, sin (B, T, 1, D). The half-rotation layout of HF Llama checkpoints."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (B, T, H, D); cos, sin (B, T, 1, D), sin's first half negated. HF Llama checkpoints
+    rotate halves: x*cos + [-x2, x1]*sin, which is x*cos + roll(x, D/2)*[-sin, sin] (3 ops)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Block(nn.Module):
@@ -263,10 +263,12 @@ class Model(nn.Module):
         if not (plain and ATTENTION == "flash"):
             if mask is None:
                 mask = torch.arange(S, device=tokens.device) <= slots[:, :, None]  # causal
-            attn = (slots, mask[:, None, :, :S], S)  # (B, 1, T, S): broadcast over heads
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)  # (B, T, 1, D)
+            # an additive float mask, made once here: SDPA would convert a bool one per layer
+            bias = torch.zeros(mask[:, None, :, :S].shape, dtype=self.dtype, device=tokens.device)
+            attn = (slots, bias.masked_fill_(~mask[:, None, :, :S], float("-inf")), S)  # (B,1,T,S)
+        angles = (positions[..., None].float() * self.inv_freq)[:, :, None, :]  # (B, T, 1, D/2)
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.dtype)   # (B, T, 1, D)
+        sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(self.dtype)
         x = self.embed(tokens)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, cache, cos, sin, attn)
@@ -356,7 +358,7 @@ class KVCache:
 
     def attend(self, layer, q, k, v, slots, mask, S):
         """SDPA path. q (B, T, H, D); new k, v (B, T, Hk, D) are written at `slots` (B, T);
-        mask (B, 1, T, S) says which of the first S slots each query sees."""
+        mask (B, 1, T, S): 0 where a query sees one of the first S slots, -inf where not."""
         rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
         self.k[layer][rows, slots] = k
         self.v[layer][rows, slots] = v
