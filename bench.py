@@ -76,13 +76,8 @@ def load_hf(path, device, dtype):
 
 def load_draft(name, target, args):
     """--draft: 'self' (the target drafts for itself), a name drafts.py knows, or a model."""
-    if name == "self":
-        return target
-    try:
-        import drafts
-    except ImportError:
-        return kernels.load_model(name, args.device, args.dtype)
-    return drafts.load_draft(name, target)
+    import speculative
+    return target if name == "self" else speculative.load_draft(name, target, args)
 
 
 def build_rows(args, target, draft):
