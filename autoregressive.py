@@ -38,8 +38,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
     # 1) prefill: the whole prompt in one forward; its last position gives the first token
     t0 = time.perf_counter()
     cache = target.new_cache(B, max_len)
-    p = kernels.probs_from_logits(target.prefill(prompts, cache), temperature, top_k, top_p)
-    token = kernels.sample(p, gen)                                        # (B,)
+    token = kernels.next_token(target.prefill(prompts, cache), temperature, top_k, top_p, gen)
     kernels.sync(dev)
     stats["prefill_s"] = time.perf_counter() - t0
 
@@ -54,8 +53,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
         stats["target_calls"] += 1
         stats["rows_verified"] += int((~done).sum())
         logits = target(token[:, None], cache)                            # (B, 1, V)
-        p = kernels.probs_from_logits(logits[:, -1], temperature, top_k, top_p)
-        token = kernels.sample(p, gen)
+        token = kernels.next_token(logits[:, -1], temperature, top_k, top_p, gen)  # (B,)
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0
 

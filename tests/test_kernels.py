@@ -1,4 +1,6 @@
 """kernels.py: our forward equals transformers', the cache and masks behave, inputs are checked."""
+import collections
+import copy
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -119,6 +121,22 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     assert not torch.equal(draw(7), draw(8))
 
 
+def test_sample_follows_the_law_never_draws_a_zero_and_one_hot_gives_its_token():
+    from exact import chi_square_test
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.125, 0.0, 0.125])
+    draws = kernels.sample(probs.expand(20000, 6), kernels.make_generator(3, "cpu"))
+    counts = collections.Counter(draws.tolist())
+    assert counts[1] == 0 and counts[4] == 0                 # probability 0: never drawn
+    passed, stat, threshold = chi_square_test(counts, dict(enumerate(probs.tolist())), 1e-3)
+    assert passed, (stat, threshold)                         # false-failure rate 1e-3
+    one_hot = torch.zeros(1000, 49152)
+    one_hot[torch.arange(1000), torch.arange(1000) * 49] = 1.0
+    assert torch.equal(kernels.sample(one_hot, kernels.make_generator(0, "cpu")),
+                       torch.arange(1000) * 49)
+    logits = torch.randn(3, 49152)
+    assert torch.equal(kernels.next_token(logits, 0.0), logits.argmax(-1))
+
+
 def test_probs_from_logits_greedy_topk_topp():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     assert kernels.probs_from_logits(logits, 0.0).tolist() == [[1.0, 0.0, 0.0, 0.0]]
@@ -207,6 +225,19 @@ def test_packed_linear_equals_plain_linear_for_every_row_count():
         x = torch.randn(1, M, 48)
         torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
     assert sorted(packed.packed) == list(range(2, 9))
+
+
+def test_packed_linear_in_bfloat16_matches_plain_linear_and_survives_copies():
+    lin = torch.nn.Linear(48, 80).to(torch.bfloat16)
+    packed = kernels.PackedLinear(lin)
+    for M in (1, 3, 8, 12):  # 1..8 take oneDNN's packed bf16 path, 12 F.linear
+        x = torch.randn(1, M, 48, dtype=torch.bfloat16)
+        torch.testing.assert_close(packed(x), lin(x), atol=3e-2, rtol=2e-2)
+    twin = copy.deepcopy(packed)            # oneDNN's packed weights are opaque: re-packed
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    torch.testing.assert_close(twin(x), lin(x), atol=3e-2, rtol=2e-2)
+    as_float = copy.deepcopy(packed).float()  # .to() drops packed weights of the old dtype
+    torch.testing.assert_close(as_float(x.float()), lin.float()(x.float()), atol=1e-5, rtol=1e-5)
 
 
 def test_default_model_is_packed_on_cpu_float32(default_model):
