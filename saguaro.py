@@ -305,16 +305,32 @@ class DraftWorker:
         draft_cpus, self.target_cpus = None, None
         if ddev.type == "cpu" and tdev.type == "cpu" and threads < len(cpus):
             draft_cpus, self.target_cpus = cpus[-threads:], cpus[:-threads]
-        port = _free_port()
+        # the rendezvous store is ours: we wait for the draft process to join it while
+        # watching that process, so one that dies while starting is reported at once
+        store = dist.TCPStore("127.0.0.1", _free_port(), 2, True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=60))
         self.process = mp.get_context("spawn").Process(
             target=_worker_main, daemon=True, name="saguaro-draft",
-            args=(draft, target_ref, str(ddev), threads, draft_cpus, self.backend, port,
+            args=(draft, target_ref, str(ddev), threads, draft_cpus, self.backend, store.port,
                   os.getpid(), _fault))
         self.process.start()
         _LIVE.add(self)
         try:
-            dist.init_process_group(self.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                    world_size=2, timeout=datetime.timedelta(seconds=60),
+            deadline = time.monotonic() + load_timeout_s
+            while not store.check(["joined"]):
+                if not self.process.is_alive():
+                    raise RuntimeError(
+                        f"the draft process exited (code {self.process.exitcode}) before it "
+                        "connected; its error is printed above. Processes are spawned, so a "
+                        "script that starts saguaro must do it under "
+                        "`if __name__ == '__main__':`.")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the draft process did not connect within "
+                                       f"{load_timeout_s:.0f} s.")
+                time.sleep(0.02)
+            self.store = store
+            dist.init_process_group(self.backend, store=store, rank=0, world_size=2,
+                                    timeout=datetime.timedelta(seconds=60),
                                     device_id=tdev if self.backend == "nccl" else None)
             ready = torch.zeros(1, dtype=torch.long, device=self.comm)
             _timed(dist.irecv(ready, src=1), load_timeout_s)
@@ -448,6 +464,8 @@ def _load_draft(spec, target_ref, device):
 def _worker_main(spec, target_ref, device, threads, cpus, backend, port, parent_pid, fault):
     """The draft process: load the draft, then serve generations until SHUTDOWN."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the target: it closes us
+    if fault and fault[0] == "boot":  # tests: die before connecting
+        os._exit(3)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     if cpus:
         os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
@@ -455,8 +473,10 @@ def _worker_main(spec, target_ref, device, threads, cpus, backend, port, parent_
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=1,
-                            world_size=2, timeout=datetime.timedelta(days=7),  # idle is fine
+    store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=60))
+    store.set("joined", "1")
+    dist.init_process_group(backend, store=store, rank=1, world_size=2,
+                            timeout=datetime.timedelta(days=7),  # idle between runs is fine
                             device_id=dev if backend == "nccl" else None)
     comm = dev if backend == "nccl" else torch.device("cpu")
     try:
