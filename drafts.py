@@ -19,13 +19,13 @@ file makes drafts out of the target itself, two ways:
 
 TRAP, stated plainly. The int4/int8 drafts ARE the target's own weights, run with bf16 matmul
 inputs. The int4 kernel with float32 inputs reproduces the float32 target (max logit difference
-~2e-4) but is 4-8x SLOWER than the float32 matmul on this CPU (`eval` checks it), and bf16
-throughout is not faster than float32 here: so float32 dense is the target's fastest exact
-kernel, AR uses it, and against it these drafts are real drafts (SD with them is lossless). But
-whoever accepts bf16 matmul inputs for the target should run AR itself in the int4 kernel, about
-2x faster than float32 AR, which beats SD with any draft here: in that setting every int4/int8
-draft falls into the trap, and only the n-gram draft (and the layer-skipping drafts, which lose)
-is a draft at all.
+~2e-4) but is 4-8x SLOWER than the float32 matmul on this CPU (`eval` checks it): so float32
+dense is the target's fastest exact kernel, AR uses it, and against it these drafts are real
+drafts (SD with them is lossless). But whoever accepts bf16 matmul inputs for the target should
+run AR itself in bf16 (`--dtype bfloat16`: oneDNN-packed bf16 linears, ~1.1x float32 AR on 2
+threads, ~1.4x on 1) or in the int4 kernel (about 2x float32 AR), which beats SD with any draft
+here: in that setting every int4/int8 draft falls into the trap, and only the n-gram draft (and
+the layer-skipping drafts, which lose) is a draft at all.
 
 Measured (`python drafts.py eval --threads 2 --max-new-tokens 128 --measure-sd`, 10 HumanEval
 + 6 chat prompts never used to build anything, float32 target, K = 4; cores shared with other
@@ -200,7 +200,7 @@ class QuantLinear(nn.Module):
     """Weight-only quantized linear: the weights stream at 8 or 4 bits, the matmul reads its
     input in `compute` dtype (bf16: torch's fast CPU path; float32 works but is 5-20x slower
     here) and returns the caller's dtype. Everything around the matmuls (norms, RoPE, attention,
-    KV cache) stays float32, which this CPU runs faster than bf16."""
+    KV cache) stays in the target's dtype (float32 by default)."""
 
     def forward(self, x):                                          # x (..., K) -> (..., N)
         y = self.matmul(x.reshape(-1, x.shape[-1]).to(self.compute))
