@@ -177,6 +177,7 @@ class Block(nn.Module):
         super().__init__()
         H, Hk, D, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         self.cfg = cfg
+        self.shape, self.qk_norm = (H, Hk, D, cfg.rms_eps), cfg.qk_norm
         self.attn_norm = nn.Parameter(torch.ones(C))
         self.wqkv = nn.Linear(C, (H + 2 * Hk) * D, bias=cfg.qkv_bias)
         self.wo = nn.Linear(H * D, C, bias=False)
@@ -188,14 +189,13 @@ class Block(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, C, bias=False)       # down
 
     def forward(self, x, layer, cache, cos, sin, attn):
-        cfg = self.cfg
         B, T, _ = x.shape
-        H, Hk, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = self.wqkv(rms_norm(x, self.attn_norm, cfg.rms_eps)).view(B, T, H + 2 * Hk, D)
+        H, Hk, D, eps = self.shape  # plain ints: a decode step runs this 30+ times
+        qkv = self.wqkv(rms_norm(x, self.attn_norm, eps)).view(B, T, H + 2 * Hk, D)
         qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :]
-        if cfg.qk_norm:
-            qk = torch.cat((rms_norm(qk[:, :, :H], self.q_norm, cfg.rms_eps),
-                            rms_norm(qk[:, :, H:], self.k_norm, cfg.rms_eps)), dim=2)
+        if self.qk_norm:
+            qk = torch.cat((rms_norm(qk[:, :, :H], self.q_norm, eps),
+                            rms_norm(qk[:, :, H:], self.k_norm, eps)), dim=2)
         qk = apply_rope(qk, cos, sin)  # q and k rotated in one call: they sit side by side
         q, k = qk[:, :, :H], qk[:, :, H:]
         if attn is None:
@@ -205,7 +205,7 @@ class Block(nn.Module):
         else:
             y = cache.attend(layer, q, k, v, *attn)
         x = x + self.wo(y.reshape(B, T, H * D))
-        gate, up = self.w13(rms_norm(x, self.mlp_norm, cfg.rms_eps)).chunk(2, dim=-1)
+        gate, up = self.w13(rms_norm(x, self.mlp_norm, eps)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
 
 
@@ -322,32 +322,44 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = {}  # (dtype, M) -> packed weight; rebuilt after .to() and copies
+        self.packed = {}   # M (float32) or dtype (bf16) -> packed weight
+        self.plans = {}  # (dtype, M) -> the function that runs this linear for them
 
     def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        M, dt = flat.shape[0], x.dtype
-        if dt != self.weight.dtype or M > 8 or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
+        M = x.numel() // x.shape[-1]  # rows: tokens in the step
+        kernel = self.plans.get((x.dtype, M))
+        if kernel is None:  # first call with this dtype and M: choose (and pack) once
+            kernel = self.plans[(x.dtype, M)] = self._choose(x.dtype, x.device, M)
+        return kernel(x)
+
+    def _choose(self, dt, device, M):
+        w, b = self.weight, self.bias
+        if dt != w.dtype or M > 8 or device.type != "cpu":
+            return self._plain
         if dt == torch.bfloat16 and _ONEDNN_BF16:
-            if dt not in self.packed:
-                self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
-            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed[dt], self.bias, "none", [], "")
-        elif dt == torch.float32 and M in self.SIZES and _MKL:
-            if M not in self.packed:
-                self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, M)
-            y = torch.ops.mkl._mkl_linear(flat, self.packed[M], self.weight, self.bias, M)
-        else:
-            return F.linear(x, self.weight, self.bias)
-        return y.view(*x.shape[:-1], -1)
+            packed = self.packed.get(dt)
+            if packed is None:
+                packed = self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            return lambda x: torch.ops.mkldnn._linear_pointwise(
+                x.reshape(M, -1), packed, b, "none", [], "").view(*x.shape[:-1], -1)
+        if dt == torch.float32 and M in self.SIZES and _MKL:
+            packed = self.packed.get(M)
+            if packed is None:
+                packed = self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(w, M)
+            return lambda x: torch.ops.mkl._mkl_linear(
+                x.reshape(M, -1), packed, w, b, M).view(*x.shape[:-1], -1)
+        return self._plain
+
+    def _plain(self, x):
+        return F.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):  # .to(dtype/device): the packed weights are stale
-        self.packed = {}
+        self.packed, self.plans = {}, {}
         return super()._apply(fn, recurse)
 
     def __getstate__(self):  # deepcopy/pickle: oneDNN's packed tensors are opaque, re-pack later
         state = self.__dict__.copy()
-        state["packed"] = {}
+        state["packed"], state["plans"] = {}, {}
         return state
 
 
@@ -395,10 +407,11 @@ class KVCache:
         same sums, ~20-40% less time per call on our CPU than SDPA's enable_gqa."""
         B, T, H, D = q.shape
         Hk = k.shape[2]
-        self.k[layer][rows, slots] = k
-        self.v[layer][rows, slots] = v
-        keys = self.k[layer][:, :S].transpose(1, 2)    # (B, Hk, S, D)
-        values = self.v[layer][:, :S].transpose(1, 2)
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache[rows, slots] = k
+        v_cache[rows, slots] = v
+        keys = k_cache[:, :S].transpose(1, 2)    # (B, Hk, S, D)
+        values = v_cache[:, :S].transpose(1, 2)
         q = q.reshape(B, T, Hk, H // Hk, D).transpose(1, 2).reshape(B, Hk, T * (H // Hk), D)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, Hk, T*G, D)
         return y.view(B, Hk, T, H // Hk, D).transpose(1, 2)  # (B, T, Hk, G, D) = (B, T, H, D)
