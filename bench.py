@@ -320,9 +320,10 @@ def main(argv=None):
     ap.set_defaults(threads=None)
     ap.add_argument("--draft", default="default",
                     help="'self' (the target), a drafts.py name (default, ngram), or a model")
-    # defaults fit the built-in pair on a 2-core CPU, where a draft forward costs ~half a target
-    # verify; on GPUs with a small draft use the paper's --k 7 --f 3 --saguaro-k 7
-    ap.add_argument("--k", type=int, default=2, help="speculation length K")
+    # defaults fit the built-in pair on a 2-core CPU (sd measured best at K = 4..6; the draft
+    # process keeps up only at K = 1, as a draft forward costs ~half a target verify there); on
+    # GPUs with a small draft use the paper's --k 7 --f 3 --saguaro-k 7
+    ap.add_argument("--k", type=int, default=4, help="speculation length K")
     ap.add_argument("--f", type=int, default=1, help="SSD fan-out per outcome position")
     ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,ssd,saguaro",
                     help=f"comma list of {', '.join(METHODS)}")
