@@ -27,16 +27,14 @@ threads, ~1.4x on 1) or in the int4 kernel (about 2x float32 AR), which beats SD
 here: in that setting every int4/int8 draft falls into the trap, and only the n-gram draft (and
 the layer-skipping drafts, which lose) is a draft at all.
 
-Measured (`python drafts.py eval --threads 2 --max-new-tokens 128 --measure-sd`, 10 HumanEval
-+ 6 chat prompts never used to build anything, float32 target, K = 4; cores shared with other
-work, so timings are noisy):
+Measured (`python drafts.py eval --threads 2 --max-new-tokens 128 --measure-sd`, commit 638c9fc,
+10 HumanEval + 6 chat prompts never used to build anything, float32 target, K = 4, 2 threads):
     draft            c     greedy agreement  alpha(T=1)   S_4    SD measured (tokens/s vs AR)
-    int4 (default)   0.52  0.98              0.99         1.56   1.24x
-    int4-h8k         0.42  0.90              0.89         1.52   1.08x
-    ngram            0.002 0.48 (code 0.59)  0.43         1.86   0.89x
-The gap between S_4 and the measurement: verifying K+1 = 5 tokens costs r ~ 1.7-1.9 float32
-decode steps here, not 1 (small-M float32 GEMM), and S_K assumes 1. Up to 3 tokens cost ~1 step,
-so small K pays on this CPU: at K = 2, int4 1.29x and ngram 1.22x (`python drafts.py sd --k 2`).
+    int4 (default)   0.49  0.98              0.99         1.62   1.35x (tau 4.76)
+    int4-h8k         0.42  0.90              0.89         1.53   1.19x
+    ngram            0.002 0.48 (code 0.59)  0.43         1.86   1.08x
+The gap between S_4 and the measurement: verifying K+1 = 5 tokens costs r = 1.35 float32 decode
+steps here, not 1 (S_K assumes 1), and each round re-feeds the draft's second-to-last token.
 `eval` prints every candidate.
 
 Notation as in the README: p = target distribution, q = draft distribution, K = draft tokens per
