@@ -642,6 +642,9 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     ~1.2 ms per row over a 49152-token vocabulary on our CPU, about 20x longer.)"""
     flat = probs.reshape(-1, probs.shape[-1])
     cum = flat.double().cumsum(-1)
+    if not bool((cum[:, -1] > 0).all()):  # also catches NaN
+        raise ValueError("sample() got a row with no probability mass (all zeros or NaN): "
+                         "check the logits and the top-k/top-p settings that made it.")
     u = torch.rand(flat.shape[0], 1, dtype=torch.float64, device=flat.device, generator=generator)
     token = torch.searchsorted(cum, u * cum[:, -1:], right=True)
     return token.clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])

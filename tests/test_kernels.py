@@ -135,6 +135,9 @@ def test_sample_follows_the_law_never_draws_a_zero_and_one_hot_gives_its_token()
                        torch.arange(1000) * 49)
     logits = torch.randn(3, 49152)
     assert torch.equal(kernels.next_token(logits, 0.0), logits.argmax(-1))
+    for bad in (torch.zeros(2, 6), torch.full((2, 6), float("nan"))):
+        with pytest.raises(ValueError, match="no probability mass"):
+            kernels.sample(bad)
 
 
 def test_probs_from_logits_greedy_topk_topp():
