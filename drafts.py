@@ -23,7 +23,7 @@ inputs. The int4 kernel with float32 inputs reproduces the float32 target (max l
 dense is the target's fastest exact kernel, AR uses it, and against it these drafts are real
 drafts (SD with them is lossless). But whoever accepts bf16 matmul inputs for the target should
 run AR itself in bf16 (`--dtype bfloat16`: oneDNN-packed bf16 linears, ~1.1x float32 AR on 2
-threads, ~1.4x on 1) or in the int4 kernel (about 2x float32 AR), which beats SD with any draft
+threads, 1.3-1.4x on 1) or in the int4 kernel (about 2x float32 AR), which beats SD with any draft
 here: in that setting every int4/int8 draft falls into the trap, and only the n-gram draft (and
 the layer-skipping drafts, which lose) is a draft at all.
 
