@@ -364,8 +364,10 @@ class PackedLinear(nn.Module):
 
 
 _MKL = torch.backends.mkl.is_available()
-_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                 "_linear_pointwise")
+# oneDNN's bf16 kernels, where the CPU has native bf16 instructions (elsewhere F.linear runs)
+_ONEDNN_BF16 = (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_linears(model: "Model") -> "Model":
