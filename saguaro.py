@@ -709,8 +709,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
             except DraftLost as e:
                 lose(f"failed at the start ({e})")
         cache = target.new_cache(B, max_len)
-        p = kernels.probs_from_logits(target.prefill(prompts, cache), temperature, top_k, top_p)
-        token = kernels.sample(p, gen).tolist()                               # (B,)
+        logits = target.prefill(prompts, cache)                               # (B, V)
+        token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
         for b in range(B):
             done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
         kernels.sync(dev)

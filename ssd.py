@@ -170,8 +170,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     # 1) prefill: the target gives the first token; the draft reads the prompts too
     t0 = time.perf_counter()
     cache = target.new_cache(B, max_len)
-    p = kernels.probs_from_logits(target.prefill(prompts, cache), temperature, top_k, top_p)
-    token = kernels.sample(p, gen).tolist()                               # (B,)
+    logits = target.prefill(prompts, cache)                               # (B, V)
+    token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
     draft_cache = draft.new_cache(B, max_len + K * sum(fanout))  # + the branches' scratch slots
     draft.prefill(prompts, draft_cache)
     for b in range(B):
