@@ -1,5 +1,6 @@
 """kernels.py: our forward equals transformers', the cache and masks behave, inputs are checked."""
 import collections
+import shutil
 import copy
 import pytest
 import torch
@@ -246,3 +247,66 @@ def test_packed_linear_in_bfloat16_matches_plain_linear_and_survives_copies():
 def test_default_model_is_packed_on_cpu_float32(default_model):
     assert isinstance(default_model.layers[0].wqkv, kernels.PackedLinear)
     assert default_model.head.weight is default_model.embed.weight  # still tied
+
+
+def fused_and_eager(model, run):
+    """run(model) with the C++-fused CPU layer (kernels_cpu.cpp), then with the eager one."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the fused CPU kernels cannot be built here")
+    assert kernels.cpu_ops() is not None, "kernels_cpu.cpp did not build (see the warning)"
+    fused = run(model)
+    saved = kernels._cpu_ops
+    kernels._cpu_ops, kernels.CPU_KERNELS = None, "eager"
+    try:
+        eager = run(model)
+    finally:
+        kernels._cpu_ops, kernels.CPU_KERNELS = saved, "fused"
+    return fused, eager
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_cpu_layer_equals_eager_layer(family, dtype):
+    """The C++ twin of Block.forward gives the eager layer's logits (and KV cache) for every
+    kind of call: a ragged prefill, a decode step, a 5-token verify, a tree-masked call."""
+    model = tiny_model(seed=3, model_type=family, qkv_bias=family == "qwen2")
+    for name, p in model.named_parameters():  # norm weights away from 1: their product counts
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+
+    def run(m):
+        cache = m.new_cache(2, 32)
+        out = [m.prefill([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]], cache)]
+        out.append(m(torch.tensor([[11], [12]]), cache))
+        out.append(m(torch.tensor([[13, 14, 15, 16, 17], [18, 19, 20, 21, 22]]), cache))
+        L = cache.lengths.clone()  # two branches of 2 tokens per row in scratch slots 20..23
+        positions = L[:, None] + torch.tensor([0, 0, 1, 1])
+        slots = torch.tensor([[20, 22, 21, 23]] * 2)
+        mask = torch.arange(32) < L[:, None, None]
+        mask = mask.expand(2, 4, 32).clone()
+        for q, own in enumerate([[20], [22], [20, 21], [22, 23]]):
+            mask[:, q, own] = True
+        out.append(m(torch.tensor([[30, 31, 32, 33]] * 2), cache, positions=positions,
+                     slots=slots, mask=mask))
+        return out + [cache.k[:, :, :24].float(), cache.v[:, :, :24].float()]
+
+    fused, eager = fused_and_eager(model.to(dtype), run)
+    # bfloat16: logits reach ~10 here, where bf16 numbers are 0.0625 apart; a sum taken in
+    # another order may land one step away (a wrong index would be off by ~10)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.07, rtol=0)
+    for f, e in zip(fused, eager):
+        torch.testing.assert_close(f, e, **tol)
+
+
+def test_fused_cpu_kernels_equal_torch_ops_on_long_inputs():
+    """Each C++ kernel against the PyTorch ops it replaces, on a prefill-sized input (where the
+    kernels split rows across threads) and in both CPU dtypes."""
+    if kernels.cpu_ops() is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    ops = kernels.cpu_ops()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(3, 700, 96, dtype=dtype), torch.rand(96, dtype=dtype) + 0.5
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), kernels.rms_norm(x, w, 1e-6), **tol)
+        gate, up = x.chunk(2, dim=-1)
+        torch.testing.assert_close(ops.silu_mul(x), torch.nn.functional.silu(gate) * up, **tol)

@@ -1,0 +1,154 @@
+// kernels_cpu.cpp: the small steps of a decoder layer, fused, for the CPU.
+//
+// Why this file exists. On the CPU a decode step of the default model spends ~20 ms in its 121
+// matmuls (they stream every weight from memory) and ~4-5 ms in everything between them: RMS
+// norms, RoPE, writing K and V into the cache, SiLU(gate) * up, plus the reshapes around them.
+// Each of those is a handful of PyTorch ops on a few hundred numbers, where the cost is the call,
+// not the math (F.rms_norm alone takes ~10 us). Here each step is one loop over the numbers.
+//
+// kernels.py compiles this file once (torch.utils.cpp_extension.load, ~30 s) and calls it from
+// Block.forward_fused; Block.forward is the same layer written in PyTorch ops: read that one
+// first, it is the reference, and tests/test_kernels.py checks that the two agree. Rounding
+// follows the PyTorch ops: float accumulation, a round to the tensor's dtype where PyTorch would
+// store an intermediate tensor (so bfloat16 gives what the eager layer gives, up to rounding).
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// rows of the [R, C] tensor at x, each normalised by its root mean square and scaled by w
+template <typename T>
+void rms_rows(const T* x, const T* w, T* out, int64_t R, int64_t C, float eps) {
+  for (int64_t r = 0; r < R; r++, x += C, out += C) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < C; i++) sum += float(x[i]) * float(x[i]);
+    const float scale = 1.0f / std::sqrt(sum / C + eps);
+    for (int64_t i = 0; i < C; i++) out[i] = T(float(x[i]) * scale * float(w[i]));  // as F.rms_norm
+  }
+}
+
+// one head vector of D numbers, rotated as HF's Llama checkpoints do: the two halves of the
+// vector are the two coordinates of D/2 rotating pairs. sin has its first half negated (see
+// kernels.apply_rope), so out = x * cos + [x2, x1] * sin.
+template <typename T>
+void rope_row(const T* x, const T* cos, const T* sin, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; i++) {
+    const int64_t j = i < half ? i + half : i - half;
+    out[i] = T(float(T(float(x[i]) * float(cos[i]))) + float(x[j]) * float(sin[i]));
+  }
+}
+
+int64_t grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+
+}  // namespace
+
+// y = rms_norm(x) * w over the last dimension, any leading shape.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  x = x.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t C = x.size(-1), R = x.numel() / C;
+  TORCH_CHECK(w.numel() == C && w.scalar_type() == x.scalar_type(), "rms_norm: weight mismatch");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, grain(C), [&](int64_t r0, int64_t r1) {  // long prefills only
+      rms_rows(xp + r0 * C, wp, op + r0 * C, r1 - r0, C, float(eps));
+    });
+  });
+  return out;
+}
+
+// The attention half of a layer up to SDPA, for qkv = wqkv(x) of shape (B, T, H + 2 Hk, D):
+//   q, k <- rms_norm(q) * q_norm, rms_norm(k) * k_norm     (Qwen3 only: when q_norm is given)
+//   q, k <- RoPE(q), RoPE(k) with cos, sin (B, T, 1, D)
+//   k_cache[b, slots[b, t]], v_cache[b, slots[b, t]] <- k, v   (caches (B, S, Hk, D))
+// and returns q in the grouped layout SDPA gets in kernels.KVCache.attend: (B, Hk, T * G, D),
+// where the G = H / Hk query heads of KV head hk are heads hk * G .. hk * G + G - 1.
+torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                         torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+                         int64_t H, int64_t Hk, std::optional<torch::Tensor> q_norm,
+                         std::optional<torch::Tensor> k_norm, double eps) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), D = qkv.size(3), S = k_cache.size(1);
+  const int64_t G = H / Hk;
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(2) == H + 2 * Hk && H % Hk == 0, "rope_store: qkv shape");
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+              k_cache.is_contiguous() && v_cache.is_contiguous(), "rope_store: not contiguous");
+  TORCH_CHECK(cos.numel() == B * T * D && sin.numel() == B * T * D, "rope_store: cos/sin shape");
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(2) == Hk && k_cache.size(3) == D,
+              "rope_store: cache shape");
+  auto dt = qkv.scalar_type();
+  TORCH_CHECK(cos.scalar_type() == dt && k_cache.scalar_type() == dt && v_cache.scalar_type() == dt,
+              "rope_store: dtype mismatch");
+  auto slot = slots.to(torch::kLong).contiguous();
+  TORCH_CHECK(slot.numel() == B * T, "rope_store: slots shape");
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; i++)
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "KV cache overflow: slot ", sp[i], " of ", S);
+  auto q = torch::empty({B, Hk, T * G, D}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "rope_store", [&] {
+    const scalar_t *src = qkv.data_ptr<scalar_t>(), *cp = cos.data_ptr<scalar_t>(),
+                   *snp = sin.data_ptr<scalar_t>();
+    const scalar_t* qn = q_norm ? q_norm->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* kn = k_norm ? k_norm->data_ptr<scalar_t>() : nullptr;
+    scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k_cache.data_ptr<scalar_t>(),
+             *vp = v_cache.data_ptr<scalar_t>();
+    std::vector<scalar_t> normed(D);
+    // a head: normalised first when its norm weight is given, then rotated into `out`
+    auto head = [&](const scalar_t* x, const scalar_t* w, const scalar_t* c, const scalar_t* s,
+                    scalar_t* out) {
+      if (w) {
+        rms_rows(x, w, normed.data(), 1, D, float(eps));
+        x = normed.data();
+      }
+      rope_row(x, c, s, out, D);
+    };
+    for (int64_t b = 0; b < B; b++) {
+      for (int64_t t = 0; t < T; t++) {
+        const int64_t bt = b * T + t;
+        const scalar_t* row = src + bt * (H + 2 * Hk) * D;  // q heads, k heads, v heads
+        const scalar_t *c = cp + bt * D, *s = snp + bt * D;
+        for (int64_t h = 0; h < H; h++)
+          head(row + h * D, qn, c, s, qp + ((b * Hk + h / G) * T * G + t * G + h % G) * D);
+        const int64_t at = (b * S + sp[bt]) * Hk * D;  // this token's place in the cache
+        for (int64_t h = 0; h < Hk; h++) {
+          head(row + (H + h) * D, kn, c, s, kp + at + h * D);
+          const scalar_t* v = row + (H + Hk + h) * D;
+          std::copy(v, v + D, vp + at + h * D);
+        }
+      }
+    }
+  });
+  return q;
+}
+
+// SiLU(gate) * up for gu = w13(x) = [gate, up] along the last dimension.
+torch::Tensor silu_mul(torch::Tensor gu) {
+  gu = gu.contiguous();
+  const int64_t I = gu.size(-1) / 2, R = gu.numel() / gu.size(-1);
+  auto sizes = gu.sizes().vec();
+  sizes.back() = I;
+  auto out = torch::empty(sizes, gu.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "silu_mul", [&] {
+    const scalar_t* g = gu.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, grain(I), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < I; i++) {
+          const float a = float(g[r * 2 * I + i]);
+          o[r * I + i] = scalar_t(float(scalar_t(a / (1.0f + std::exp(-a)))) *
+                                  float(g[r * 2 * I + I + i]));
+        }
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * w over the last dimension");
+  m.def("rope_store", &rope_store, "q/k norm, RoPE, K/V into the cache; q grouped for SDPA");
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up");
+}
