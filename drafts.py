@@ -252,6 +252,9 @@ class Int4Linear(QuantLinear):
     def matmul(self, x):
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scales_zeros)
 
+    def stack_spec(self, dtype, rows):  # kernels_cpu.Stack runs this same kernel (kernels.py)
+        return kernels.INT4, self.GROUP, self.packed, self.scales_zeros
+
 
 class CastLinear(QuantLinear):
     """Plain weights in `compute` dtype (bf16 on a GPU, where the int kernels above do not run)."""

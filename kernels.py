@@ -91,8 +91,9 @@ if ATTENTION == "flash":
     from flash_attn import flash_attn_with_kvcache  # noqa: E402  (GPU-only optional extra)
 
 # On the CPU, the small steps between a layer's matmuls (RMS norms, RoPE, the KV-cache write,
-# SiLU * up) run fused in C++ (kernels_cpu.cpp, compiled once) when a compiler is there: ~3 ms of
-# a ~26 ms float32 decode step on our 2-core machine. SSD_CPU_KERNELS=eager keeps them in PyTorch.
+# SiLU * up) run fused in C++ (kernels_cpu.cpp, compiled once) when a compiler is there, and all
+# layers run in one call from Python: a float32 decode step on our 2-core machine went from
+# ~24-26 ms to ~22 ms. SSD_CPU_KERNELS=eager keeps everything in PyTorch ops.
 CPU_KERNELS = os.environ.get("SSD_CPU_KERNELS", "fused")
 if CPU_KERNELS not in ("fused", "eager"):
     raise ValueError(f"SSD_CPU_KERNELS={CPU_KERNELS!r}: use 'fused' or 'eager'.")
@@ -222,6 +223,10 @@ class Block(nn.Module):
         self.w13 = nn.Linear(C, 2 * cfg.intermediate_size, bias=False)  # gate and up
         self.w2 = nn.Linear(cfg.intermediate_size, C, bias=False)       # down
 
+    def __setattr__(self, name, value):  # a swapped module or weight: Model re-reads the layer
+        super().__setattr__(name, value)
+        self.__dict__["edits"] = self.__dict__.get("edits", 0) + 1
+
     def forward(self, x, layer, cache, cos, sin, attn):
         B, T, _ = x.shape
         H, Hk, D, eps = self.shape  # plain ints: a decode step runs this 30+ times
@@ -275,6 +280,7 @@ class Model(nn.Module):
         self.tokenizer = None   # set by load_model
         self.name = "random"
         self.graphs = None      # a CUDAGraphs instance once `use_cuda_graphs()` was called
+        self.stacks = {}        # (dtype, rows) -> (kernels_cpu.Stack, the layers it was built on)
 
     @property
     def device(self):
@@ -323,9 +329,14 @@ class Model(nn.Module):
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.dtype)   # (B, T, 1, D)
         sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(self.dtype)
         x = self.embed(tokens)  # (B, T, C)
+        stack = None
         if attn is not None and tokens.is_cpu and cpu_ops() is not None:
-            for i, layer in enumerate(self.layers):  # the C++-fused twin of the loop below
-                x = layer.forward_fused(x, i, cache, cos, sin, attn)
+            stack = self.cpu_stack(x.dtype, B * T)
+            if stack is None:  # a linear kernels_cpu.Stack does not run: layer by layer
+                for i, layer in enumerate(self.layers):  # the C++-fused twin of the loop below
+                    x = layer.forward_fused(x, i, cache, cos, sin, attn)
+            else:  # all layers in one C++ call: the loop below, without Python in between
+                x = stack.forward(x, cache.k, cache.v, cos, sin, attn[1], attn[2], attn[3])
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, i, cache, cos, sin, attn)
@@ -333,6 +344,41 @@ class Model(nn.Module):
             cache.lengths += T
         x = rms_norm(x, self.norm, self.cfg.rms_eps)
         return self.head(x).float() if logits else x
+
+    def cpu_stack(self, dtype, rows):
+        """The layers as one kernels_cpu.Stack for steps of `rows` tokens: each linear runs the
+        kernel it would run from Python (PackedLinear's choice for this dtype and row count),
+        everything else as in Block.forward_fused. Built once per (dtype, rows), rebuilt when a
+        layer changed; None if some linear is of a kind the Stack cannot run."""
+        layers = [(b, b.__dict__.get("edits", 0)) for b in self.layers]
+        hit = self.stacks.get((dtype, rows))
+        if hit is not None and hit[1] == layers:
+            return hit[0]
+        none, tensors, kinds = torch.empty(0, dtype=dtype), [], []
+        for b in self.layers:
+            tensors += [b.attn_norm, b.q_norm if b.qk_norm else none,
+                        b.k_norm if b.qk_norm else none, b.mlp_norm]
+            for lin in (b.wqkv, b.wo, b.w13, b.w2):
+                spec = linear_spec(lin, dtype, rows)
+                if spec is None:
+                    self.stacks[(dtype, rows)] = (None, layers)
+                    return None
+                kind, param, a, b2 = spec
+                tensors += [a, none if b2 is None else b2, none if lin.bias is None else lin.bias]
+                kinds += [kind, param]
+        H, Hk, _, eps = self.layers[0].shape
+        stack = _cpu_ops.Stack(tensors, kinds, H, Hk, eps)
+        self.stacks[(dtype, rows)] = (stack, layers)
+        return stack
+
+    def _apply(self, fn, recurse=True):  # .to(dtype/device): the stacks hold stale tensors
+        self.stacks = {}
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # deepcopy/pickle: stacks hold opaque packed weights; rebuilt later
+        state = self.__dict__.copy()
+        state["stacks"] = {}
+        return state
 
     def use_cuda_graphs(self, batch_size: int, max_len: int, step_lengths=(1,)) -> "KVCache":
         """Capture plain forwards of shape (batch_size, T) for every T in step_lengths (1 for
@@ -386,20 +432,30 @@ class PackedLinear(nn.Module):
             kernel = self.plans[(x.dtype, M)] = self._choose(x.dtype, x.device, M)
         return kernel(x)
 
-    def _choose(self, dt, device, M):
-        w, b = self.weight, self.bias
-        if dt != w.dtype or M > 8 or device.type != "cpu":
-            return self._plain
+    def spec(self, dt, M):
+        """(kind, param, a, b): the kernel for M rows of dtype dt, packing the weight on first
+        use. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight), MKL_PACKED (a = packed
+        for param = M rows, b = weight), ONEDNN_PACKED (a = packed)."""
+        w = self.weight
+        if dt != w.dtype or M > 8 or w.device.type != "cpu":
+            return PLAIN, 0, w, None
         if dt == torch.bfloat16 and _ONEDNN_BF16:
-            packed = self.packed.get(dt)
-            if packed is None:
-                packed = self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            if dt not in self.packed:
+                self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            return ONEDNN_PACKED, 0, self.packed[dt], None
+        if dt == torch.float32 and M in self.SIZES and _MKL:
+            if M not in self.packed:
+                self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(w, M)
+            return MKL_PACKED, M, self.packed[M], w
+        return PLAIN, 0, w, None
+
+    def _choose(self, dt, device, M):
+        kind, _, packed, w = self.spec(dt, M)
+        b = self.bias
+        if kind == ONEDNN_PACKED:
             return lambda x: torch.ops.mkldnn._linear_pointwise(
                 x.reshape(M, -1), packed, b, "none", [], "").view(*x.shape[:-1], -1)
-        if dt == torch.float32 and M in self.SIZES and _MKL:
-            packed = self.packed.get(M)
-            if packed is None:
-                packed = self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(w, M)
+        if kind == MKL_PACKED:
             return lambda x: torch.ops.mkl._mkl_linear(
                 x.reshape(M, -1), packed, w, b, M).view(*x.shape[:-1], -1)
         return self._plain
@@ -415,6 +471,18 @@ class PackedLinear(nn.Module):
         state = self.__dict__.copy()
         state["packed"], state["plans"] = {}, {}
         return state
+
+
+PLAIN, MKL_PACKED, ONEDNN_PACKED, INT4 = 0, 1, 2, 3  # linear kinds, as in kernels_cpu.cpp
+
+
+def linear_spec(lin: nn.Module, dtype, rows):
+    """How kernels_cpu.Stack runs this linear: (kind, param, a, b), or None if it cannot."""
+    if isinstance(lin, PackedLinear):
+        return lin.spec(dtype, rows)
+    if type(lin) is nn.Linear:
+        return PLAIN, 0, lin.weight, None
+    return lin.stack_spec(dtype, rows) if hasattr(lin, "stack_spec") else None
 
 
 _MKL = torch.backends.mkl.is_available()

@@ -1,16 +1,17 @@
 // kernels_cpu.cpp: the small steps of a decoder layer, fused, for the CPU.
 //
-// Why this file exists. On the CPU a decode step of the default model spends ~20 ms in its 121
-// matmuls (they stream every weight from memory) and ~4-5 ms in everything between them: RMS
-// norms, RoPE, writing K and V into the cache, SiLU(gate) * up, plus the reshapes around them.
-// Each of those is a handful of PyTorch ops on a few hundred numbers, where the cost is the call,
-// not the math (F.rms_norm alone takes ~10 us). Here each step is one loop over the numbers.
+// Why this file exists. On the CPU a float32 decode step of the default model spends ~19-20 ms
+// in its 121 matmuls (they stream every weight from memory) and, from Python, ~5 ms around them:
+// RMS norms, RoPE, writing K and V into the cache, SiLU(gate) * up, the reshapes, and the Python
+// calls themselves. Each of those steps is a handful of PyTorch ops on a few hundred numbers,
+// where the cost is the call, not the math (F.rms_norm alone takes ~10 us). Here each step is one
+// loop over the numbers, and `Stack` runs all the layers in one call from Python.
 //
-// kernels.py compiles this file once (torch.utils.cpp_extension.load, ~30 s) and calls it from
-// Block.forward_fused; Block.forward is the same layer written in PyTorch ops: read that one
-// first, it is the reference, and tests/test_kernels.py checks that the two agree. Rounding
-// follows the PyTorch ops: float accumulation, a round to the tensor's dtype where PyTorch would
-// store an intermediate tensor (so bfloat16 gives what the eager layer gives, up to rounding).
+// kernels.py compiles this file once (torch.utils.cpp_extension.load, ~30 s). Block.forward is
+// the same layer written in PyTorch ops: read that one first, it is the reference; tests check
+// that Block.forward_fused (layer by layer, small steps from here) and Stack agree with it.
+// Rounding follows the PyTorch ops: float accumulation, a round to the tensor's dtype where
+// PyTorch would store an intermediate tensor (bfloat16 gives what the eager layer gives).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -147,7 +148,98 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The whole stack of decoder layers in one call. From Python, a layer costs ~15 calls into
+// torch whose overhead (~100 us a layer, ~3 ms a step) is as large as the small steps were;
+// here the same calls are made from C++. The matmuls are the very kernels Python would run:
+// kernels.py hands over, per linear, the kind and tensors PackedLinear (or drafts.Int4Linear)
+// chose for this dtype and row count.
+
+enum Kind : int64_t { PLAIN = 0, MKL_PACKED = 1, ONEDNN_PACKED = 2, INT4 = 3 };
+
+at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t param, const at::Tensor& a,
+                      const at::Tensor& b, const at::Tensor& bias) {
+  auto x2 = x.reshape({-1, x.size(-1)});
+  std::optional<at::Tensor> bo;
+  if (bias.numel()) bo = bias;
+  at::Tensor y;
+  switch (kind) {
+    case PLAIN:  // a = weight
+      y = at::linear(x2, a, bo);
+      break;
+    case MKL_PACKED: {  // a = MKL-packed weight for `param` rows, b = the weight itself
+      static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkl::_mkl_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, int64_t)>();
+      y = op.call(x2, a, b, bo, param);
+      break;
+    }
+    case ONEDNN_PACKED: {  // a = oneDNN-packed weight
+      static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>)>();
+      y = op.call(x2, a, bo, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+      break;
+    }
+    case INT4:  // a = int4-packed weight, b = scales and zeros, param = group size
+      y = at::_weight_int4pack_mm_for_cpu(x2.to(b.scalar_type()), a, param, b).to(x.scalar_type());
+      if (bo) y = y + *bo;
+      break;
+    default:
+      TORCH_CHECK(false, "unknown linear kind ", kind);
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = y.size(-1);
+  return y.view(sizes);
+}
+
+// Per layer: 16 tensors [attn_norm, q_norm, k_norm, mlp_norm, then (a, b, bias) for wqkv, wo,
+// w13, w2] (empty tensors where there is none) and 8 ints (kind, param) for the 4 linears.
+struct Stack {
+  std::vector<at::Tensor> t;
+  std::vector<int64_t> kinds;
+  int64_t H, Hk;
+  double eps;
+
+  Stack(std::vector<at::Tensor> t, std::vector<int64_t> kinds, int64_t H, int64_t Hk, double eps)
+      : t(std::move(t)), kinds(std::move(kinds)), H(H), Hk(Hk), eps(eps) {
+    TORCH_CHECK(this->t.size() % 16 == 0 && this->kinds.size() * 2 == this->t.size(),
+                "Stack: 16 tensors and 8 ints per layer");
+  }
+
+  // kernels.Block.forward_fused for every layer in turn: x (B, T, C) -> (B, T, C)
+  at::Tensor forward(at::Tensor x, const at::Tensor& k_caches, const at::Tensor& v_caches,
+                     const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                     const at::Tensor& mask, int64_t S) {
+    const int64_t B = x.size(0), T = x.size(1), D = k_caches.size(-1), G = H / Hk;
+    const int64_t layers = t.size() / 16;
+    TORCH_CHECK(k_caches.size(0) == layers, "Stack: the cache has another number of layers");
+    for (int64_t l = 0; l < layers; l++) {
+      const at::Tensor* p = &t[l * 16];
+      const int64_t* k = &kinds[l * 8];
+      auto lin = [&](const at::Tensor& in, int i) {
+        return run_linear(in, k[2 * i], k[2 * i + 1], p[4 + 3 * i], p[5 + 3 * i], p[6 + 3 * i]);
+      };
+      auto opt = [](const at::Tensor& w) {
+        return w.numel() ? std::optional<at::Tensor>(w) : std::nullopt;
+      };
+      auto qkv = lin(rms_norm(x, p[0], eps), 0).view({B, T, H + 2 * Hk, D});
+      auto k_cache = k_caches[l], v_cache = v_caches[l];
+      auto q = rope_store(qkv, cos, sin, k_cache, v_cache, slots, H, Hk, opt(p[1]), opt(p[2]), eps);
+      auto y = at::scaled_dot_product_attention(q, k_cache.narrow(1, 0, S).transpose(1, 2),
+                                                v_cache.narrow(1, 0, S).transpose(1, 2), mask);
+      x = x + lin(y.view({B, Hk, T, G, D}).transpose(1, 2).reshape({B, T, H * D}), 1);
+      x = x + lin(silu_mul(lin(rms_norm(x, p[3], eps), 2)), 3);
+    }
+    return x;
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Stack>(m, "Stack")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, double>())
+      .def("forward", &Stack::forward);
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * w over the last dimension");
   m.def("rope_store", &rope_store, "q/k norm, RoPE, K/V into the cache; q grouped for SDPA");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up");

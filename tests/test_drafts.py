@@ -192,3 +192,19 @@ def test_build_prompts_are_not_near_duplicates_of_held_out_prompts():
     entry_points = {p["entry_point"] for p in read_problems().values()}
     stubs = set(re.findall(r"def (\w+)\(", "\n".join(build)))
     assert stubs and not stubs & entry_points
+
+
+def test_int4_draft_runs_the_same_in_the_cpp_stack_and_in_pytorch():
+    """The int4 linears are run from C++ by kernels_cpu.Stack (kind INT4): same logits as the
+    layer-by-layer and the eager forwards of the same draft."""
+    from test_kernels import fused_and_eager
+    draft = drafts.self_draft(tiny_model(seed=5), bits=4)
+    assert isinstance(draft.layers[0].wqkv, drafts.Int4Linear)
+
+    def run(m):
+        cache = m.new_cache(1, 16)
+        return [m(torch.tensor([[1, 2, 3, 4, 5]]), cache), m(torch.tensor([[6]]), cache)]
+
+    for s, f, e in zip(*fused_and_eager(draft, run)):
+        torch.testing.assert_close(s, e, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)

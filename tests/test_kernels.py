@@ -250,24 +250,31 @@ def test_default_model_is_packed_on_cpu_float32(default_model):
 
 
 def fused_and_eager(model, run):
-    """run(model) with the C++-fused CPU layer (kernels_cpu.cpp), then with the eager one."""
+    """run(model) three ways: all layers in one C++ call (kernels_cpu.Stack), layer by layer
+    with the small steps in C++ (Block.forward_fused), and in PyTorch ops (Block.forward)."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the fused CPU kernels cannot be built here")
     assert kernels.cpu_ops() is not None, "kernels_cpu.cpp did not build (see the warning)"
-    fused = run(model)
-    saved = kernels._cpu_ops
-    kernels._cpu_ops, kernels.CPU_KERNELS = None, "eager"
+    stacked = run(model)
+    assert model.stacks and all(s is not None for s, _ in model.stacks.values())
+    model.cpu_stack = lambda dtype, rows: None  # as for a linear the Stack cannot run
     try:
-        eager = run(model)
+        layered = run(model)
+        saved = kernels._cpu_ops
+        kernels._cpu_ops, kernels.CPU_KERNELS = None, "eager"
+        try:
+            eager = run(model)
+        finally:
+            kernels._cpu_ops, kernels.CPU_KERNELS = saved, "fused"
     finally:
-        kernels._cpu_ops, kernels.CPU_KERNELS = saved, "fused"
-    return fused, eager
+        del model.cpu_stack
+    return stacked, layered, eager
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_cpu_layer_equals_eager_layer(family, dtype):
-    """The C++ twin of Block.forward gives the eager layer's logits (and KV cache) for every
+    """The C++ twins of Block.forward give the eager layer's logits (and KV cache) for every
     kind of call: a ragged prefill, a decode step, a 5-token verify, a tree-masked call."""
     model = tiny_model(seed=3, model_type=family, qkv_bias=family == "qwen2")
     for name, p in model.named_parameters():  # norm weights away from 1: their product counts
@@ -290,11 +297,12 @@ def test_fused_cpu_layer_equals_eager_layer(family, dtype):
                      slots=slots, mask=mask))
         return out + [cache.k[:, :, :24].float(), cache.v[:, :, :24].float()]
 
-    fused, eager = fused_and_eager(model.to(dtype), run)
+    stacked, layered, eager = fused_and_eager(model.to(dtype), run)
     # bfloat16: logits reach ~10 here, where bf16 numbers are 0.0625 apart; a sum taken in
     # another order may land one step away (a wrong index would be off by ~10)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.07, rtol=0)
-    for f, e in zip(fused, eager):
+    for s, f, e in zip(stacked, layered, eager):
+        torch.testing.assert_close(s, e, **tol)
         torch.testing.assert_close(f, e, **tol)
 
 
@@ -310,3 +318,22 @@ def test_fused_cpu_kernels_equal_torch_ops_on_long_inputs():
         torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), kernels.rms_norm(x, w, 1e-6), **tol)
         gate, up = x.chunk(2, dim=-1)
         torch.testing.assert_close(ops.silu_mul(x), torch.nn.functional.silu(gate) * up, **tol)
+
+
+def test_stack_is_rebuilt_when_a_layer_changes():
+    """kernels_cpu.Stack holds the layers' tensors: swapping a module must not leave it stale."""
+    if kernels.cpu_ops() is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    model, ids = tiny_model(seed=4), torch.tensor([[1, 2, 3]])
+    model(ids, model.new_cache(1, 8))
+    new = torch.nn.Linear(64, 32, bias=False)
+    new.weight.data.copy_(model.layers[1].w2.weight * 2)
+    model.layers[1].w2 = new
+    got = model(ids, model.new_cache(1, 8))
+    saved = kernels._cpu_ops
+    kernels._cpu_ops, kernels.CPU_KERNELS = None, "eager"
+    try:
+        want = model(ids, model.new_cache(1, 8))
+    finally:
+        kernels._cpu_ops, kernels.CPU_KERNELS = saved, "fused"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
