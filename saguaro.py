@@ -524,6 +524,7 @@ class _DraftSide:
         draft.prefill(prompts, self.cache)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.glue = self.spec = None
+        self.branch = self.branch_logits = self.base = None  # the tree behind S (reuse_branch)
         self.build_s = self.jit_s = self.glue_s = 0.0
         self.forwards = 0
 
@@ -566,6 +567,8 @@ class _DraftSide:
         else:
             hit, y, q = self.S.lookup(k, t)
             rank = self.rank(k, t)
+            match = (self.S.keys[..., 0] == k[:, None]) & (self.S.keys[..., 1] == t[:, None])
+            self.branch = match.long().argmax(1)  # (B,) the branch each row hit
         source = torch.where(hit, HIT, JIT if backup == "jit" else NEED_FAST)
         if backup == "jit" and bool((live & ~hit).any()):
             t0 = time.perf_counter()
@@ -603,27 +606,55 @@ class _DraftSide:
         return torch.stack(ys, 1), torch.stack(qs, 1)
 
     def build(self, t, y, source, fan_hit, fan_miss):
-        """ssd.py's draft side over the next speculation s = (t, y_1..y_K): one glue forward,
-        outcome prediction with each row's schedule (after a hit or after a miss), then all
-        branches drafted as one tree, sampling from Saguaro's q'."""
+        """ssd.py's draft side over the next speculation s = (t, y_1..y_K): the glue (a forward
+        over t, y_1..y_K, or on a hit the branch's own work, see reuse_branch), outcome
+        prediction with each row's schedule (after a hit or after a miss), then all branches
+        drafted as one tree, sampling from Saguaro's q'."""
         t0 = time.perf_counter()
         dev = self.draft.device
         t, y, source = t.to(dev), y.to(dev), source.to(dev)
         self.trunk = self.cache.lengths.clone()
-        inp = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
-        self.glue = self.draft(inp, self.cache)                              # (B, K+1, V_draft)
+        if self.branch_logits is not None and bool((source == HIT).all()):
+            self.glue = reuse_branch(self.draft, self.cache, self.base, self.branch,
+                                     self.S.keys.shape[1], y, self.branch_logits)
+        else:
+            inp = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
+            self.glue = self.draft(inp, self.cache)                          # (B, K+1, V_draft)
         self.glue_s = time.perf_counter() - t0
         keys = torch.zeros(len(t), sum(fan_hit), 2, dtype=torch.long, device=dev)
         for fan, rows in ((fan_hit, source == HIT), (fan_miss, source != HIT)):
             if bool(rows.any()):                                             # (B, N, 2)
                 keys[rows] = ssd.predict_outcomes(self.glue[rows, :, : self.V], y[rows], fan)
         fork = self.trunk[:, None].long() + keys[..., 0] + 1
+        probs_fn, steps = saguaro_probs_fn(self.c, fan_hit, self.V), []
+
+        def keep_logits(logits, *sampling):  # each step's logits: the next glue on a hit
+            steps.append(logits)
+            return probs_fn(logits, *sampling)
+        self.base = self.cache.lengths.clone()
         tokens, probs = ssd.draft_branches(self.draft, self.cache, fork, keys[..., 1], self.K,
-                                           *self.sampling, self.gen,
-                                           probs_fn=saguaro_probs_fn(self.c, fan_hit, self.V))
+                                           *self.sampling, self.gen, probs_fn=keep_logits)
+        self.branch_logits = torch.stack(steps, 2)                           # (B, N, K, V_draft)
         self.S, self.spec = ssd.SpeculationCache(keys, tokens, probs), y
         self.forwards += 1 + self.K
         self.build_s = time.perf_counter() - t0
+
+
+def reuse_branch(draft, cache, base, branch, N, y, branch_logits):
+    """NEW in this file: the glue after a hit, without redoing it. The hit branch drafted y from
+    t in the tree: it already wrote the draft's KV for t, y_1..y_{K-1} (in its scratch slots
+    base + j*N + branch, step j) and computed the logits after each of them. Copy that KV to the
+    trunk (cache.lengths .. + K - 1), so only y_K needs a forward: 1 token instead of K + 1.
+    Returns the glue logits (B, K+1, V): after t, y_1, ..., y_K, as the glue forward gives."""
+    B, K = y.shape
+    rows, j = torch.arange(B, device=y.device)[:, None], torch.arange(K, device=y.device)
+    src = base[:, None].long() + j * N + branch[:, None]                 # (B, K) scratch slots
+    dst = cache.lengths[:, None].long() + j                              # (B, K) trunk slots
+    for kv in (cache.k, cache.v):                                        # (L, B, S, Hk, D)
+        kv[:, rows, dst] = kv[:, rows, src]                             # a gather: no overlap
+    cache.lengths += K
+    last = draft(y[:, -1:].clamp_max(draft.cfg.vocab_size - 1), cache)  # (B, 1, V): after y_K
+    return torch.cat((branch_logits[rows[:, 0], branch], last), 1)
 
 
 def _fast_backup(target, prompts):

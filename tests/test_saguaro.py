@@ -207,6 +207,42 @@ def test_batch_aware_rule_takes_jit_below_b_star_and_fast_from_it():
     assert rule(backup="jit").choose_backup(1000) == ("jit", "--backup jit")
 
 
+@pytest.mark.parametrize("k_hit", [0, 1, 3])
+def test_reuse_branch_gives_the_glue_forward_s_logits_and_kv(k_hit):
+    """After a hit on (k, t), copying the hit branch's KV into the trunk and running y_K alone
+    (reuse_branch) leaves the draft exactly where a glue forward over t, y_1..y_K would: the
+    same glue logits, and the same logits for whatever comes next."""
+    import ssd
+    draft, K, prefix = tiny_model(seed=8), 3, [1, 2, 3, 4, 5]
+    cache = draft.new_cache(1, 48)
+    draft.prefill([prefix], cache)
+    trunk = cache.lengths.clone()
+    spec = torch.tensor([[9, 10, 11]])                                 # x_1..x_K
+    glue = draft(torch.tensor([[6, 9, 10, 11]]), cache)               # t0, x_1..x_K
+    keys = ssd.predict_outcomes(glue, spec, [1, 1, 1, 2])              # N = 5 branches
+    base = cache.lengths.clone()
+    steps = []
+
+    def keep(logits, *sampling):
+        steps.append(logits)
+        return kernels.probs_from_logits(logits, *sampling)
+    fork = trunk[:, None] + keys[..., 0] + 1
+    tokens, _ = ssd.draft_branches(draft, cache, fork, keys[..., 1], K, 0.0, None, None, None,
+                                   probs_fn=keep)
+    branch = int((keys[0, :, 0] == k_hit).nonzero()[0])
+    t, y = keys[0, branch, 1], tokens[:, branch]                       # the hit: (k, t) -> y
+    cache.lengths.copy_(trunk + k_hit + 1)                             # keep t0, x_1..x_k
+    got = saguaro.reuse_branch(draft, cache, base, torch.tensor([branch]), keys.shape[1], y,
+                               torch.stack(steps, 2))
+    fresh = draft.new_cache(1, 48)
+    draft.prefill([prefix + [6] + spec[0, :k_hit].tolist()], fresh)
+    want = draft(torch.cat((t.view(1, 1), y), 1), fresh)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert cache.lengths.tolist() == fresh.lengths.tolist()
+    nxt = torch.tensor([[12, 13]])
+    torch.testing.assert_close(draft(nxt, cache), draft(nxt, fresh), atol=1e-4, rtol=1e-4)
+
+
 def test_r_estimate_recovers_a_power_law_miss_curve():
     for r in (0.5, 1.0, 2.0):
         est = saguaro.Estimates(K=4, budget=15, fan_out="geometric", backup="auto")
