@@ -172,6 +172,13 @@ def summarize(results, args):
         if "hits_by_k" in runs[0]:  # ssd, saguaro: the cache hit rate per accepted count k
             row["hits_by_k"] = [sum(h) for h in zip(*(r["hits_by_k"] for r in runs))]
             row["lookups_by_k"] = [sum(n) for n in zip(*(r["lookups_by_k"] for r in runs))]
+        if "predicted_speedup" in runs[0]:  # saguaro: the speed model beside the measurement
+            for key in ("predicted_speedup", "measured_speedup", "p_hit", "a", "r"):
+                vals = [r[key] for r in runs if r.get(key) is not None]
+                row[key] = statistics.median(vals) if vals else None
+            used = {b: sum(r["backup_used"][b] for r in runs) for b in runs[0]["backup_used"]}
+            row["backup"] = ", ".join(f"{b} {n}" for b, n in used.items())
+            row["backup_why"] = runs[-1]["backup_why"]
         hits = sum(r["cache_hits"] for r in runs)
         misses = sum(r["cache_misses"] for r in runs)
         if hits + misses:
@@ -236,7 +243,7 @@ def print_table(table, cond, acc=None):
     cols = [("method", None), ("tok/s", "decode_tokens_per_s"), ("vs ar", "speedup_vs_ar"),
             ("ms/tok", "ms_per_token"), ("prefill ms", "prefill_ms"), ("tau", "tau"),
             ("accept", "acceptance_rate"), ("hit rate", "hit_rate"),
-            ("accept hist", "accept_counts"), ("Match", "match")]
+            ("accept hist", "accept_counts"), ("backup", "backup"), ("Match", "match")]
     for header, _ in cols:
         t.add_column(header, justify="right")
     fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
@@ -248,6 +255,13 @@ def print_table(table, cond, acc=None):
             console.print(f"{name} cache hits / lookups by k = 0..{len(row['hits_by_k']) - 1}: "
                           + "  ".join(f"{h}/{n}" for h, n in zip(row["hits_by_k"],
                                                                  row["lookups_by_k"])))
+        if "predicted_speedup" in row:
+            f2 = lambda v: "-" if v is None else f"{v:.2f}"
+            console.print(f"{name}: speed model (Thm. 7) {f2(row['predicted_speedup'])}x, measured "
+                          f"{f2(row['measured_speedup'])}x (both: tokens per row per target-verify "
+                          f"time; medians), p_hit {f2(row['p_hit'])}, a {f2(row['a'])}, r "
+                          f"{f2(row['r'])}; backups (row-rounds) {row['backup']}; rule: "
+                          f"{row['backup_why']}")
     for label, a in (acc or {}).items():
         fmt_x = lambda v: "-" if v is None else f"{v:.2f}x"
         console.print(f"saguaro, {label.replace('_', ' ')} accounting (ar/sd on "
