@@ -116,7 +116,8 @@ def build_rows(args, target, draft):
             rows["saguaro"] = ours(saguaro, target, args, half, draft=worker,
                                    k=args.saguaro_k or args.k, f=args.f,
                                    fan_out=args.fan_out, saguaro_c=args.saguaro_c,
-                                   backup=args.backup, target_threads=half)
+                                   backup=args.backup, target_threads=half,
+                                   budget=args.budget)
             if args.accounting and half != args.threads:
                 # the paper's accounting: AR and SD on the target's cores only, the draft's
                 # device on top (its 5th H100); equal cores: AR and SD get every core
@@ -348,6 +349,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="saguaro's cache budget B per row (default (saguaro K + 1) f)")
     ap.add_argument("--saguaro-k", type=int, default=1,
                     help="K for the saguaro row: the draft process must build its "
                          "cache within one verify, which on a small CPU wants a smaller K")

@@ -676,11 +676,12 @@ def _fast_backup(target, prompts):
 def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_out="geometric",
              saguaro_c=1.0, backup="auto", temperature=0.0, top_k=None, top_p=None, seed=0,
              eos=True, target_threads=None, draft_threads=None, draft_device=None,
-             timeout_s=10.0, fast_backup=None):
+             timeout_s=10.0, fast_backup=None, budget=None):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
     DraftWorker (reused), or what DraftWorker takes (a drafts.py name, a factory, a Model): then
     a draft process is started for this call and stopped after it. k: K; f: guesses per k for a
-    uniform fan-out, budget B = (K+1) f for both fan-outs; saguaro_c: C; backup: auto (the
+    uniform fan-out; budget: B, the guesses per row per round for both fan-outs (default
+    (K+1) f; fewer branches make a cheaper build on a slow draft); saguaro_c: C; backup: auto (the
     batch-aware rule) | jit | fast; fast_backup: a proposer (default: drafts.py's n-gram).
     Returns (tokens, stats) as ssd.generate does; stats add backup_used (row-rounds per backup),
     backup_why, b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7) and
@@ -695,12 +696,14 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
                          f"{fan_out!r}, {backup!r}.")
     if not 0 <= saguaro_c <= 1:
         raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {saguaro_c}.")
-    K, budget = k, (k + 1) * f
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
+    K, budget = k, budget or (k + 1) * f
     max_len = kernels.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     if budget >= Vt:
-        raise ValueError(f"the cache budget (K+1) f = {budget} must stay below the vocabulary "
-                         f"({Vt} tokens): lower f.")
+        raise ValueError(f"the cache budget B = {budget} must stay below the vocabulary "
+                         f"({Vt} tokens): lower f or --budget.")
     threads_before, cpus_before = torch.get_num_threads(), os.sched_getaffinity(0)
     kernels.set_threads(target_threads)
     own = not isinstance(draft, DraftWorker)
@@ -876,6 +879,8 @@ def main():
     ap.add_argument("--draft", default="default", help="draft name (drafts.py) or model folder")
     ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=int, default=3, help="guesses per k; budget B = (K+1) f")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="B, guesses per row per round, whatever --f says (default (K+1) f)")
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     ap.add_argument("--backup", default="auto", choices=["auto", "jit", "fast"])
@@ -895,7 +900,8 @@ def main():
         tokens, stats = generate(target, ids, args.max_new_tokens, draft=worker, k=args.k,
                                  f=args.f, fan_out=args.fan_out, saguaro_c=args.saguaro_c,
                                  backup=args.backup, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 budget=args.budget)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s, "
           f"tau {stats['tau']:.2f}, cache hit rate {stats['hit_rate'] or 0:.2f}, a "
