@@ -231,7 +231,10 @@ def conditions(args, target, draft, prompts):
             "dtype": args.dtype, "batch": args.batch_size, "prompts": len(prompts),
             "dataset": args.dataset, "prompt_tokens_median": statistics.median(lens),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "k": args.k, "saguaro_k": args.saguaro_k or args.k, "f": args.f, "torch": torch.__version__}
+            "k": args.k, "saguaro_k": args.saguaro_k or args.k, "f": args.f,
+            "budget": args.budget if "saguaro" in args.methods else None,
+            "backup": args.backup if "saguaro" in args.methods else None,
+            "torch": torch.__version__}
 
 
 def print_table(table, cond, acc=None):
@@ -349,12 +352,18 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
-    ap.add_argument("--budget", type=int, default=None,
-                    help="saguaro's cache budget B per row (default (saguaro K + 1) f)")
-    ap.add_argument("--saguaro-k", type=int, default=1,
+    # saguaro on the built-in pair, 1 core each: the draft runs K + 1 = 4 forwards per round
+    # (~13 ms each) beside a 4-token verify (~45 ms), betting its one guess (B = 1) on "all
+    # accepted"; a miss is served by the draft itself (jit). 4-prompt runs at 7f6af6f..:
+    # K = 1 (B = 2) 1.02-1.04x sd@1t, K = 2 (B = 1) 1.11x, K = 3 (B = 1, jit) 1.23x and 1.32x,
+    # K = 3 (B = 1, auto) 1.20x, K = 4 (B = 1, jit) 1.23x, K = 5 (B = 1, jit) 1.01x
+    ap.add_argument("--budget", type=int, default=1,
+                    help="saguaro's cache budget B: guesses per row per round")
+    ap.add_argument("--saguaro-k", type=int, default=3,
                     help="K for the saguaro row: the draft process must build its "
                          "cache within one verify, which on a small CPU wants a smaller K")
-    ap.add_argument("--backup", default="auto", choices=["auto", "jit", "fast"])
+    ap.add_argument("--backup", default="jit", choices=["auto", "jit", "fast"],
+                    help="saguaro's backup on a miss (auto: the batch-aware rule)")
     ap.add_argument("--no-accounting", dest="accounting", action="store_false",
                     help="skip the ar/sd rows on the target's cores that saguaro adds")
     ap.add_argument("--json", default=None, help="also write the results to this file")
@@ -368,8 +377,8 @@ def main(argv=None):
             ap.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
     if args.threads is None:
         args.threads = torch.get_num_threads()
-    if args.batch_size < 1 or args.num_prompts < 1 or args.k < 1 or args.f < 1:
-        ap.error("--batch-size, --num-prompts, --k and --f must be >= 1")
+    if min(args.batch_size, args.num_prompts, args.k, args.f, args.budget) < 1:
+        ap.error("--batch-size, --num-prompts, --k, --f and --budget must be >= 1")
 
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     draft = load_draft(args.draft, target, args) if {"sd", "hf-assisted", "ssd", "saguaro"} & \

@@ -288,7 +288,8 @@ def tiny_pair():
 
 RAGGED = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]]
 CONFIGS = [dict(k=3, f=2), dict(k=2, f=1, fan_out="uniform", backup="jit"),
-           dict(k=4, f=3, backup="fast", saguaro_c=0.5), dict(k=1, f=4, backup="auto")]
+           dict(k=4, f=3, backup="fast", saguaro_c=0.5), dict(k=1, f=4, backup="auto"),
+           dict(k=3, f=1, budget=1, backup="jit")]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in
@@ -531,6 +532,7 @@ def test_bad_arguments_are_refused_with_clear_errors():
     target = tiny_model(0, vocab_size=64)
     draft = functools.partial(tiny_model, 1, vocab_size=64)
     cases = [(dict(f=0), "k and f"), (dict(k=0), "k and f"), (dict(fan_out="cone"), "fan_out"),
+             (dict(budget=0), "budget"),
              (dict(backup="maybe"), "backup"), (dict(saguaro_c=1.5), r"\[0, 1\]"),
              (dict(k=7, f=8), "budget")]
     for kwargs, match in cases:
