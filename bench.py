@@ -339,9 +339,9 @@ def main(argv=None):
     ap.set_defaults(threads=None)
     ap.add_argument("--draft", default="default",
                     help="'self' (the target), a drafts.py name (default, ngram), or a model")
-    # defaults fit the built-in pair on a 2-core CPU (sd measured best at K = 4..6; the draft
-    # process keeps up only at K = 1..2, a draft forward costing 1/3..1/2 of a verify there); on
-    # GPUs with a small draft use the paper's --k 7 --f 3 --saguaro-k 7
+    # defaults fit the built-in pair on a 2-core CPU (sd measured best at K = 4..6; saguaro: see
+    # --budget below); on GPUs with a small draft use the paper's --k 7 --f 3 --saguaro-k 7
+    # and --budget 24
     ap.add_argument("--k", type=int, default=4, help="speculation length K")
     ap.add_argument("--f", type=int, default=1, help="SSD fan-out per outcome position")
     ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,ssd,saguaro",

@@ -329,7 +329,6 @@ class Model(nn.Module):
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.dtype)   # (B, T, 1, D)
         sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(self.dtype)
         x = self.embed(tokens)  # (B, T, C)
-        stack = None
         if attn is not None and tokens.is_cpu and cpu_ops() is not None:
             stack = self.cpu_stack(x.dtype, B * T)
             if stack is None:  # a linear kernels_cpu.Stack does not run: layer by layer

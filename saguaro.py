@@ -10,8 +10,9 @@ costs no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
    or with a backup, then builds the next cache WHILE the target verifies. Each process keeps
    its own model and KV cache: only tokens and q rows cross, never KV. On a CPU each process
    is pinned to its own cores: it only pays if the build (the glue + K tree steps) fits in one
-   verify, so on a small CPU keep K small (K = 1 or 2, f = 1). After a hit the glue costs one
-   token, not K + 1: the hit branch already computed the rest (reuse_branch).
+   verify, so on a small CPU keep the tree small (our 2-core CPU: K = 3, one branch, budget
+   B = 1). After a hit the glue costs one token, not K + 1: the hit branch already computed the
+   rest (reuse_branch).
 2. Geometric fan-out (Thm. 12). With acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
    F_k ~ P(k)^(1/(1+r)): F_k = F_0 a^(k/(1+r)) for k < K, F_K = F_0 a^(K/(1+r)) (1-a)^(-1/(1+r)).
