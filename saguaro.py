@@ -526,7 +526,8 @@ class _DraftSide:
         draft.prefill(prompts, self.cache)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.glue = self.spec = None
-        self.branch = self.branch_logits = self.base = None  # the tree behind S (reuse_branch)
+        self.branch_logits = self.base = None  # the tree behind S: its logits, first scratch slot
+        self.prefix = None  # (slots, logits) the draft already has for t, y_1..y_{K-1}, or None
         self.build_s = self.jit_s = self.glue_s = 0.0
         self.forwards = 0
 
@@ -556,11 +557,15 @@ class _DraftSide:
 
     def answer(self, k, t, live, backup, fan_hit, fan_miss):
         """1) keep t0, x_1..x_k of the last glue (all of it on a miss-free k = K; nothing of it
-        before the first round, k = -1); 2) look (k, t) up; 3) the JIT backup for misses."""
+        before the first round, k = -1); 2) look (k, t) up; 3) the JIT backup for misses;
+        4) note where the draft already holds the KV and logits of the answer's t, y_1..y_{K-1}
+        (the hit branches' scratch slots, or the trunk the JIT decoded into): the glue reuses
+        them (reuse_branch). Not for a mixed batch: the JIT overwrites the branches' slots."""
         dev, B, K = self.draft.device, len(k), self.K
         k, t, live = k.to(dev), t.to(dev), live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
-        self.forwards, self.jit_s = 0, 0.0
+        self.forwards, self.jit_s, self.prefix = 0, 0.0, None
+        steps = torch.arange(K, device=dev)
         if self.S is None:
             hit = torch.zeros(B, dtype=torch.bool, device=dev)
             y = torch.zeros(B, K, dtype=torch.long, device=dev)
@@ -569,15 +574,21 @@ class _DraftSide:
         else:
             hit, y, q = self.S.lookup(k, t)
             rank = self.rank(k, t)
-            match = (self.S.keys[..., 0] == k[:, None]) & (self.S.keys[..., 1] == t[:, None])
-            self.branch = match.long().argmax(1)  # (B,) the branch each row hit
+            if bool(hit.all()):
+                match = (self.S.keys[..., 0] == k[:, None]) & (self.S.keys[..., 1] == t[:, None])
+                branch = match.long().argmax(1)                         # (B,) the branch hit
+                N = self.S.keys.shape[1]
+                slots = self.base[:, None].long() + steps * N + branch[:, None]  # step j's slot
+                self.prefix = slots, self.branch_logits[torch.arange(B, device=dev), branch]
         source = torch.where(hit, HIT, JIT if backup == "jit" else NEED_FAST)
         if backup == "jit" and bool((live & ~hit).any()):
             t0 = time.perf_counter()
-            y_jit, q_jit = self.jit_draft(t, fan_miss)
+            y_jit, q_jit, logits = self.jit_draft(t, fan_miss)
             y = torch.where(hit[:, None], y, y_jit)
             q = torch.where(hit[:, None, None], q, q_jit)
             self.jit_s = time.perf_counter() - t0
+            in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
+            self.prefix = (in_place, logits) if not bool(hit.any()) else None
         return source.cpu(), rank.cpu(), y, q
 
     def rank(self, k, t):
@@ -592,33 +603,35 @@ class _DraftSide:
         return torch.where((k >= 0) & (t < self.V), rank, -1)
 
     def jit_draft(self, t, fanout):
-        """The JIT backup: decode K tokens now from trunk + t, one forward each; the trunk is
-        then rolled back, since the glue right after rewrites t, y_1..y_K."""
+        """The JIT backup: decode K tokens now from trunk + t, one forward each; the length is
+        then rolled back (the KV of t, y_1..y_{K-1} stays where the glue would write it).
+        Returns y (B, K), their q (B, K, V) and the logits they were drawn from."""
         length = self.cache.lengths.clone()
         probs_fn = saguaro_probs_fn(self.c, fanout, self.V)
-        inp, ys, qs = t.clamp_max(self.draft.cfg.vocab_size - 1), [], []
+        inp, ys, qs, ls = t.clamp_max(self.draft.cfg.vocab_size - 1), [], [], []
         for _ in range(self.K):
             logits = self.draft(inp[:, None], self.cache)[:, -1]              # (B, V_draft)
             q = probs_fn(logits, *self.sampling)                              # (B, V)
             inp = kernels.sample(q, self.gen)
             ys.append(inp)
             qs.append(q)
+            ls.append(logits)
         self.cache.lengths.copy_(length)
         self.forwards += self.K
-        return torch.stack(ys, 1), torch.stack(qs, 1)
+        return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(ls, 1)
 
     def build(self, t, y, source, fan_hit, fan_miss):
         """ssd.py's draft side over the next speculation s = (t, y_1..y_K): the glue (a forward
-        over t, y_1..y_K, or on a hit the branch's own work, see reuse_branch), outcome
+        over t, y_1..y_K, or, where answer() found them, the draft's own earlier work on
+        t, y_1..y_{K-1} plus one forward, see reuse_branch), outcome
         prediction with each row's schedule (after a hit or after a miss), then all branches
         drafted as one tree, sampling from Saguaro's q'."""
         t0 = time.perf_counter()
         dev = self.draft.device
         t, y, source = t.to(dev), y.to(dev), source.to(dev)
         self.trunk = self.cache.lengths.clone()
-        if self.branch_logits is not None and bool((source == HIT).all()):
-            self.glue = reuse_branch(self.draft, self.cache, self.base, self.branch,
-                                     self.S.keys.shape[1], y, self.branch_logits)
+        if self.prefix is not None:
+            self.glue = reuse_branch(self.draft, self.cache, *self.prefix, y)
         else:
             inp = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
             self.glue = self.draft(inp, self.cache)                          # (B, K+1, V_draft)
@@ -642,21 +655,21 @@ class _DraftSide:
         self.build_s = time.perf_counter() - t0
 
 
-def reuse_branch(draft, cache, base, branch, N, y, branch_logits):
-    """NEW in this file: the glue after a hit, without redoing it. The hit branch drafted y from
+def reuse_branch(draft, cache, slots, logits, y):
+    """NEW in this file: the glue without redoing it. After a hit, the hit branch drafted y from
     t in the tree: it already wrote the draft's KV for t, y_1..y_{K-1} (in its scratch slots
-    base + j*N + branch, step j) and computed the logits after each of them. Copy that KV to the
-    trunk (cache.lengths .. + K - 1), so only y_K needs a forward: 1 token instead of K + 1.
-    Returns the glue logits (B, K+1, V): after t, y_1, ..., y_K, as the glue forward gives."""
+    base + j*N + branch at step j) and computed the logits after each of them; after a JIT
+    backup, the JIT did the same in the trunk. slots (B, K): where that KV is; logits (B, K, V).
+    Copy the KV to the trunk (cache.lengths .. + K - 1), so only y_K needs a forward: 1 token
+    instead of K + 1. Returns the glue logits (B, K+1, V): after t, y_1, ..., y_K."""
     B, K = y.shape
-    rows, j = torch.arange(B, device=y.device)[:, None], torch.arange(K, device=y.device)
-    src = base[:, None].long() + j * N + branch[:, None]                 # (B, K) scratch slots
-    dst = cache.lengths[:, None].long() + j                              # (B, K) trunk slots
+    rows = torch.arange(B, device=y.device)[:, None]
+    dst = cache.lengths[:, None].long() + torch.arange(K, device=y.device)  # (B, K) trunk slots
     for kv in (cache.k, cache.v):                                        # (L, B, S, Hk, D)
-        kv[:, rows, dst] = kv[:, rows, src]                             # a gather: no overlap
+        kv[:, rows, dst] = kv[:, rows, slots]                           # a gather: no overlap
     cache.lengths += K
     last = draft(y[:, -1:].clamp_max(draft.cfg.vocab_size - 1), cache)  # (B, 1, V): after y_K
-    return torch.cat((branch_logits[rows[:, 0], branch], last), 1)
+    return torch.cat((logits, last), 1)
 
 
 def _fast_backup(target, prompts):

@@ -232,8 +232,8 @@ def test_reuse_branch_gives_the_glue_forward_s_logits_and_kv(k_hit):
     branch = int((keys[0, :, 0] == k_hit).nonzero()[0])
     t, y = keys[0, branch, 1], tokens[:, branch]                       # the hit: (k, t) -> y
     cache.lengths.copy_(trunk + k_hit + 1)                             # keep t0, x_1..x_k
-    got = saguaro.reuse_branch(draft, cache, base, torch.tensor([branch]), keys.shape[1], y,
-                               torch.stack(steps, 2))
+    slots = base[:, None] + torch.arange(K) * keys.shape[1] + branch   # step j's scratch slot
+    got = saguaro.reuse_branch(draft, cache, slots, torch.stack(steps, 2)[:, branch], y)
     fresh = draft.new_cache(1, 48)
     draft.prefill([prefix + [6] + spec[0, :k_hit].tolist()], fresh)
     want = draft(torch.cat((t.view(1, 1), y), 1), fresh)
@@ -548,3 +548,27 @@ def test_bad_arguments_are_refused_with_clear_errors():
     with pytest.raises(ValueError, match="vocabularies of 64 and 80"):  # found in the process
         saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=80), target, threads=1)
     assert not saguaro.dist.is_initialized()
+
+
+def test_reuse_branch_after_a_jit_backup_keeps_the_kv_the_jit_wrote():
+    """A JIT backup decodes t, y_1..y_{K-1} into the trunk, one forward each, then rolls the
+    length back: reuse_branch with those slots in place equals a glue forward."""
+    draft, prefix, K = tiny_model(seed=9), [1, 2, 3, 4, 5], 3
+    cache = draft.new_cache(1, 32)
+    draft.prefill([prefix], cache)
+    start, inp, ys, logits = cache.lengths.clone(), torch.tensor([7]), [], []
+    for _ in range(K):                                                 # as _DraftSide.jit_draft
+        out = draft(inp[:, None], cache)[:, -1]
+        inp = out.argmax(-1)
+        ys.append(inp)
+        logits.append(out)
+    cache.lengths.copy_(start)
+    y = torch.stack(ys, 1)
+    got = saguaro.reuse_branch(draft, cache, start[:, None] + torch.arange(K),
+                               torch.stack(logits, 1), y)
+    fresh = draft.new_cache(1, 32)
+    draft.prefill([prefix], fresh)
+    want = draft(torch.cat((torch.tensor([[7]]), y), 1), fresh)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(draft(torch.tensor([[11]]), cache),
+                               draft(torch.tensor([[11]]), fresh), atol=1e-4, rtol=1e-4)
