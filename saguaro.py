@@ -575,8 +575,7 @@ class _DraftSide:
             hit, y, q = self.S.lookup(k, t)
             rank = self.rank(k, t)
             if bool(hit.all()):
-                match = (self.S.keys[..., 0] == k[:, None]) & (self.S.keys[..., 1] == t[:, None])
-                branch = match.long().argmax(1)                         # (B,) the branch hit
+                branch = self.S.find(k, t)[1]                           # (B,) the branch hit
                 N = self.S.keys.shape[1]
                 slots = self.base[:, None].long() + steps * N + branch[:, None]  # step j's slot
                 self.prefix = slots, self.branch_logits[torch.arange(B, device=dev), branch]

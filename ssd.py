@@ -51,13 +51,18 @@ class SpeculationCache:
     tokens: torch.Tensor
     probs: torch.Tensor
 
+    def find(self, k: torch.Tensor, t: torch.Tensor):
+        """k, t (B,): each row's verification outcome -> hit (B,) bool, and the branch (B,)
+        that holds it (0 when none matches)."""
+        match = (self.keys[..., 0] == k[:, None]) & (self.keys[..., 1] == t[:, None])  # (B, N)
+        return match.any(1), match.long().argmax(1)
+
     def lookup(self, k: torch.Tensor, t: torch.Tensor):
         """k, t (B,): each row's verification outcome -> hit (B,) bool, tokens (B, K),
         probs (B, K, V) (rows that missed get branch 0: garbage the caller must replace)."""
-        match = (self.keys[..., 0] == k[:, None]) & (self.keys[..., 1] == t[:, None])  # (B, N)
-        branch = match.long().argmax(1)          # the matching branch, 0 when none matches
+        hit, branch = self.find(k, t)
         rows = torch.arange(len(k), device=k.device)
-        return match.any(1), self.tokens[rows, branch], self.probs[rows, branch]
+        return hit, self.tokens[rows, branch], self.probs[rows, branch]
 
 
 def fanout_list(f, K: int) -> list:
