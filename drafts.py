@@ -12,9 +12,10 @@ file makes drafts out of the target itself, two ways:
      one-hot q for a lookup hit. Cost: microseconds per token, c ~ 0.002.
   2. neural: `self_draft`. The target's own weights in a cheaper forward: weight-only int4 or
      int8 linears whose matmuls read bf16 activations (norms, attention, KV cache stay float32),
-     optionally a vocabulary-truncated head (the H tokens the target emits most; logits put back
-     into the full vocabulary with -inf elsewhere, so q = 0 there and verification stays exact)
-     and fewer layers. The target's weights come from a 4-bit GGUF (Q4_1, groups of 32 with a
+     a full head that scans the vocabulary in int4 and rescores its 16 best tokens with the
+     target's float32 rows (`ShortlistHead`, the default draft's) or a vocabulary-truncated head
+     (the H tokens the target emits most; logits put back into the full vocabulary with -inf
+     elsewhere, so q = 0 there and verification stays exact), and fewer layers. The target's weights come from a 4-bit GGUF (Q4_1, groups of 32 with a
      scale and a minimum): `Int4Linear` recovers them exactly.
 
 TRAP, stated plainly. The int4/int8 drafts ARE the target's own weights, run with bf16 matmul
@@ -70,14 +71,17 @@ PROMPTS_FILE = os.path.join(ASSETS, "build_prompts.txt")
 
 # The neural candidates, all made from the target (eval measures each). bits: 4 or 8 for
 # weight-only quantized linears whose matmuls read bf16, 32 for the target's own float32 ones;
-# head: size H of a truncated head (None: the full vocabulary); skip: layers left out.
+# head: size H of a truncated head (None: the full vocabulary); skip: layers left out;
+# shortlist: a full head that scans in int4 and rescores its best `shortlist` tokens exactly
+# (ShortlistHead; otherwise the full head is int8 for an int4 draft).
 CANDIDATES = {
     "head8k": dict(bits=32, head=8192, skip=()),
     "int8": dict(bits=8, head=None, skip=()),
     "int8-h8k": dict(bits=8, head=8192, skip=()),
     "int4-h8k": dict(bits=4, head=8192, skip=()),
     "int4-h16k": dict(bits=4, head=16384, skip=()),
-    "int4": dict(bits=4, head=None, skip=()),
+    "int4-int8head": dict(bits=4, head=None, skip=()),
+    "int4": dict(bits=4, head=None, skip=(), shortlist=16),
     "int4-h8k-skip6": dict(bits=4, head=8192, skip=tuple(range(12, 18))),
     "int4-h8k-skip12": dict(bits=4, head=8192, skip=tuple(range(9, 21))),
 }
@@ -237,8 +241,10 @@ class Int4Linear(QuantLinear):
         super().__init__()
         w = weight.detach().float()
         N, Kin = w.shape
-        if Kin % self.GROUP:
-            raise ValueError(f"Int4Linear needs in_features divisible by {self.GROUP}, got {Kin}.")
+        if Kin % self.GROUP or N % 16:
+            raise ValueError(f"Int4Linear needs in_features divisible by {self.GROUP} and "
+                             f"out_features by 16 (torch's int4 layout), got {Kin}, {N}: use an "
+                             "int8 draft (bits=8) for this model.")
         g = w.view(N, Kin // self.GROUP, self.GROUP)                 # (N, groups, 32)
         lo, hi = g.amin(-1), g.amax(-1)
         d = ((hi - lo) / 15).clamp_min(1e-12)
@@ -287,6 +293,27 @@ class TruncatedHead(nn.Module):
         return out                                                   # (..., V)
 
 
+class ShortlistHead(nn.Module):
+    """The full-vocabulary head in two passes: a cheap int4 scan scores every token, then the k
+    best are scored again with the target's own float32 rows (k dot products). Greedy drafting
+    so picks the float32 head's argmax whenever the scan ranks it in its top k (the scan's error
+    is ~1 logit, the rescore's ~1e-6), while streaming a quarter of an int8 head's bytes. At
+    temperature > 0 the draft samples from the softmax of these mixed logits: any q is allowed,
+    because verification divides by the very q the draft sampled from."""
+
+    def __init__(self, weight, k=16, compute=torch.bfloat16):
+        super().__init__()
+        self.scan, self.k = Int4Linear(weight, None, compute), k
+        self.register_buffer("rows", weight.detach().float(), persistent=False)  # shared storage
+
+    def forward(self, x):
+        xs = x.reshape(-1, x.shape[-1]).float()                      # (N, C)
+        logits = self.scan(xs).float()                               # (N, V), approximate
+        best = logits.topk(self.k, dim=-1).indices                   # (N, k)
+        exact = torch.einsum("nc,nkc->nk", xs, self.rows[best])      # (N, k), float32
+        return logits.scatter_(-1, best, exact).view(*x.shape[:-1], -1)
+
+
 def _linear(weight, bias, bits, compute):
     if bits == 32:
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -299,11 +326,12 @@ def _linear(weight, bias, bits, compute):
 
 @torch.inference_mode()
 def self_draft(target: kernels.Model, bits: int = 8, head=None, skip=(), head_rank=None,
-               name="self-draft", compute=torch.bfloat16) -> kernels.Model:
+               name="self-draft", compute=torch.bfloat16, shortlist=None) -> kernels.Model:
     """A float32 kernels.Model made of the target's weights: the layers not in `skip`, linears
     stored in `bits` (8, 4: weight-only quantized; 16: bf16; 32: the target's float32) whose
     matmuls run in `compute` dtype, and a head cut to the first `head` tokens of `head_rank`
-    (None: the full vocabulary). The target is left unchanged."""
+    (None: the full vocabulary). shortlist=k (with bits 4 and a full head): a ShortlistHead
+    instead of the int8 head. The target is left unchanged."""
     if bits not in (4, 8, 16, 32):
         raise ValueError(f"bits must be 4, 8, 16 or 32, got {bits}.")
     if bits in (4, 8) and target.device.type != "cpu":
@@ -329,7 +357,9 @@ def self_draft(target: kernels.Model, bits: int = 8, head=None, skip=(), head_ra
         draft.layers.append(block)
     draft.norm = nn.Parameter(target.norm.detach().float(), False)
     W, V = target.head.weight, target.cfg.vocab_size
-    if head is None:
+    if head is None and shortlist and bits == 4 and compute != torch.float32:
+        draft.head = ShortlistHead(W, shortlist, compute)
+    elif head is None:
         draft.head = _linear(W, None, head_bits, compute)
     else:
         if head_rank is None:

@@ -107,6 +107,24 @@ def test_truncated_head_gives_minus_inf_outside_its_tokens():
     assert bool(out.softmax(-1)[:, outside].eq(0).all())
 
 
+def test_shortlist_head_rescores_its_top_k_with_the_float32_rows():
+    """The int4 scan only picks candidates: the k it ranks best carry the float32 head's own
+    logits, the rest the scan's, and the argmax is the float32 one when the scan ranks it."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(512, 64, generator=g) * 0.2
+    x = torch.randn(2, 3, 64, generator=g)
+    head = drafts.ShortlistHead(w, k=8)
+    out, exact = head(x), x @ w.T
+    scan = head.scan(x.reshape(-1, 64)).float().view(2, 3, -1)
+    best = scan.topk(8, dim=-1).indices
+    assert out.shape == (2, 3, 512) and out.dtype == torch.float32
+    torch.testing.assert_close(out.gather(-1, best), exact.gather(-1, best), atol=1e-5, rtol=0)
+    assert (scan.gather(-1, best) - exact.gather(-1, best)).abs().max() > 1e-4  # scan is not exact
+    rest = torch.ones_like(out, dtype=torch.bool).scatter_(-1, best, False)
+    assert torch.equal(out[rest], scan[rest])
+    assert torch.equal(out.argmax(-1), exact.argmax(-1))
+
+
 def test_shipped_neural_draft_loads_and_keeps_q_zero_outside_its_head(default_model,
                                                                     default_prompts):
     assert drafts.load_draft("default", default_model).name == drafts.DEFAULT_DRAFT
