@@ -322,13 +322,14 @@ def sweep(args, target, draft, prompts):
         w.writeheader()
         w.writerows(points)
     console = Console(width=None if sys.stdout.isatty() else 150)
-    top = max(p.get("speedup_vs_ar") or 0 for p in points) or 1
-    console.print(f"[bold]sweep[/bold] ({args.out}.json / .csv): speedup vs ar, one bar per point")
+    top = max(p["decode_tokens_per_s"] for p in points) or 1
+    console.print(f"[bold]sweep[/bold] ({args.out}.json / .csv): tokens/s, one bar per point")
     for p in points:
         label = " ".join(f"{k}={p[k]}" for k in grid) + f" {p['method']:>8}"
-        x = p.get("speedup_vs_ar") or 0
+        x = p["decode_tokens_per_s"]
+        vs = f" ({p['speedup_vs_ar']:.2f}x ar)" if p.get("speedup_vs_ar") else ""  # needs ar
         hit = f" hit {p['hit_rate']:.2f}" if p.get("hit_rate") is not None else ""
-        console.print(f"{label} [green]{'#' * round(40 * x / top):<40}[/green] {x:.2f}x "
+        console.print(f"{label} [green]{'#' * round(40 * x / top):<40}[/green] {x:6.2f} tok/s{vs} "
                       f"tau {p.get('tau') or 0:.2f}{hit}")
     return points
 
