@@ -15,8 +15,9 @@ file makes drafts out of the target itself, two ways:
      a full head that scans the vocabulary in int4 and rescores its 16 best tokens with the
      target's float32 rows (`ShortlistHead`, the default draft's) or a vocabulary-truncated head
      (the H tokens the target emits most; logits put back into the full vocabulary with -inf
-     elsewhere, so q = 0 there and verification stays exact), and fewer layers. The target's weights come from a 4-bit GGUF (Q4_1, groups of 32 with a
-     scale and a minimum): `Int4Linear` recovers them exactly.
+     elsewhere, so q = 0 there and verification stays exact), and fewer layers. The target's
+     weights come from a 4-bit GGUF (Q4_1, groups of 32 with a scale and a minimum):
+     `Int4Linear` recovers them exactly.
 
 TRAP, stated plainly. The int4/int8 drafts ARE the target's own weights, run with bf16 matmul
 inputs. The int4 kernel with float32 inputs reproduces the float32 target (max logit difference
@@ -24,18 +25,19 @@ inputs. The int4 kernel with float32 inputs reproduces the float32 target (max l
 dense is the target's fastest exact kernel, AR uses it, and against it these drafts are real
 drafts (SD with them is lossless). But whoever accepts bf16 matmul inputs for the target should
 run AR itself in bf16 (`--dtype bfloat16`: oneDNN-packed bf16 linears, 1.34x float32 AR on 2
-threads, 1.47x on 1, at fb529f2) or in the int4 kernel (about 2.5x float32 AR: c = 0.40), which
-beats SD with any draft here: in that setting every int4/int8 draft falls into the trap, and
-only the n-gram draft (and the layer-skipping drafts, which lose) is a draft at all.
+threads, 1.47x on 1, at fb529f2) or in the int4 kernel (about 1/c = 2.9x float32 AR, c = 0.35),
+which beats SD with any draft here: in that setting every int4/int8 draft falls into the trap,
+and only the n-gram draft (and the layer-skipping drafts, which lose) is a draft at all.
 
-Measured (`python drafts.py eval --threads 2 --max-new-tokens 128 --measure-sd`, commit 924a7b6,
+Measured (`python drafts.py eval --threads 2 --max-new-tokens 128 --measure-sd`, commit a0bdd34,
 with the fused CPU layer; 10 HumanEval + 6 chat prompts never used to build anything, float32
 target, K = 4, 2 threads):
     draft            c     greedy agreement  alpha(T=1)   S_4    SD measured (tokens/s vs AR)
-    int4 (default)   0.40  0.99              0.99         1.88   1.48x (tau 4.66)
-    int4-h8k         0.32  0.90              0.89         1.82   1.37x (tau 3.92)
-    ngram            0.002 0.48 (code 0.59)  0.43         1.85   1.07x (tau 1.64)
-The gap between S_4 and the measurement: verifying K+1 = 5 tokens costs r = 1.39 float32 decode
+    int4 (default)   0.35  0.998             0.988        2.08   1.62x (tau 4.80)
+    int4-int8head    0.38  0.985             0.985        1.92   (not timed; the default before)
+    int4-h8k         0.33  0.90              0.89         1.78   1.40x (tau 3.92)
+    ngram            0.002 0.48 (code 0.59)  0.43         1.85   1.05x (tau 1.64)
+The gap between S_4 and the measurement: verifying K+1 = 5 tokens costs r = 1.35 float32 decode
 steps here, not 1 (S_K assumes 1), and each round re-feeds the draft's second-to-last token.
 `eval` prints every candidate.
 
