@@ -244,6 +244,19 @@ def test_greedy_equals_autoregressive_on_default_model(default_model, default_pr
     assert stats["acceptance_rate"] < 0.5
 
 
+def test_greedy_equals_autoregressive_with_the_shipped_int4_draft(default_model, default_prompts):
+    """The default draft (int4 layers, shortlist head: drafts.py) is a different model from the
+    target: output still equals ar's, and it agrees with the target most of the time."""
+    import drafts
+    prompts = default_prompts[:2]
+    want, _ = autoregressive.generate(default_model, prompts, 32)
+    draft = drafts.load_draft("default", default_model)
+    assert isinstance(draft.head, drafts.ShortlistHead)
+    got, stats = speculative.generate(default_model, prompts, 32, draft=draft, k=4)
+    assert got == want
+    assert stats["acceptance_rate"] > 0.8
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_acceptance_does_not_decay_over_long_generations(temperature):
     """draft = target accepts all K every round, for 250 tokens. If the draft's cache missed x_K
