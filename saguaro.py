@@ -910,11 +910,12 @@ def main():
     ids = kernels.encode_prompt(target, args.prompt)
     with DraftWorker(args.draft, target, device=args.draft_device, threads=draft_threads,
                      timeout_s=args.timeout) as worker:
-        tokens, stats = generate(target, ids, args.max_new_tokens, draft=worker, k=args.k,
-                                 f=args.f, fan_out=args.fan_out, saguaro_c=args.saguaro_c,
-                                 backup=args.backup, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                 budget=args.budget)
+        for n in (min(8, args.max_new_tokens), args.max_new_tokens):  # a short warm-up first:
+            tokens, stats = generate(target, ids, n, draft=worker, k=args.k,  # first calls pack
+                                     f=args.f, fan_out=args.fan_out, saguaro_c=args.saguaro_c,
+                                     backup=args.backup, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                     budget=args.budget)                         # weights
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s, "
           f"tau {stats['tau']:.2f}, cache hit rate {stats['hit_rate'] or 0:.2f}, a "
