@@ -16,7 +16,8 @@ costs no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
 2. Geometric fan-out (Thm. 12). With acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
    F_k ~ P(k)^(1/(1+r)): F_k = F_0 a^(k/(1+r)) for k < K, F_K = F_0 a^(K/(1+r)) (1-a)^(-1/(1+r)).
-   a and r are measured online; one schedule applies after a hit, one after a miss.
+   a and r are measured online (kept across the calls on one DraftWorker with the same
+   settings); one schedule applies after a hit, one after a miss.
 3. Saguaro sampling (Def. 14). The draft samples from q', its q with the top-(F+1) tokens scaled
    by C in [0, 1] and renormalized: the residual max(0, p - q') then lands on the tokens the
    cache bet on more often. Exact, because verification divides by the same q'.
@@ -24,6 +25,9 @@ costs no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
    tokens now: good acceptance, costs time) or the fast backup (n-gram lookup: ~free, weaker).
    A batch waits if any row misses, P(all hit) = p_hit^b, so past a critical batch size b* the
    fast backup wins; b* comes from the speed model below and the measured a, p_hit, latencies.
+   A miss served by the fast backup also hands the NEXT lookup a cache built over a weak
+   speculation, which hits at its own rate p_f: in the long run a share
+   p_f / (1 - p_hit + p_f) of lookups hit, and that is the p_hit the rule puts in for it.
 5. The speed model (Thm. 7), times in units of one target verify, E = tokens per round:
    speedup = [p_hit E_hit + (1-p_hit) E_miss] / [p_hit max(1, T_p) + (1-p_hit)(1 + T_b)].
 6. Faults: if the draft process dies or stops answering, the target finishes on its own with
@@ -137,13 +141,15 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
 class Estimates:
     """What the rules above run on, measured online from the rounds (priors count as two
     observations): acceptance a of the draft (cache and JIT speculations: one network, one q')
-    and of the fast backup, the miss-curve exponent r, the hit rate, latencies in seconds."""
+    and of the fast backup, the miss-curve exponent r, the hit rates of caches built over the
+    draft's and over the fast backup's speculations, latencies in seconds."""
     PRIOR_N = 2.0
 
     def __init__(self, K, budget, fan_out, backup):
         self.K, self.budget, self.fan_out, self.backup = K, budget, fan_out, backup
         self.acc = {"draft": [1.0, self.PRIOR_N], "fast": [1.0, self.PRIOR_N]}  # sum, count: a=0.5
-        self.hits = [1.0, self.PRIOR_N]
+        self.hits = {"draft": [1.0, self.PRIOR_N], "fast": [1.0, self.PRIOR_N]}  # by who made
+        # the speculation the cache was built over: hits, lookups
         self.rank_counts = torch.zeros(65)   # ranks of the true bonus among the draft's guesses
         self.secs = {}                       # running means: verify, build, step, jit, fast
 
@@ -161,8 +167,15 @@ class Estimates:
         x, y = F.log(), miss.log()
         return float((-(x * y).sum() / (x * x).sum()).clamp(0.05, 8.0))
 
-    def p_hit(self):
-        return self.hits[0] / self.hits[1]
+    def p_hit(self, backup="jit"):
+        """The long-run hit rate under this backup. JIT: every speculation is the draft's, p_d.
+        Fast: a miss makes the next speculation a fast one, whose cache hits at p_f; lookups
+        then follow a two-state chain whose stationary hit share is p_f / (1 - p_d + p_f)."""
+        p_d = self.hits["draft"][0] / self.hits["draft"][1]
+        if backup != "fast":
+            return p_d
+        p_f = self.hits["fast"][0] / self.hits["fast"][1]
+        return p_f / (1 - p_d + p_f)
 
     def learn_from_draft(self, reply, live, first_round):
         """The draft process's answer: ranks of the true bonus (for r), its latencies."""
@@ -212,7 +225,7 @@ class Estimates:
                "fast": self.sec("fast", 0.0)}
         e_hit = expected_tokens(self.a("draft"), self.K)
         e_miss = expected_tokens(self.a("fast" if backup == "fast" else "draft"), self.K)
-        return predicted_speedup(self.p_hit(), e_hit, e_miss, build / verify,
+        return predicted_speedup(self.p_hit(backup), e_hit, e_miss, build / verify,
                                  t_b[backup] / verify, batch)
 
     def choose_backup(self, batch):
@@ -298,6 +311,7 @@ class DraftWorker:
                              "(NCCL) or both on the CPU (gloo).")
         self.comm = tdev if self.backend == "nccl" else torch.device("cpu")
         self.timeout_s, self.rounds, self.process, self.in_session = timeout_s, 0, None, False
+        self.estimates = {}  # generate() settings -> Estimates: learned over all its calls
         target_ref = (getattr(target, "path", None), str(target.dtype).split(".")[-1])
         # on a CPU each process gets its own cores, pinned: left free, the two processes (which
         # wake each other every round) get placed on one core by the scheduler, half speed each
@@ -729,7 +743,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         fast = fast_backup or _fast_backup(target, prompts)
         gen = kernels.make_generator(seed, dev)
         eos_ids = set(target.cfg.eos_token_ids) if eos else set()
-        est = Estimates(K, budget, fan_out, backup)
+        # what the rules learn carries over between calls on one worker with the same settings
+        est = worker.estimates.setdefault((K, budget, fan_out, backup, B, temperature, top_k,
+                                           top_p, saguaro_c), Estimates(K, budget, fan_out, backup))
         stats = kernels.new_stats(K)
         stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1),
                      backup_used={"jit": 0, "fast": 0}, backup_why=None, b_star=None,
@@ -769,6 +785,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         t0 = time.perf_counter()
         accepted = 0
         outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
+        made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
         fan_hit, fan_miss = est.fan_outs(backup)
         while not all(done):
             # 2a) NEW: the outcome (k, t) goes to the draft process, which answers at once from
@@ -846,15 +863,16 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
                 if answered and outcome[b] >= 0:  # the first round had no cache to hit
                     stats["lookups_by_k"][int(outcome[b])] += 1
                     stats["hits_by_k"][int(outcome[b])] += bool(hit[b])
-                    est.hits[0] += bool(hit[b])
-                    est.hits[1] += 1
+                    made_by = est.hits["fast" if made[b] == NEED_FAST else "draft"]
+                    made_by[0] += bool(hit[b])
+                    made_by[1] += 1
                 room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
                 done[b] = emit(rows[b], x[b, :n].tolist() + [int(bonus[b])], room, eos_ids)
             cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
 
             # 2d) NEW: learn the acceptance of the draft and of the fast backup for the rules
             est.learn_acceptance(p, q, live & ~need_fast, need_fast, shadow, q_fast)
-            outcome = n_accepted.cpu()
+            outcome, made = n_accepted.cpu(), source.clone()
         if worker.alive:
             try:
                 worker.end()
@@ -865,7 +883,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         if stats["rows_verified"]:
             stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
         choice, _ = est.choose_backup(B)
-        stats.update(a=est.a("draft"), a_fast=est.a("fast"), r=est.r(), p_hit=est.p_hit(),
+        stats.update(a=est.a("draft"), a_fast=est.a("fast"), r=est.r(), p_hit=est.p_hit(choice),
                      b_star=est.b_star(),
                      fan_out_hit=fan_hit, fan_out_miss=fan_miss,
                      predicted_speedup=est.speed(choice, B))

@@ -188,7 +188,7 @@ def rule(p_hit=0.8, a=0.8, a_fast=0.4, jit_s=0.3, fast_s=0.001, backup="auto"):
     est = saguaro.Estimates(K=4, budget=15, fan_out="geometric", backup=backup)
     n = 1e6  # as if measured over many rounds
     est.acc = {"draft": [a * n, n], "fast": [a_fast * n, n]}
-    est.hits = [p_hit * n, n]
+    est.hits = {"draft": [p_hit * n, n], "fast": [p_hit * n, n]}
     est.secs = {"verify": 1.0, "build": 0.9, "jit": jit_s, "fast": fast_s}
     return est
 
@@ -205,6 +205,26 @@ def test_batch_aware_rule_takes_jit_below_b_star_and_fast_from_it():
     # a fast backup as good as the draft always wins
     assert rule(a_fast=0.8).b_star() == 1
     assert rule(backup="jit").choose_backup(1000) == ("jit", "--backup jit")
+
+
+def test_fast_backup_hit_rate_is_the_stationary_share_of_a_two_state_chain():
+    """With the fast backup a miss makes the next speculation a fast one, whose cache hits at
+    its own rate p_f: the long-run share of hits the rule uses must match a simulation."""
+    est = rule(p_hit=0.85)
+    n = 1e6
+    est.hits["fast"] = [0.4 * n, n]
+    assert est.p_hit("jit") == pytest.approx(0.85)
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(200_000, generator=g).tolist()
+    by_draft, hits = True, 0
+    for x in u:                     # who made this round's speculation decides its cache's odds
+        hit = x < (0.85 if by_draft else 0.4)
+        hits += hit
+        by_draft = hit              # a miss is served by the fast backup
+    assert est.p_hit("fast") == pytest.approx(hits / len(u), abs=0.005)
+    assert est.p_hit("fast") < 0.85
+    # so a weak fast backup is predicted slower than when its caches hit like the draft's
+    assert est.speed("fast", 1) < rule(p_hit=0.85).speed("fast", 1)
 
 
 @pytest.mark.parametrize("k_hit", [0, 1, 3])
@@ -302,6 +322,21 @@ def test_greedy_output_equals_autoregressive_in_two_processes(tiny_pair, config)
     assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0, stats  # both paths ran
     assert stats["draft_lost"] is None and worker.alive
     assert sum(stats["backup_used"].values()) >= len(RAGGED)  # the cold start, at least
+
+
+def test_estimates_carry_over_between_calls_with_the_same_settings(tiny_pair):
+    """What the rules learn (a, r, hit rates, latencies) is kept per worker and settings: a
+    second call goes on from the first call's observations; other settings start afresh."""
+    target, worker = tiny_pair
+    worker.estimates.clear()
+    saguaro.generate(target, RAGGED, 20, draft=worker, k=3, f=1)
+    (est,) = worker.estimates.values()
+    lookups = est.hits["draft"][1] + est.hits["fast"][1]
+    saguaro.generate(target, RAGGED, 20, draft=worker, k=3, f=1)
+    assert list(worker.estimates.values()) == [est]
+    assert est.hits["draft"][1] + est.hits["fast"][1] > lookups
+    saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1)
+    assert len(worker.estimates) == 2
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
