@@ -355,9 +355,8 @@ def main(argv=None):
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     # saguaro on the built-in pair, 1 core each: the draft runs K + 1 = 4 forwards per round
     # (~13 ms each) beside a 4-token verify (~45 ms), betting its one guess (B = 1) on "all
-    # accepted"; a miss is served by the draft itself (jit). 4-prompt runs at 7f6af6f..:
-    # K = 1 (B = 2) 1.02-1.04x sd@1t, K = 2 (B = 1) 1.11x, K = 3 (B = 1, jit) 1.23x and 1.32x,
-    # K = 3 (B = 1, auto) 1.20x, K = 4 (B = 1, jit) 1.23x, K = 5 (B = 1, jit) 1.01x
+    # accepted"; a miss is served by the draft itself (jit). 4-prompt runs vs sd@1t: K = 3,
+    # B = 1, jit 1.37-1.39x; K = 4 1.40x; K = 3, B = 2 1.22x (a0bdd34..6249844; README)
     ap.add_argument("--budget", type=int, default=1,
                     help="saguaro's cache budget B: guesses per row per round")
     ap.add_argument("--saguaro-k", type=int, default=3,
