@@ -69,9 +69,9 @@ def main():
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     ids = kernels.encode_prompt(target, args.prompt)
-    for n in (min(8, args.max_new_tokens), args.max_new_tokens):  # a short warm-up run first:
-        tokens, stats = generate(target, ids, n, temperature=args.temperature,  # first calls
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # pack weights
+    tokens, stats = kernels.after_warm_up(lambda n: generate(
+        target, ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed), args.max_new_tokens)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
           f"decode {stats['decode_tokens_per_s']:.1f} tokens/s]")

@@ -850,6 +850,13 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def after_warm_up(run, max_new_tokens: int, warm_up: int = 8):
+    """What a CLI times: run(n) -> (tokens, stats), called first for a few tokens, whose first
+    calls pack the weights and build the fused layer for each step length, then for real."""
+    run(min(warm_up, max_new_tokens))
+    return run(max_new_tokens)
+
+
 def add_common_args(parser) -> None:
     """The flags every script spells the same way."""
     parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")

@@ -289,10 +289,9 @@ def main():
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     draft = load_draft(args.draft, target, args)
     ids = kernels.encode_prompt(target, args.prompt)
-    for n in (min(8, args.max_new_tokens), args.max_new_tokens):  # a short warm-up run first:
-        tokens, stats = generate(target, ids, n, draft=draft, k=args.k, f=args.f,  # first calls
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed)                                  # pack weights
+    tokens, stats = kernels.after_warm_up(lambda n: generate(
+        target, ids, n, draft=draft, k=args.k, f=args.f, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed), args.max_new_tokens)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
           f"decode {stats['decode_tokens_per_s']:.1f} tokens/s (one device), tau "
