@@ -339,6 +339,25 @@ def test_estimates_carry_over_between_calls_with_the_same_settings(tiny_pair):
     assert len(worker.estimates) == 2
 
 
+def test_a_cold_first_verify_stays_out_of_the_latency_means(tiny_pair):
+    """The first verify of a call may pack weights (a one-off): kept out of the running mean,
+    which later calls inherit, it cannot inflate the speed model or the measured speedup."""
+    target, worker = tiny_pair
+    worker.estimates.clear()
+    forward, calls = target.forward, []
+
+    def cold_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.5)
+        return forward(*args, **kwargs)
+    target.forward = cold_once
+    _, stats = saguaro.generate(target, RAGGED[:1], 8, draft=worker, k=2, f=1)
+    (est,) = worker.estimates.values()
+    assert len(calls) >= 2 and est.sec("verify") < 0.1
+    assert stats["measured_speedup"] < 2 * (2 + 1)  # at most K + 1 tokens per verify, give or take
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
 def test_each_process_gets_its_own_cores_and_the_caller_gets_its_own_back(tiny_pair):
     target, worker = tiny_pair
