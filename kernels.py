@@ -98,24 +98,60 @@ CPU_KERNELS = os.environ.get("SSD_CPU_KERNELS", "fused")
 if CPU_KERNELS not in ("fused", "eager"):
     raise ValueError(f"SSD_CPU_KERNELS={CPU_KERNELS!r}: use 'fused' or 'eager'.")
 _cpu_ops = None  # the compiled kernels_cpu module, once cpu_ops() has loaded it
+_CPU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels_cpu.cpp")
+
+
+CPU_BUILD_FLAGS = ["-O3"]
+BUILD_WAIT_S = 900.0  # how long a process waits for another one's build before running eager
+
+
+def cpu_build_dir() -> str:
+    """Where kernels_cpu.cpp is built: keyed by its content, the flags and torch's version, so
+    checkouts with different sources never build over each other, and an edit rebuilds."""
+    import hashlib
+    with open(_CPU_SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + repr((CPU_BUILD_FLAGS, torch.__version__,
+                                              sys.version_info[:2])).encode()).hexdigest()
+    return os.path.join(cache_dir(), "build", f"kernels_cpu-{key[:16]}")
 
 
 def cpu_ops():
     """The fused CPU kernels (kernels_cpu.cpp): compiled on first use on this machine (~30 s,
     with a message), loaded from the build cache after that. None when SSD_CPU_KERNELS=eager,
-    or when the build failed (a warning says why; the eager PyTorch layer then runs)."""
+    or when the build failed (a warning says why; the eager PyTorch layer then runs).
+    One build at a time per build folder, under an OS file lock (released when its holder dies,
+    even by SIGKILL): a second process waits (with a message, at most BUILD_WAIT_S), then loads
+    the finished build. torch's own build lock is a plain file that a killed build leaves
+    behind (the next load would wait for ever); whoever holds our lock removes it."""
     global _cpu_ops, CPU_KERNELS
     if _cpu_ops is None and CPU_KERNELS == "fused":
         try:
+            from filelock import FileLock, Timeout
             from torch.utils.cpp_extension import load
-            build = os.path.join(cache_dir(), "build", f"torch-{torch.__version__}")
+            build = cpu_build_dir()
             os.makedirs(build, exist_ok=True)
-            if not any(f.endswith(".so") for f in os.listdir(build)):
-                print("kernels: compiling kernels_cpu.cpp once for this machine (~30 s) ...",
-                      file=sys.stderr, flush=True)
-            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels_cpu.cpp")
-            _cpu_ops = load("ssd_kernels_cpu", [src], extra_cflags=["-O3"], build_directory=build)
-        except Exception as e:  # no compiler, no ninja, ...: slower, still correct
+            lock = FileLock(build + ".lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                print(f"kernels: another process is building kernels_cpu.cpp in {build}; "
+                      f"waiting for it (at most {BUILD_WAIT_S:.0f} s) ...", file=sys.stderr,
+                      flush=True)
+                lock.acquire(timeout=BUILD_WAIT_S)
+            try:
+                stale = os.path.join(build, "lock")
+                if os.path.exists(stale):
+                    print(f"kernels: removing {stale}, left by a build that was killed midway",
+                          file=sys.stderr, flush=True)
+                    os.remove(stale)
+                if not any(f.endswith(".so") for f in os.listdir(build)):
+                    print("kernels: compiling kernels_cpu.cpp once for this machine (~30 s) ...",
+                          file=sys.stderr, flush=True)
+                _cpu_ops = load("ssd_kernels_cpu", [_CPU_SOURCE], extra_cflags=CPU_BUILD_FLAGS,
+                                build_directory=build)
+            finally:
+                lock.release()
+        except Exception as e:  # no compiler, no ninja, a build that never ends: slower, correct
             import warnings
             warnings.warn(f"kernels_cpu.cpp did not build ({type(e).__name__}: {e}); the CPU "
                           "runs the eager PyTorch layer instead (install a C++ compiler and "
@@ -684,6 +720,19 @@ def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
     return model
 
 
+def stop_ids(path: str, config_eos: tuple) -> tuple:
+    """The ids generation stops on, as transformers decides them: generation_config.json's
+    eos_token_id when that file sets one (Qwen3 instruct models list two there), else
+    config.json's (`config_eos`)."""
+    gen_file = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen_file):
+        with open(gen_file) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return config_eos
+
+
 def load_model(name: str = "default", device: str = "auto", dtype: str = "float32",
                threads: int | None = None) -> Model:
     """A hub id, a local HF folder (config.json + *.safetensors + tokenizer), or 'default'.
@@ -696,6 +745,7 @@ def load_model(name: str = "default", device: str = "auto", dtype: str = "float3
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder.")
     with open(cfg_file) as f:
         cfg = ModelConfig.from_hf(json.load(f))
+    cfg.eos_token_ids = stop_ids(path, cfg.eos_token_ids)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors weights (pytorch .bin files are not "
@@ -735,16 +785,23 @@ def encode_prompt(model: Model, text: str, chat: bool = True) -> list:
 def probs_from_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                       top_p: float | None = None) -> torch.Tensor:
     """logits (..., V) -> the distribution we sample from (float32, same shape).
-    Temperature 0 is greedy: a one-hot at the argmax. Every loop calls this one function, so the
-    q that verification divides by is exactly the q the proposal was sampled from."""
+    Temperature 0 is greedy: a one-hot at the argmax; a tiny T > 0 tends to it (tied maxima
+    share the mass). top_k keeps the k largest logits (and any tied with the k-th); top_p then
+    keeps the smallest set of most likely tokens whose tempered mass reaches top_p. Every loop
+    calls this one function, so the q that verification divides by is exactly the q the
+    proposal was sampled from."""
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
+        # ranked before the temperature divides (same order for any T > 0, and a huge T cannot
+        # round distinct logits into ties); tokens tied with the k-th all stay
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # shift the maximum to 0 before dividing: logits / T overflows to inf - inf = NaN for a tiny
+    # T, while (logits - max) / T only runs to -inf, and the softmax tends to the greedy limit
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
@@ -754,8 +811,11 @@ def probs_from_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int
 
 
 def check_sampling(temperature, top_k=None, top_p=None) -> None:
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    """ValueError, naming the setting, for a temperature that is not a finite number >= 0, a
+    top_k below 1 or a top_p outside (0, 1]. A tiny temperature is fine: it tends to greedy."""
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature}.")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}.")
     if top_p is not None and not 0 < top_p <= 1:
@@ -805,9 +865,18 @@ def check_request(model: Model, prompts: list, max_new_tokens: int, room: int = 
         raise ValueError("empty prompt: every row needs at least one token.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    V = model.cfg.vocab_size
-    if any(not 0 <= t < V for p in prompts for t in p):
-        raise ValueError(f"prompt holds a token id outside the model's vocabulary [0, {V}).")
+    # ids past the tokenizer are embedding padding (151936 rows for 151669 tokens): no text
+    # encodes them, and a draft padded to another size may lack them, so every loop refuses them
+    tok, V = model.tokenizer, model.cfg.vocab_size
+    n_ids = min(V, len(tok)) if tok is not None else V
+    for b, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < n_ids]
+        if bad:
+            raise ValueError(f"prompt row {b} holds token id {bad[0]!r}, outside [0, {n_ids}): "
+                             + (f"the tokenizer has {len(tok)} tokens (ids past it are padding "
+                                f"of the {V}-row embedding)" if tok is not None else
+                                f"the model's vocabulary") + ". Encode prompts with the "
+                             "target's tokenizer (kernels.encode_prompt).")
     need = max(len(p) for p in prompts) + max_new_tokens
     if need > model.cfg.max_positions:
         raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
