@@ -18,7 +18,7 @@ last emitted token t0, the draft
 When the target's outcome (k, t) arrives: a hit means the next speculation is S[(k, t)], ready at
 once; a miss falls back to drafting K tokens now (just in time, as SD does). Verification is SD's
 rule, unchanged, with the q each cached token was really sampled from: the output is exactly the
-target's distribution, and equals autoregressive.py token for token at temperature 0.
+target's distribution, and equals autoregressive.py token for token at temperature 0 in float32.
 
 Notation (Speculative Speculative Decoding, Kumar, Dao, May 2026): p = target, q = draft, K =
 speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k branches per row
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from speculative import check_draft, emit, load_draft, pad_vocab, verify
+from speculative import check_draft, emit, one_hot, pad_vocab, verify
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         build_s, tick = time.perf_counter() - tick, time.perf_counter()
 
         # 2c) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
-        # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in
+        # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in.
+        # Finished rows ride along unchanged (some never had a speculation): any q will do
+        finished = torch.tensor(done, device=dev)
+        draft_probs[finished] = one_hot(draft_tokens[finished], Vc)
         tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
         p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
@@ -279,15 +282,16 @@ def parse_fanout(text):
 
 
 def main():
+    import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     kernels.add_common_args(ap)
-    ap.add_argument("--draft", default="default", help="draft model name/folder, or a drafts.py name")
+    ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=parse_fanout, default=3, help="fan-out F, or F_0,...,F_K")
     ap.add_argument("--prompt", required=True)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
-    draft = load_draft(args.draft, target, args)
+    draft = drafts.load_draft(args.draft, target)
     ids = kernels.encode_prompt(target, args.prompt)
     tokens, stats = kernels.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, f=args.f, temperature=args.temperature,
