@@ -260,10 +260,20 @@ START, SHUTDOWN, ROUND, END = 1, 2, 3, 4
 HIT, JIT, NEED_FAST = 0, 1, 2           # where a row's next speculation comes from
 BACKUPS = ("jit", "fast")
 _LIVE = set()                           # started workers, closed at exit
+_OURS = {"group": False}                # whether torch.distributed's default group is ours
 
 
 class DraftLost(RuntimeError):
     """The draft process died or did not answer in time."""
+
+
+def check_seconds(name, value, low=1e-3, high=86400.0):
+    """A wait bound in seconds, in [1 ms, 1 day]: torch.distributed counts whole milliseconds
+    and reads 0 as "its default" (a sub-ms timeout would silently become ~60 s)."""
+    if not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number of seconds in [{low:g}, {high:g}] (1 ms to 1 "
+                         f"day), got {value!r}.")
+    return float(value)
 
 
 def _free_port() -> int:
@@ -300,9 +310,18 @@ class DraftWorker:
             raise ValueError("saguaro's draft process needs a neural draft (a kernels.Model, its "
                              "name, or a factory): a model-free proposer cannot fill a speculation "
                              "cache. It serves as the fast backup (--backup fast) instead.")
-        if _LIVE:
+        timeout_s = check_seconds("timeout_s (--timeout)", timeout_s)
+        load_timeout_s = check_seconds("load_timeout_s", load_timeout_s)
+        if any(w.alive for w in _LIVE):
             raise RuntimeError("a DraftWorker is already running in this process (torch."
                                "distributed has one default group): close() it first.")
+        for stale in list(_LIVE):  # lost workers: their process is gone, free their group
+            stale.close()
+        _leave_process_group()
+        if dist.is_initialized():
+            raise RuntimeError("torch.distributed is already initialized in this process (not "
+                               "by saguaro): the draft process needs the default group; start "
+                               "saguaro in a process of its own.")
         tdev = target.device
         ddev = kernels.resolve_device(device) if device else tdev
         self.backend = "nccl" if tdev.type == ddev.type == "cuda" else "gloo"
@@ -348,6 +367,7 @@ class DraftWorker:
             dist.init_process_group(self.backend, store=store, rank=0, world_size=2,
                                     timeout=datetime.timedelta(seconds=60),
                                     device_id=tdev if self.backend == "nccl" else None)
+            _OURS["group"] = True
             ready = torch.zeros(1, dtype=torch.long, device=self.comm)
             _timed(dist.irecv(ready, src=1), load_timeout_s)
         except BaseException:
@@ -362,6 +382,15 @@ class DraftWorker:
             self.close()
             raise ValueError(f"target and draft have vocabularies of {target.cfg.vocab_size} and "
                              f"{self.vocab_size} tokens and no tokenizer to show they share ids.")
+
+    def reset(self):
+        """Forget what the rules learned (a, r, hit rates, latencies) over earlier calls: the
+        next generate() starts from the priors, as on a fresh worker. What a seed reproduces:
+        the same call on a fresh or reset worker gives the same tokens with backup "jit" or
+        "fast"; a call after others on the same worker starts from what they taught the fan-out
+        rule, so its tokens can differ (same law, other coins); with backup "auto" the choice
+        also follows measured latencies, which no seed fixes."""
+        self.estimates.clear()
 
     @property
     def alive(self) -> bool:
@@ -378,7 +407,7 @@ class DraftWorker:
         """Start a generation: the draft prefills its own cache with the prompts."""
         longest = max(len(p) for p in prompts)
         header = torch.zeros(16, dtype=torch.float64)
-        header[:11] = torch.tensor([START, len(prompts), longest, K, vocab, max_len, seed,
+        header[:11] = torch.tensor([START, len(prompts), longest, K, vocab, max_len, seed or 0,
                                     temperature, top_k or -1, top_p or -1, c])
         table = torch.zeros(len(prompts), 1 + longest, dtype=torch.long)
         for b, p in enumerate(prompts):
@@ -418,32 +447,48 @@ class DraftWorker:
         self.in_session = False
 
     def close(self):
-        """Stop the draft process (politely, then by force) and leave torch.distributed."""
+        """Stop the draft process (politely, then by force) and leave torch.distributed. Never
+        raises and always unregisters, so a new DraftWorker can start after any failure."""
         p, self.process = self.process, None
-        if p is not None:
-            if p.is_alive() and dist.is_initialized() and not self.in_session:
-                try:
-                    header = torch.zeros(16, dtype=torch.float64)
-                    header[0] = SHUTDOWN
-                    _timed(dist.isend(header.to(self.comm), dst=1), 1.0)
-                except DraftLost:
-                    pass
-                p.join(2.0)
-            if p.is_alive():
-                p.terminate()
-                p.join(2.0)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        _LIVE.discard(self)
+        try:
+            if p is not None:
+                if p.is_alive() and dist.is_initialized() and not self.in_session:
+                    try:
+                        header = torch.zeros(16, dtype=torch.float64)
+                        header[0] = SHUTDOWN
+                        _timed(dist.isend(header.to(self.comm), dst=1), 1.0)
+                    except DraftLost:
+                        pass
+                    p.join(2.0)
+                for stop in (p.terminate, p.kill):
+                    if p.is_alive():
+                        stop()
+                        p.join(5.0)
+                if p.is_alive():
+                    warnings.warn(f"saguaro: the draft process {p.pid} survived SIGKILL for 5 s; "
+                                  "left behind.", RuntimeWarning, stacklevel=2)
+        finally:
+            _leave_process_group()
+            _LIVE.discard(self)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _leave_process_group():
+    """destroy_process_group for the group a DraftWorker made (never a group of the caller's),
+    which can raise after the peer was lost mid-message (gloo's pending work): warn and go on;
+    a group still there is tried again by the next DraftWorker."""
+    if dist.is_initialized() and _OURS["group"]:
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 -- any teardown error leaves the same state
+            warnings.warn(f"saguaro: leaving torch.distributed raised {type(e).__name__}: {e}",
+                          RuntimeWarning, stacklevel=3)
+        _OURS["group"] = dist.is_initialized()
 
 
 @atexit.register
@@ -463,11 +508,8 @@ def _load_draft(spec, target_ref, device):
     if isinstance(spec, str):  # drafts.py builds its drafts from the target's weights
         path, dtype = target_ref
         target = kernels.load_model(path or "default", str(device), dtype)
-        if spec in ("self", path):
-            model = target
-        else:
-            import drafts
-            model = drafts.load_draft(spec, target)
+        import drafts
+        model = drafts.load_draft(spec, target)
     elif callable(spec) and not isinstance(spec, torch.nn.Module):
         model = spec()
     else:
@@ -710,6 +752,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
     uniform fan-out; budget: B, the guesses per row per round for both fan-outs (default
     (K+1) f; fewer branches make a cheaper build on a slow draft); saguaro_c: C; backup: auto (the
     batch-aware rule) | jit | fast; fast_backup: a proposer (default: drafts.py's n-gram).
+    seed: the coins of both processes; what it reproduces on a reused worker: DraftWorker.reset.
     Returns (tokens, stats) as ssd.generate does; stats add backup_used (row-rounds per backup),
     backup_why, b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7) and
     measured_speedup (the same quantity measured: tokens per row per target-verify time),
@@ -725,6 +768,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {saguaro_c}.")
     if budget is not None and (not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
+    check_seconds("timeout_s", timeout_s)
     K, budget = k, budget or (k + 1) * f
     max_len = kernels.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
@@ -799,6 +843,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
             x = torch.zeros(B, K, dtype=torch.long, device=dev)          # (B, K) speculation
             q = torch.zeros(B, K, Vt, device=dev)                          # (B, K, Vt) its q
             source = torch.full((B,), NEED_FAST)                           # (B,) its origin
+            if not worker.alive and stats["draft_lost"] is None:  # died between two messages
+                lose("exited")
             answered, tick = worker.alive, time.perf_counter()
             if answered:
                 try:
@@ -906,9 +952,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
 
 
 def main():
+    import drafts  # the one resolver of draft names, for the --help text here
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     kernels.add_common_args(ap)
-    ap.add_argument("--draft", default="default", help="draft name (drafts.py) or model folder")
+    ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=int, default=3, help="guesses per k; budget B = (K+1) f")
     ap.add_argument("--budget", type=int, default=None,
