@@ -411,10 +411,18 @@ def _manifest_for(target) -> tuple:
 # ----------------------------------------------------------------------------------------------
 # 4) loading: a drafts.py name, or a model name/path
 
+DRAFT_NAMES = ("default", "ngram", "self")  # and CANDIDATES, a model folder or a hub id
+DRAFT_HELP = ("default (the target's int4 self-draft), ngram (model-free), self (the target "
+              "itself), another drafts.py candidate, or a model folder / hub id")
+
+
 def load_draft(name: str, target: kernels.Model):
-    """'ngram' -> NGramDrafter; 'default' or a CANDIDATES name -> the neural self-draft rebuilt
+    """The one resolver of draft names, for every CLI, bench.py and saguaro's draft process:
+    'ngram' -> NGramDrafter; 'default' or a CANDIDATES name -> the neural self-draft rebuilt
     from the target and the shipped artifacts (after checking they belong to this target);
-    anything else -> kernels.load_model(name) on the target's device and dtype."""
+    'self' (or the target's own name or folder) -> the target itself (each loop gives it its
+    own KV cache); anything else -> kernels.load_model(name) on the target's device and dtype.
+    Errors: FileNotFoundError for an unknown name, ValueError for a target without drafts."""
     if name == "ngram" or name == "default" or name in CANDIDATES:
         manifest, folder = _manifest_for(target)
         if name == "ngram":
@@ -423,12 +431,14 @@ def load_draft(name: str, target: kernels.Model):
         name = DEFAULT_DRAFT if name == "default" else name
         rank = np.load(os.path.join(folder, manifest["head_rank_file"]))
         return self_draft(target, head_rank=rank, name=name, **CANDIDATES[name])
+    if name == "self" or name in (getattr(target, "name", None), getattr(target, "path", None)):
+        return target
     dtype = str(target.dtype).removeprefix("torch.")
     try:
         return kernels.load_model(name, str(target.device), dtype)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (drafts.py's own drafts are: ngram, default, "
-                                f"{', '.join(CANDIDATES)})") from e
+        raise FileNotFoundError(f"{e} (drafts.py's own drafts are: "
+                                f"{', '.join(DRAFT_NAMES + tuple(CANDIDATES))})") from e
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ the output distributed exactly as the target's (Leviathan et al. 2023, Chen et a
 A round's verification outcome is v = (k, t): k in 0..K drafted tokens accepted, then the bonus
 t. Each round emits k+1 tokens for one target forward; tau = mean tokens per round per row
 (bonus included). At temperature 0, p and q are one-hot and the rule becomes "accept while
-x_i == argmax p_i, bonus = argmax": the output equals autoregressive.py token for token.
+x_i == argmax p_i, bonus = argmax": in float32 the output equals autoregressive.py token for
+token (in bfloat16/float16 the verify and the 1-token step round differently: see
+autoregressive.py for why equality is not claimed there).
 
 Notation (Speculative Speculative Decoding, Kumar, Dao, May 2026, after Leviathan et al.):
 p = the target's distribution, q = the draft's (gpt-fast names them the other way round).
@@ -29,7 +31,6 @@ a model-free proposer: any object with `vocab_size` and
     python speculative.py --prompt "Write a haiku about cacti." --draft default --k 4
 """
 import argparse
-import importlib.util
 import time
 
 import torch
@@ -226,26 +227,16 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
     return tokens, kernels.finish_stats(stats, tokens)
 
 
-def load_draft(name, target, args):
-    """drafts.load_draft (model-free proposers, cheap neural drafts) when drafts.py exists,
-    else a model name or folder; the target's own name reuses the target (own cache)."""
-    if importlib.util.find_spec("drafts") is not None:
-        import drafts
-        return drafts.load_draft(name, target)
-    if name == args.model:
-        return target
-    return kernels.load_model(name, args.device, args.dtype, args.threads)
-
-
 def main():
+    import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     kernels.add_common_args(ap)
-    ap.add_argument("--draft", default="default", help="draft model name/folder, or a drafts.py name")
+    ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--prompt", required=True)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
-    draft = load_draft(args.draft, target, args)
+    draft = drafts.load_draft(args.draft, target)
     ids = kernels.encode_prompt(target, args.prompt)
     tokens, stats = kernels.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, temperature=args.temperature, top_k=args.top_k,
