@@ -49,3 +49,22 @@ def default_prompts(default_model):
              "Give me three tips for learning to play the guitar.",
              "What is the capital of France, and what is it famous for?"]
     return [kernels.encode_prompt(default_model, t) for t in texts]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.saw_failure = True
+    return report
+
+
+@pytest.fixture(autouse=True)
+def no_draft_process_outlives_a_failed_test(request):
+    """A test that fails while a saguaro DraftWorker runs closes it, so one failure never
+    cascades into every later test that starts a worker (one per process)."""
+    yield
+    saguaro = sys.modules.get("saguaro")
+    if saguaro is not None and getattr(request.node, "saw_failure", False):
+        for worker in list(saguaro._LIVE):
+            worker.close()
