@@ -54,5 +54,5 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_negative_temperature_is_a_clear_error():
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         autoregressive.generate(tiny_model(), [1, 2], 4, temperature=-1.0)
