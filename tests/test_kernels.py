@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import kernels
+import kernels_cpu
 from conftest import tiny_config, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -224,7 +225,7 @@ def test_flash_attention_equals_sdpa():
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL")
 def test_packed_linear_equals_plain_linear_for_every_row_count():
     lin = torch.nn.Linear(48, 80)
-    packed = kernels.PackedLinear(lin)
+    packed = kernels_cpu.PackedLinear(lin)
     for M in range(1, 11):  # 2..8 take the packed path, the others F.linear
         x = torch.randn(1, M, 48)
         torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
@@ -233,7 +234,7 @@ def test_packed_linear_equals_plain_linear_for_every_row_count():
 
 def test_packed_linear_in_bfloat16_matches_plain_linear_and_survives_copies():
     lin = torch.nn.Linear(48, 80).to(torch.bfloat16)
-    packed = kernels.PackedLinear(lin)
+    packed = kernels_cpu.PackedLinear(lin)
     for M in (1, 3, 8, 12):  # 1..8 take oneDNN's packed bf16 path, 12 F.linear
         x = torch.randn(1, M, 48, dtype=torch.bfloat16)
         torch.testing.assert_close(packed(x), lin(x), atol=3e-2, rtol=2e-2)
@@ -245,7 +246,7 @@ def test_packed_linear_in_bfloat16_matches_plain_linear_and_survives_copies():
 
 
 def test_default_model_is_packed_on_cpu_float32(default_model):
-    assert isinstance(default_model.layers[0].wqkv, kernels.PackedLinear)
+    assert isinstance(default_model.layers[0].wqkv, kernels_cpu.PackedLinear)
     assert default_model.head.weight is default_model.embed.weight  # still tied
 
 
@@ -254,20 +255,22 @@ def fused_and_eager(model, run):
     with the small steps in C++ (Block.forward_fused), and in PyTorch ops (Block.forward)."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the fused CPU kernels cannot be built here")
-    assert kernels.cpu_ops() is not None, "kernels_cpu.cpp did not build (see the warning)"
+    assert kernels_cpu.cpu_ops() is not None, "kernels_cpu.cpp did not build (see the warning)"
     stacked = run(model)
-    assert model.stacks and all(s is not None for s, _ in model.stacks.values())
-    model.cpu_stack = lambda dtype, rows: None  # as for a linear the Stack cannot run
+    stacks = kernels_cpu._STACKS.get(model)
+    assert stacks and all(s is not None for s, _ in stacks.values())
+    real = kernels_cpu.cpu_stack
+    kernels_cpu.cpu_stack = lambda model, dtype, rows: None  # as for a linear it cannot run
     try:
         layered = run(model)
-        saved = kernels._cpu_ops
-        kernels._cpu_ops, kernels.CPU_KERNELS = None, "eager"
+        saved = kernels_cpu._cpu_ops
+        kernels_cpu._cpu_ops, kernels_cpu.CPU_KERNELS = None, "eager"
         try:
             eager = run(model)
         finally:
-            kernels._cpu_ops, kernels.CPU_KERNELS = saved, "fused"
+            kernels_cpu._cpu_ops, kernels_cpu.CPU_KERNELS = saved, "fused"
     finally:
-        del model.cpu_stack
+        kernels_cpu.cpu_stack = real
     return stacked, layered, eager
 
 
@@ -309,9 +312,9 @@ def test_fused_cpu_layer_equals_eager_layer(family, dtype):
 def test_fused_cpu_kernels_equal_torch_ops_on_long_inputs():
     """Each C++ kernel against the PyTorch ops it replaces, on a prefill-sized input (where the
     kernels split rows across threads) and in both CPU dtypes."""
-    if kernels.cpu_ops() is None:
+    if kernels_cpu.cpu_ops() is None:
         pytest.skip("the fused CPU kernels are not built here")
-    ops = kernels.cpu_ops()
+    ops = kernels_cpu.cpu_ops()
     for dtype in (torch.float32, torch.bfloat16):
         x, w = torch.randn(3, 700, 96, dtype=dtype), torch.rand(96, dtype=dtype) + 0.5
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -322,7 +325,7 @@ def test_fused_cpu_kernels_equal_torch_ops_on_long_inputs():
 
 def test_stack_is_rebuilt_when_a_layer_changes():
     """kernels_cpu.Stack holds the layers' tensors: swapping a module must not leave it stale."""
-    if kernels.cpu_ops() is None:
+    if kernels_cpu.cpu_ops() is None:
         pytest.skip("the fused CPU kernels are not built here")
     model, ids = tiny_model(seed=4), torch.tensor([[1, 2, 3]])
     model(ids, model.new_cache(1, 8))
@@ -330,10 +333,10 @@ def test_stack_is_rebuilt_when_a_layer_changes():
     new.weight.data.copy_(model.layers[1].w2.weight * 2)
     model.layers[1].w2 = new
     got = model(ids, model.new_cache(1, 8))
-    saved = kernels._cpu_ops
-    kernels._cpu_ops, kernels.CPU_KERNELS = None, "eager"
+    saved = kernels_cpu._cpu_ops
+    kernels_cpu._cpu_ops, kernels_cpu.CPU_KERNELS = None, "eager"
     try:
         want = model(ids, model.new_cache(1, 8))
     finally:
-        kernels._cpu_ops, kernels.CPU_KERNELS = saved, "fused"
+        kernels_cpu._cpu_ops, kernels_cpu.CPU_KERNELS = saved, "fused"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

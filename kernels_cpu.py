@@ -1,0 +1,298 @@
+"""kernels_cpu.py: the CPU's speed path for kernels.py's model, kept apart from the readable one.
+
+kernels.Block.forward is the reference: what a decoder layer computes. On the CPU the same layer
+runs faster in two ways, both tested against that reference (tests/test_kernels.py):
+  1. the small steps between a layer's matmuls (RMS norms, q/k norm + RoPE + the KV-cache write,
+     SiLU * up) run fused in C++ (kernels_cpu.cpp, compiled once per machine), and all layers of
+     a step run in one C++ call (`Stack`), with no Python between them;
+  2. each linear reads a weight pre-packed for the matmul a small step runs (`PackedLinear`).
+A decode step is bound by streaming the weights; these remove the per-call overhead around them.
+SSD_CPU_KERNELS=eager keeps everything in PyTorch ops. Nothing here changes what is computed
+beyond rounding; the model knows nothing of this file: `speed_up(model)` swaps its linears and
+`run_layers` is what kernels.Model calls instead of its layer loop when `available()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CPU_KERNELS = os.environ.get("SSD_CPU_KERNELS", "fused")
+if CPU_KERNELS not in ("fused", "eager"):
+    raise ValueError(f"SSD_CPU_KERNELS={CPU_KERNELS!r}: use 'fused' or 'eager'.")
+_cpu_ops = None  # the compiled kernels_cpu module, once cpu_ops() has loaded it
+_CPU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels_cpu.cpp")
+CPU_BUILD_FLAGS = ["-O3"]
+BUILD_WAIT_S = 900.0  # how long a process waits for another one's build before running eager
+
+
+# ----------------------------------------------------------------------------------------------
+# 1) building kernels_cpu.cpp: once per machine, one process at a time
+
+def cache_dir() -> str:
+    return os.environ.get("SSD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ssd-ref"))
+
+
+@contextlib.contextmanager
+def exclusive(path: str, what: str):
+    """Hold an OS file lock on `path` (filelock: released when its holder dies, even by
+    SIGKILL). When another process holds it, say so and wait at most BUILD_WAIT_S (then
+    filelock.Timeout)."""
+    from filelock import FileLock, Timeout
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"kernels: another process is {what}; waiting for it (at most {BUILD_WAIT_S:.0f} "
+              "s) ...", file=sys.stderr, flush=True)
+        lock.acquire(timeout=BUILD_WAIT_S)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def cpu_build_dir() -> str:
+    """Where kernels_cpu.cpp is built: keyed by its content, the flags and torch's version, so
+    checkouts with different sources never build over each other, and an edit rebuilds."""
+    with open(_CPU_SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + repr((CPU_BUILD_FLAGS, torch.__version__,
+                                              sys.version_info[:2])).encode()).hexdigest()
+    return os.path.join(cache_dir(), "build", f"kernels_cpu-{key[:16]}")
+
+
+def cpu_ops():
+    """The fused CPU kernels (kernels_cpu.cpp): compiled on first use on this machine (~30 s,
+    with a message), imported from the build cache after that. None when
+    SSD_CPU_KERNELS=eager, or when the build failed (a warning says why; the eager PyTorch
+    layer then runs). A build runs under an OS file lock (released when its holder dies, even
+    by SIGKILL; a second process waits, with a message, at most BUILD_WAIT_S) in a folder of
+    its own, renamed into place when complete: a build killed midway (whose compiler may even
+    run on as an orphan) leaves only its own folder, never a stale lock or half a library in
+    the one that is loaded."""
+    global _cpu_ops, CPU_KERNELS
+    if _cpu_ops is None and CPU_KERNELS == "fused":
+        try:
+            _cpu_ops = _import_or_build()
+        except Exception as e:  # no compiler, no ninja, a build that never ends: slower, correct
+            import warnings
+            warnings.warn(f"kernels_cpu.cpp did not build ({type(e).__name__}: {e}); the CPU "
+                          "runs the eager PyTorch layer instead (install a C++ compiler and "
+                          "ninja for the fused one, or set SSD_CPU_KERNELS=eager to silence this).")
+            CPU_KERNELS = "eager"
+    return _cpu_ops
+
+
+def _import_or_build():
+    import importlib.util
+    import shutil
+    build = cpu_build_dir()
+    library = os.path.join(build, "ssd_kernels_cpu.so")
+    if not os.path.exists(library):
+        os.makedirs(os.path.dirname(build), exist_ok=True)
+        with exclusive(build + ".lock", f"building kernels_cpu.cpp into {build}"):
+            if not os.path.exists(library):  # nobody finished it while we waited
+                from torch.utils.cpp_extension import load
+                print("kernels: compiling kernels_cpu.cpp once for this machine (~30 s) ...",
+                      file=sys.stderr, flush=True)
+                tmp = f"{build}.tmp{os.getpid()}"
+                for old in (tmp, build):  # leftovers of a killed build, or of an older scheme
+                    shutil.rmtree(old, ignore_errors=True)
+                os.makedirs(tmp)
+                module = load("ssd_kernels_cpu", [_CPU_SOURCE], extra_cflags=CPU_BUILD_FLAGS,
+                              build_directory=tmp)
+                os.rename(tmp, build)  # complete, in one step
+                return module
+    spec = importlib.util.spec_from_file_location("ssd_kernels_cpu", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def available() -> bool:
+    return cpu_ops() is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# 2) the layers of a step in C++
+
+def fused_layer(block, x, layer, cache, cos, sin, attn):
+    """kernels.Block.forward on the CPU with the steps between the matmuls in C++: the same
+    layer, the same rounding steps, ~100 us less per layer. SDPA path only."""
+    B, T, _ = x.shape
+    H, Hk, D, eps = block.shape
+    ops, (_, slots, mask, S) = _cpu_ops, attn
+    qkv = block.wqkv(ops.rms_norm(x, block.attn_norm, eps)).view(B, T, H + 2 * Hk, D)
+    q = ops.rope_store(qkv, cos, sin, cache.k[layer], cache.v[layer], slots, H, Hk,
+                       block.q_norm if block.qk_norm else None,
+                       block.k_norm if block.qk_norm else None, eps)  # (B, Hk, T*G, D)
+    y = cache.grouped_sdpa(layer, q, mask, S, T)                       # (B, T, H, D)
+    x = x + block.wo(y.reshape(B, T, H * D))
+    return x + block.w2(ops.silu_mul(block.w13(ops.rms_norm(x, block.mlp_norm, eps))))
+
+
+_STACKS = weakref.WeakKeyDictionary()  # model -> {(dtype, rows): (Stack or None, layers_key)}
+
+
+def _layers_key(model):
+    """What a Stack was built from: each layer's modules and tensors (a swapped linear or a
+    weight moved by .to() makes another key, and the Stack is rebuilt)."""
+    return tuple((id(b.wqkv), id(b.wo), id(b.w13), id(b.w2), b.attn_norm.data_ptr(),
+                  b.mlp_norm.data_ptr(), b.wqkv.weight.data_ptr(),
+                  b.q_norm.data_ptr() if b.qk_norm else 0) for b in model.layers)
+
+
+def cpu_stack(model, dtype, rows):
+    """The layers as one kernels_cpu.Stack for steps of `rows` tokens: each linear runs the
+    kernel it would run from Python (PackedLinear's choice for this dtype and row count),
+    everything else as in fused_layer. Built once per (dtype, rows), rebuilt when a layer
+    changed; None if some linear is of a kind the Stack cannot run."""
+    key, stacks = _layers_key(model), _STACKS.setdefault(model, {})
+    hit = stacks.get((dtype, rows))
+    if hit is not None and hit[1] == key:
+        return hit[0]
+    none, tensors, kinds = torch.empty(0, dtype=dtype), [], []
+    for b in model.layers:
+        tensors += [b.attn_norm, b.q_norm if b.qk_norm else none,
+                    b.k_norm if b.qk_norm else none, b.mlp_norm]
+        for lin in (b.wqkv, b.wo, b.w13, b.w2):
+            spec = linear_spec(lin, dtype, rows)
+            if spec is None:
+                stacks[(dtype, rows)] = (None, key)
+                return None
+            kind, param, a, b2 = spec
+            tensors += [a, none if b2 is None else b2, none if lin.bias is None else lin.bias]
+            kinds += [kind, param]
+    H, Hk, _, eps = model.layers[0].shape
+    stack = _cpu_ops.Stack(tensors, kinds, H, Hk, eps)
+    stacks[(dtype, rows)] = (stack, key)
+    return stack
+
+
+def run_layers(model, x, cache, cos, sin, attn):
+    """kernels.Model's layer loop on the CPU: all layers in one C++ call when every linear is
+    of a kind the Stack runs, else layer by layer with the fused steps."""
+    B, T, _ = x.shape
+    stack = cpu_stack(model, x.dtype, B * T)
+    if stack is None:
+        for i, block in enumerate(model.layers):
+            x = fused_layer(block, x, i, cache, cos, sin, attn)
+        return x
+    return stack.forward(x, cache.k, cache.v, cos, sin, attn[1], attn[2], attn[3])
+
+
+# ----------------------------------------------------------------------------------------------
+# 3) pre-packed weights for small steps
+
+class PackedLinear(nn.Module):
+    """A CPU linear whose weight is pre-packed, on first use, into the layout a small-M matmul
+    reads fastest. Same math as F.linear (differences at rounding level), two cases:
+    - float32: MKL packs per row count M (the 2..8 tokens of a verify or draft step): MKL's
+      unpacked small-M GEMM re-packs the weight on every call. M = 1 (decode) stays on
+      F.linear, which already streams the weights at memory bandwidth.
+    - bfloat16: oneDNN packs once (for M = 1) and serves every M <= 8 (F.linear's bf16 M = 1
+      path does not reach memory bandwidth).
+    Long prefills and everything else stay on F.linear. Every loop shares this kernel, the
+    autoregressive baseline included."""
+
+    SIZES = range(2, 9)
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.packed = {}   # M (float32) or dtype (bf16) -> packed weight
+        self.plans = {}  # (dtype, M) -> the function that runs this linear for them
+
+    def forward(self, x):
+        M = x.numel() // x.shape[-1]  # rows: tokens in the step
+        kernel = self.plans.get((x.dtype, M))
+        if kernel is None:  # first call with this dtype and M: choose (and pack) once
+            kernel = self.plans[(x.dtype, M)] = self._choose(x.dtype, M)
+        return kernel(x)
+
+    def spec(self, dt, M):
+        """(kind, param, a, b): the kernel for M rows of dtype dt, packing the weight on first
+        use. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight), MKL_PACKED (a = packed
+        for param = M rows, b = weight), ONEDNN_PACKED (a = packed)."""
+        w = self.weight
+        if dt != w.dtype or M > 8 or w.device.type != "cpu":
+            return PLAIN, 0, w, None
+        if dt == torch.bfloat16 and _ONEDNN_BF16:
+            if dt not in self.packed:
+                self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            return ONEDNN_PACKED, 0, self.packed[dt], None
+        if dt == torch.float32 and M in self.SIZES and _MKL:
+            if M not in self.packed:
+                self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(w, M)
+            return MKL_PACKED, M, self.packed[M], w
+        return PLAIN, 0, w, None
+
+    def _choose(self, dt, M):
+        kind, _, packed, w = self.spec(dt, M)
+        b = self.bias
+        if kind == ONEDNN_PACKED:
+            return lambda x: torch.ops.mkldnn._linear_pointwise(
+                x.reshape(M, -1), packed, b, "none", [], "").view(*x.shape[:-1], -1)
+        if kind == MKL_PACKED:
+            return lambda x: torch.ops.mkl._mkl_linear(
+                x.reshape(M, -1), packed, w, b, M).view(*x.shape[:-1], -1)
+        return self._plain
+
+    def _plain(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):  # .to(dtype/device): the packed weights are stale
+        self.packed, self.plans = {}, {}
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # deepcopy/pickle: oneDNN's packed tensors are opaque, re-pack later
+        state = self.__dict__.copy()
+        state["packed"], state["plans"] = {}, {}
+        return state
+
+
+PLAIN, MKL_PACKED, ONEDNN_PACKED, INT4 = 0, 1, 2, 3  # linear kinds, as in kernels_cpu.cpp
+
+
+def linear_spec(lin: nn.Module, dtype, rows):
+    """How kernels_cpu.Stack runs this linear: (kind, param, a, b), or None if it cannot."""
+    if isinstance(lin, PackedLinear):
+        return lin.spec(dtype, rows)
+    if type(lin) is nn.Linear:
+        return PLAIN, 0, lin.weight, None
+    return lin.stack_spec(dtype, rows) if hasattr(lin, "stack_spec") else None
+
+
+_MKL = torch.backends.mkl.is_available()
+# oneDNN's bf16 kernels, where the CPU has native bf16 instructions (elsewhere F.linear runs)
+_ONEDNN_BF16 = (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_linears(model):
+    """Swap every linear of a CPU float32 or bfloat16 model for a PackedLinear."""
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+        return model
+    for block in model.layers:
+        for name in ("wqkv", "wo", "w13", "w2"):
+            if isinstance(getattr(block, name), nn.Linear):
+                setattr(block, name, PackedLinear(getattr(block, name)))
+    if isinstance(model.head, nn.Linear):
+        model.head = PackedLinear(model.head)
+    return model
+
+
+def speed_up(model):
+    """The CPU speed path for a loaded model: packed linears, and the C++ kernels built (or
+    loaded) now rather than inside the first timed step. Returns the model."""
+    if model.device.type == "cpu":
+        pack_linears(model)
+        cpu_ops()
+    return model
