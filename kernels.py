@@ -650,7 +650,7 @@ def check_request(model: Model, prompts: list, max_new_tokens: int, room: int = 
             raise ValueError(f"prompt row {b} holds token id {bad[0]!r}, outside [0, {n_ids}): "
                              + (f"the tokenizer has {len(tok)} tokens (ids past it are padding "
                                 f"of the {V}-row embedding)" if tok is not None else
-                                f"the model's vocabulary") + ". Encode prompts with the "
+                                "the model's vocabulary") + ". Encode prompts with the "
                              "target's tokenizer (kernels.encode_prompt).")
     need = max(len(p) for p in prompts) + max_new_tokens
     if need > model.cfg.max_positions:

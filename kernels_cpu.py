@@ -137,23 +137,23 @@ def fused_layer(block, x, layer, cache, cos, sin, attn):
     return x + block.w2(ops.silu_mul(block.w13(ops.rms_norm(x, block.mlp_norm, eps))))
 
 
-_STACKS = weakref.WeakKeyDictionary()  # model -> {(dtype, rows): (Stack or None, layers_key)}
+_STACKS = weakref.WeakKeyDictionary()  # model -> {(dtype, rows): (Stack or None, key, parts)}
 
 
-def _layers_key(model):
-    """What a Stack was built from: each layer's modules and tensors (a swapped linear or a
-    weight moved by .to() makes another key, and the Stack is rebuilt)."""
-    return tuple((id(b.wqkv), id(b.wo), id(b.w13), id(b.w2), b.attn_norm.data_ptr(),
-                  b.mlp_norm.data_ptr(), b.wqkv.weight.data_ptr(),
-                  b.q_norm.data_ptr() if b.qk_norm else 0) for b in model.layers)
+def _layers_parts(model):
+    """What a Stack is built from: every module and parameter of every layer (a swapped
+    linear or norm makes another list; a record keeps its list alive, so no id is reused)."""
+    return [v for b in model.layers for d in (b._modules, b._parameters) for v in d.values()]
 
 
 def cpu_stack(model, dtype, rows):
     """The layers as one kernels_cpu.Stack for steps of `rows` tokens: each linear runs the
     kernel it would run from Python (PackedLinear's choice for this dtype and row count),
     everything else as in fused_layer. Built once per (dtype, rows), rebuilt when a layer
-    changed; None if some linear is of a kind the Stack cannot run."""
-    key, stacks = _layers_key(model), _STACKS.setdefault(model, {})
+    changed or the weights moved (.to()); None if a linear is of a kind the Stack cannot run."""
+    parts = _layers_parts(model)
+    key = (model.embed.weight.data_ptr(), *map(id, parts))  # ~200 ids: tens of us, per step
+    stacks = _STACKS.setdefault(model, {})
     hit = stacks.get((dtype, rows))
     if hit is not None and hit[1] == key:
         return hit[0]
@@ -164,14 +164,14 @@ def cpu_stack(model, dtype, rows):
         for lin in (b.wqkv, b.wo, b.w13, b.w2):
             spec = linear_spec(lin, dtype, rows)
             if spec is None:
-                stacks[(dtype, rows)] = (None, key)
+                stacks[(dtype, rows)] = (None, key, parts)
                 return None
             kind, param, a, b2 = spec
             tensors += [a, none if b2 is None else b2, none if lin.bias is None else lin.bias]
             kinds += [kind, param]
     H, Hk, _, eps = model.layers[0].shape
     stack = _cpu_ops.Stack(tensors, kinds, H, Hk, eps)
-    stacks[(dtype, rows)] = (stack, key)
+    stacks[(dtype, rows)] = (stack, key, parts)
     return stack
 
 

@@ -258,7 +258,7 @@ def fused_and_eager(model, run):
     assert kernels_cpu.cpu_ops() is not None, "kernels_cpu.cpp did not build (see the warning)"
     stacked = run(model)
     stacks = kernels_cpu._STACKS.get(model)
-    assert stacks and all(s is not None for s, _ in stacks.values())
+    assert stacks and all(s is not None for s, _, _ in stacks.values())
     real = kernels_cpu.cpu_stack
     kernels_cpu.cpu_stack = lambda model, dtype, rows: None  # as for a linear it cannot run
     try:
