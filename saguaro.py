@@ -349,39 +349,44 @@ class DraftWorker:
             args=(draft, target_ref, str(ddev), threads, draft_cpus, self.backend, store.port,
                   os.getpid(), _fault))
         self.process.start()
+        self.started = time.monotonic()
         _LIVE.add(self)
+        self.store = store
         try:
             deadline = time.monotonic() + load_timeout_s
-            while not store.check(["joined"]):
-                if not self.process.is_alive():
-                    raise RuntimeError(
-                        f"the draft process exited (code {self.process.exitcode}) before it "
-                        "connected; its error is printed above. Processes are spawned, so a "
-                        "script that starts saguaro must do it under "
-                        "`if __name__ == '__main__':`.")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the draft process did not connect within "
-                                       f"{load_timeout_s:.0f} s.")
-                time.sleep(0.02)
-            self.store = store
+            self._await("joined", deadline, "connect")
             dist.init_process_group(self.backend, store=store, rank=0, world_size=2,
                                     timeout=datetime.timedelta(seconds=60),
                                     device_id=tdev if self.backend == "nccl" else None)
             _OURS["group"] = True
-            ready = torch.zeros(1, dtype=torch.long, device=self.comm)
-            _timed(dist.irecv(ready, src=1), load_timeout_s)
+            self._await("ready", deadline, "load its draft")  # maybe after a kernel build
+            ready = int(store.get("ready"))
         except BaseException:
             self.close()
             raise
-        if int(ready) < 0:
+        if ready < 0:
             self.close()
             raise RuntimeError("the draft process could not load its draft (its traceback is "
                                "printed above).")
-        self.vocab_size = int(ready)
+        self.vocab_size = ready
         if self.vocab_size != target.cfg.vocab_size and target.tokenizer is None:
             self.close()
             raise ValueError(f"target and draft have vocabularies of {target.cfg.vocab_size} and "
                              f"{self.vocab_size} tokens and no tokenizer to show they share ids.")
+
+    def _await(self, key, deadline, what):
+        """Wait for the draft process to set `key` in the store, polling (not blocking in C++),
+        so that Ctrl-C, the process dying and the deadline are each noticed at once."""
+        while not self.store.check([key]):
+            if not self.process.is_alive():
+                raise RuntimeError(
+                    f"the draft process exited (code {self.process.exitcode}) before it could "
+                    f"{what}; its error is printed above. Processes are spawned, so a script "
+                    "that starts saguaro must do it under `if __name__ == '__main__':`.")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the draft process did not {what} within "
+                                   f"{deadline - self.started:.0f} s.")
+            time.sleep(0.02)
 
     def reset(self):
         """Forget what the rules learned (a, r, hit rates, latencies) over earlier calls: the
@@ -539,10 +544,10 @@ def _worker_main(spec, target_ref, device, threads, cpus, backend, port, parent_
     comm = dev if backend == "nccl" else torch.device("cpu")
     try:
         draft = _load_draft(spec, target_ref, dev)
-        dist.send(torch.tensor([draft.cfg.vocab_size], device=comm), dst=0)
+        store.set("ready", str(draft.cfg.vocab_size))
     except Exception:
         traceback.print_exc()
-        dist.send(torch.tensor([-1], device=comm), dst=0)
+        store.set("ready", "-1")
         return
     rounds = 0
     with torch.inference_mode():

@@ -441,6 +441,27 @@ def test_a_draft_process_that_died_between_two_messages_is_reported_and_closed()
     assert out == ref and stats["draft_lost"] == "exited" and not saguaro._LIVE
 
 
+def slow_to_load_draft():
+    """A draft whose loading takes a minute (as one waiting for another run's kernel build)."""
+    time.sleep(60)
+    return tiny_model(1, vocab_size=64)
+
+
+def test_ctrl_c_while_the_draft_process_loads_stops_at_once_and_leaves_no_process():
+    """Found by a newcomer: the wait for the draft to load blocked in C++ and ignored Ctrl-C
+    until its 300 s bound."""
+    target = tiny_model(0, vocab_size=64)
+    import threading
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t0 = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        saguaro.DraftWorker(slow_to_load_draft, target, threads=1)
+    # generous: the bound only has to be far below the draft's 60 s of loading
+    assert time.monotonic() - t0 < 40 and not saguaro._LIVE
+    assert not saguaro.dist.is_initialized()
+
+
 def test_close_unregisters_even_when_leaving_torch_distributed_raises(monkeypatch):
     target = tiny_model(0, vocab_size=64)
     draft = functools.partial(tiny_model, 0, vocab_size=64)

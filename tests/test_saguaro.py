@@ -539,7 +539,7 @@ def test_a_draft_process_that_dies_while_starting_is_reported_at_once():
     close_worker()
     target = tiny_model(0, vocab_size=64)
     t0 = time.time()
-    with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it connected"):
+    with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it could connect"):
         saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=64), target, threads=1,
                             _fault=("boot", 0))
     assert time.time() - t0 < 30 and not saguaro.dist.is_initialized()
