@@ -67,9 +67,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     kernels.add_common_args(ap)
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--prompt", required=True, type=kernels.prompt_text)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     ids = kernels.encode_prompt(target, args.prompt)

@@ -336,7 +336,7 @@ def sweep(args, target, draft, prompts):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     kernels.add_common_args(ap)
     ap.set_defaults(threads=None)
     ap.add_argument("--draft", default="default",
@@ -344,23 +344,25 @@ def main(argv=None):
     # defaults fit the built-in pair on a 2-core CPU (sd measured best at K = 4..6; saguaro: see
     # --budget below); on GPUs with a small draft use the paper's --k 7 --f 3 --saguaro-k 7
     # and --budget 24
-    ap.add_argument("--k", type=int, default=4, help="speculation length K")
-    ap.add_argument("--f", type=int, default=1, help="SSD fan-out per outcome position")
+    ap.add_argument("--k", type=kernels.positive_int, default=4, help="speculation length K")
+    ap.add_argument("--f", type=kernels.positive_int, default=1,
+                    help="SSD fan-out per outcome position")
     ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,ssd,saguaro",
                     help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--dataset", default="alpaca",
                     help="humaneval | alpaca | gsm8k | ultrafeedback | all")
-    ap.add_argument("--num-prompts", type=int, default=4, help="prompts per dataset")
-    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--num-prompts", type=kernels.positive_int, default=4,
+                    help="prompts per dataset")
+    ap.add_argument("--batch-size", type=kernels.positive_int, default=1)
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     # saguaro on the built-in pair, 1 core each: the draft runs K + 1 = 4 forwards per round
     # (~13 ms each) beside a 4-token verify (~45 ms), betting its one guess (B = 1) on "all
     # accepted"; a miss is served by the draft itself (jit). 4-prompt runs vs sd@1t: K = 3,
     # B = 1, jit 1.37-1.39x; K = 4 1.40x; K = 3, B = 2 1.22x (a0bdd34..6249844; README)
-    ap.add_argument("--budget", type=int, default=1,
+    ap.add_argument("--budget", type=kernels.positive_int, default=1,
                     help="saguaro's cache budget B: guesses per row per round")
-    ap.add_argument("--saguaro-k", type=int, default=3,
+    ap.add_argument("--saguaro-k", type=kernels.positive_int, default=3,
                     help="K for the saguaro row: the draft process must build its "
                          "cache within one verify, which on a small CPU wants a smaller K")
     ap.add_argument("--backup", default="jit", choices=["auto", "jit", "fast"],

@@ -438,8 +438,9 @@ def load_draft(name: str, target: kernels.Model):
     try:
         return kernels.load_model(name, str(target.device), dtype)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (drafts.py's own drafts are: "
-                                f"{', '.join(DRAFT_NAMES + tuple(CANDIDATES))})") from e
+        raise FileNotFoundError(f"draft {name!r} is neither one of drafts.py's names ("
+                                f"{', '.join(DRAFT_NAMES + tuple(CANDIDATES))}) nor a model "
+                                f"({e})") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,7 +740,7 @@ def measure_sd(target, prompts, n_code, args, log=print, reps=2) -> dict:
 # main: build | eval
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("build", "eval", "sd"))
     kernels.add_common_args(ap)
     ap.add_argument("--out", default=ASSETS, help="build: where the artifacts go")

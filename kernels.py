@@ -25,6 +25,7 @@ Both return logits (B, T, V) in float32.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib.util
 import json
@@ -701,14 +702,48 @@ def after_warm_up(run, max_new_tokens: int, warm_up: int = 8):
     return run(max_new_tokens)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (k, f, budget, threads, token counts)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
+def checked(kind, check):
+    """argparse type: `kind(text)` that `check(value)` accepts (its ValueError becomes the
+    flag's error: argparse then says which flag was wrong before any model loads)."""
+    def convert(text):
+        try:
+            value = kind(text)
+            check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return convert
+
+
+def _nonempty(text):
+    if not text.strip():
+        raise ValueError("empty prompt: give at least one character of text.")
+
+
+prompt_text = checked(str, _nonempty)  # argparse type of --prompt
+
+
 def add_common_args(parser) -> None:
-    """The flags every script spells the same way."""
+    """The flags every script spells the same way, each checked as it is parsed."""
     parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N",
+                        type=checked(str, resolve_device))
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
+    parser.add_argument("--temperature", type=checked(float, check_sampling), default=0.0,
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=checked(int, lambda k: check_sampling(0, top_k=k)))
+    parser.add_argument("--top-p", type=checked(float, lambda p: check_sampling(0, top_p=p)))
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)

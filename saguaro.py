@@ -958,21 +958,25 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
 
 def main():
     import drafts  # the one resolver of draft names, for the --help text here
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     kernels.add_common_args(ap)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--f", type=int, default=3, help="guesses per k; budget B = (K+1) f")
-    ap.add_argument("--budget", type=int, default=None,
+    ap.add_argument("--k", type=kernels.positive_int, default=4, help="draft tokens per round (K)")
+    ap.add_argument("--f", type=kernels.positive_int, default=3,
+                    help="guesses per k; budget B = (K+1) f")
+    ap.add_argument("--budget", type=kernels.positive_int, default=None,
                     help="B, guesses per row per round, whatever --f says (default (K+1) f)")
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     ap.add_argument("--backup", default="auto", choices=["auto", "jit", "fast"])
     ap.add_argument("--target-device", default=None, help="default: --device")
     ap.add_argument("--draft-device", default=None, help="default: the target's device")
-    ap.add_argument("--draft-threads", type=int, default=None, help="CPU threads of the draft")
-    ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the draft")
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--draft-threads", type=kernels.positive_int, default=None,
+                    help="CPU threads of the draft")
+    ap.add_argument("--timeout", default=10.0,
+                    type=kernels.checked(float, lambda s: check_seconds("--timeout", s)),
+                    help="seconds to wait for the draft (1 ms to 1 day)")
+    ap.add_argument("--prompt", required=True, type=kernels.prompt_text)
     args = ap.parse_args()
     cores = os.cpu_count() or 2  # on a CPU, each process gets its own cores: half and half
     draft_threads = args.draft_threads or max(1, cores // 2)

@@ -229,11 +229,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
 
 def main():
     import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     kernels.add_common_args(ap)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--k", type=kernels.positive_int, default=4, help="draft tokens per round (K)")
+    ap.add_argument("--prompt", required=True, type=kernels.prompt_text)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     draft = drafts.load_draft(args.draft, target)
