@@ -380,8 +380,6 @@ def main(argv=None):
             ap.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
     if args.threads is None:
         args.threads = torch.get_num_threads()
-    if min(args.batch_size, args.num_prompts, args.k, args.f, args.budget) < 1:
-        ap.error("--batch-size, --num-prompts, --k, --f and --budget must be >= 1")
 
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     draft = drafts.load_draft(args.draft, target) if {"sd", "hf-assisted", "ssd", "saguaro"} & \
