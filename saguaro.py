@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import harness
 import kernels
 import ssd
 from speculative import check_draft, emit, one_hot, pad_vocab, verify
@@ -762,7 +763,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
     backup_why, b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7) and
     measured_speedup (the same quantity measured: tokens per row per target-verify time),
     draft_wait_s (target idle, waiting for the draft) and draft_lost (why, if it was lost)."""
-    prompts = kernels.as_batch(prompt_ids)
+    prompts = harness.as_batch(prompt_ids)
     kernels.check_sampling(temperature, top_k, top_p)
     if not isinstance(k, int) or k < 1 or not isinstance(f, int) or f < 1:
         raise ValueError(f"k and f must be integers >= 1, got k={k!r}, f={f!r}.")
@@ -775,7 +776,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
     check_seconds("timeout_s", timeout_s)
     K, budget = k, budget or (k + 1) * f
-    max_len = kernels.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     if budget >= Vt:
         raise ValueError(f"the cache budget B = {budget} must stay below the vocabulary "
@@ -795,7 +796,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         # what the rules learn carries over between calls on one worker with the same settings
         est = worker.estimates.setdefault((K, budget, fan_out, backup, B, temperature, top_k,
                                            top_p, saguaro_c), Estimates(K, budget, fan_out, backup))
-        stats = kernels.new_stats(K)
+        stats = harness.new_stats(K)
         stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1),
                      backup_used={"jit": 0, "fast": 0}, backup_why=None, b_star=None,
                      verify_s=0.0, draft_wait_s=0.0, draft_build_s=0.0, jit_draft_s=0.0,
@@ -942,7 +943,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
 
         # 3) hand back each row's tokens
         tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
-        stats = kernels.finish_stats(stats, tokens)
+        stats = harness.finish_stats(stats, tokens)
         per_row = (stats["new_tokens"] - B) / B
         verify_s = est.sec("verify")
         stats["measured_speedup"] = (per_row / (stats["decode_s"] / verify_s)
@@ -959,24 +960,24 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
 def main():
     import drafts  # the one resolver of draft names, for the --help text here
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels.add_common_args(ap)
+    harness.add_common_args(ap)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
-    ap.add_argument("--k", type=kernels.positive_int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--f", type=kernels.positive_int, default=3,
+    ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
+    ap.add_argument("--f", type=harness.positive_int, default=3,
                     help="guesses per k; budget B = (K+1) f")
-    ap.add_argument("--budget", type=kernels.positive_int, default=None,
+    ap.add_argument("--budget", type=harness.positive_int, default=None,
                     help="B, guesses per row per round, whatever --f says (default (K+1) f)")
     ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
     ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     ap.add_argument("--backup", default="auto", choices=["auto", "jit", "fast"])
     ap.add_argument("--target-device", default=None, help="default: --device")
     ap.add_argument("--draft-device", default=None, help="default: the target's device")
-    ap.add_argument("--draft-threads", type=kernels.positive_int, default=None,
+    ap.add_argument("--draft-threads", type=harness.positive_int, default=None,
                     help="CPU threads of the draft")
     ap.add_argument("--timeout", default=10.0,
-                    type=kernels.checked(float, lambda s: check_seconds("--timeout", s)),
+                    type=harness.checked(float, lambda s: check_seconds("--timeout", s)),
                     help="seconds to wait for the draft (1 ms to 1 day)")
-    ap.add_argument("--prompt", required=True, type=kernels.prompt_text)
+    ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     cores = os.cpu_count() or 2  # on a CPU, each process gets its own cores: half and half
     draft_threads = args.draft_threads or max(1, cores // 2)
@@ -985,7 +986,7 @@ def main():
     ids = kernels.encode_prompt(target, args.prompt)
     with DraftWorker(args.draft, target, device=args.draft_device, threads=draft_threads,
                      timeout_s=args.timeout) as worker:
-        tokens, stats = kernels.after_warm_up(lambda n: generate(
+        tokens, stats = harness.after_warm_up(lambda n: generate(
             target, ids, n, draft=worker, k=args.k, f=args.f, fan_out=args.fan_out,
             saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget),

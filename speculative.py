@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import harness
 import kernels
 
 
@@ -134,15 +135,15 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
     Returns (tokens, stats) as autoregressive.generate does; stats also fills accept_counts
     (rounds per k = 0..K), tau, acceptance_rate and draft_calls (draft forwards, or propose
     calls for a proposer)."""
-    prompts = kernels.as_batch(prompt_ids)
+    prompts = harness.as_batch(prompt_ids)
     kernels.check_sampling(temperature, top_k, top_p)
     Vd, K = check_draft(target, draft, k), k
-    max_len = kernels.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     neural = not hasattr(draft, "propose")
     gen = kernels.make_generator(seed, dev)
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
-    stats = kernels.new_stats(K)
+    stats = harness.new_stats(K)
     rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
     done = [False] * B
 
@@ -224,21 +225,21 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
 
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
-    return tokens, kernels.finish_stats(stats, tokens)
+    return tokens, harness.finish_stats(stats, tokens)
 
 
 def main():
     import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels.add_common_args(ap)
+    harness.add_common_args(ap)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
-    ap.add_argument("--k", type=kernels.positive_int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--prompt", required=True, type=kernels.prompt_text)
+    ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
+    ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     draft = drafts.load_draft(args.draft, target)
     ids = kernels.encode_prompt(target, args.prompt)
-    tokens, stats = kernels.after_warm_up(lambda n: generate(
+    tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed), args.max_new_tokens)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))

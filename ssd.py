@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+import harness
 import kernels
 from speculative import check_draft, emit, one_hot, pad_vocab, verify
 
@@ -154,19 +155,19 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     apart from hits and misses), tau_on_hit / tau_on_miss (tokens per row-round when the
     speculation came from the cache / was drafted just in time, cold starts included), measured
     one-device times verify_s / cache_build_s / jit_draft_s, and modelled_two_device_* figures."""
-    prompts = kernels.as_batch(prompt_ids)
+    prompts = harness.as_batch(prompt_ids)
     kernels.check_sampling(temperature, top_k, top_p)
     Vd, K = check_draft(target, draft, k), k
     if hasattr(draft, "propose"):
         raise ValueError("ssd.py drafts trees of speculations with a neural draft (a kernels.Model "
                          "with its own KV cache); a model-free proposer fits speculative.py.")
     fanout = fanout_list(f, K)
-    max_len = kernels.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
     gen = kernels.make_generator(seed, dev)
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
-    stats = kernels.new_stats(K)
+    stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), cold_starts=0,
                  verify_s=0.0, cache_build_s=0.0, jit_draft_s=0.0, modelled_two_device_decode_s=0.0)
     rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
@@ -270,7 +271,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
-    stats = kernels.finish_stats(stats, tokens)
+    stats = harness.finish_stats(stats, tokens)
     decoded, modelled = stats["new_tokens"] - B, stats["modelled_two_device_decode_s"]
     stats["modelled_two_device_tokens_per_s"] = decoded / modelled if modelled > 0 else 0.0
     return tokens, stats
@@ -279,7 +280,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 def parse_fanout(text):
     """--f 3 (F at every k) or --f 4,3,2,2,1 (F_0..F_K; their count is checked against K)."""
     if "," not in text:
-        return kernels.positive_int(text)
+        return harness.positive_int(text)
     try:
         fs = [int(x) for x in text.split(",")]
     except ValueError:
@@ -293,16 +294,16 @@ def parse_fanout(text):
 def main():
     import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kernels.add_common_args(ap)
+    harness.add_common_args(ap)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
-    ap.add_argument("--k", type=kernels.positive_int, default=4, help="draft tokens per round (K)")
+    ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=parse_fanout, default=3, help="fan-out F, or F_0,...,F_K")
-    ap.add_argument("--prompt", required=True, type=kernels.prompt_text)
+    ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
     draft = drafts.load_draft(args.draft, target)
     ids = kernels.encode_prompt(target, args.prompt)
-    tokens, stats = kernels.after_warm_up(lambda n: generate(
+    tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, f=args.f, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed), args.max_new_tokens)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import harness
 import kernels
 import kernels_cpu
 from conftest import tiny_config, tiny_model
@@ -177,13 +178,13 @@ def test_unknown_device_is_a_clear_error():
 def test_bad_requests_are_clear_errors():
     model = tiny_model(seed=0)  # context of 256 tokens
     with pytest.raises(ValueError, match="empty prompt"):
-        kernels.check_request(model, [[]], 4)
+        harness.check_request(model, [[]], 4)
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
-        kernels.check_request(model, [[1] * 250], 10)
+        harness.check_request(model, [[1] * 250], 10)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        kernels.check_request(model, [[1]], 0)
+        harness.check_request(model, [[1]], 0)
     with pytest.raises(ValueError, match=r"token id 64, outside \[0, 64\): the model's vocabulary"):
-        kernels.check_request(model, [[64]], 1)
+        harness.check_request(model, [[64]], 1)
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         kernels.probs_from_logits(torch.zeros(1, 4), -0.5)
     with pytest.raises(ValueError, match="KV cache overflow"):

@@ -1,0 +1,119 @@
+"""harness.py: what every decoding loop shares around its body, so that the loop files hold
+the algorithm and nothing else: the checks of a request, the stats every loop returns (same keys
+everywhere, so bench.py loops over methods), the warm-up a CLI times after, and the command-line
+flags every script spells the same way (each checked as it is parsed)."""
+from __future__ import annotations
+
+import argparse
+
+import kernels
+
+
+def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room: int = 0) -> int:
+    """Validate a batch of prompts (lists of token ids); return the KV cache length it needs
+    (longest prompt + max_new_tokens + `room` scratch slots for speculation)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every row needs at least one token.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    # ids past the tokenizer are embedding padding (151936 rows for 151669 tokens): no text
+    # encodes them, and a draft padded to another size may lack them, so every loop refuses them
+    tok, V = model.tokenizer, model.cfg.vocab_size
+    n_ids = min(V, len(tok)) if tok is not None else V
+    for b, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < n_ids]
+        if bad:
+            raise ValueError(f"prompt row {b} holds token id {bad[0]!r}, outside [0, {n_ids}): "
+                             + (f"the tokenizer has {len(tok)} tokens (ids past it are padding "
+                                f"of the {V}-row embedding)" if tok is not None else
+                                "the model's vocabulary") + ". Encode prompts with the "
+                             "target's tokenizer (kernels.encode_prompt).")
+    need = max(len(p) for p in prompts) + max_new_tokens
+    if need > model.cfg.max_positions:
+        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) = {need} exceeds the model's context of "
+                         f"{model.cfg.max_positions} tokens: shorten one of them.")
+    return need + room
+
+
+def as_batch(prompt_ids) -> list:
+    """A single prompt (list of ints) or a batch (list of lists) -> a batch."""
+    if len(prompt_ids) and isinstance(prompt_ids[0], int):
+        return [list(prompt_ids)]
+    return [list(p) for p in prompt_ids]
+
+
+def new_stats(k: int = 0) -> dict:
+    """The stats every loop returns, with the same keys, so bench.py can loop over methods."""
+    return {"new_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_tokens_per_s": 0.0,
+            "target_calls": 0, "rows_verified": 0, "draft_calls": 0, "tau": 0.0, "acceptance_rate": None,
+            "accept_counts": [0] * (k + 1) if k else [], "cache_hits": 0, "cache_misses": 0,
+            "hit_rate": None}
+
+
+def finish_stats(stats: dict, tokens: list) -> dict:
+    stats["new_tokens"] = sum(len(t) for t in tokens)
+    decoded = stats["new_tokens"] - len(tokens)  # the first token of each row came from prefill
+    stats["decode_tokens_per_s"] = decoded / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
+    if "lookups_by_k" in stats:  # ssd, saguaro: speculation-cache lookups per accepted count k
+        stats["cache_hits"] = sum(stats["hits_by_k"])
+        stats["cache_misses"] = sum(stats["lookups_by_k"]) - stats["cache_hits"]
+        if sum(stats["lookups_by_k"]):
+            stats["hit_rate"] = stats["cache_hits"] / sum(stats["lookups_by_k"])
+    if stats["rows_verified"]:  # target forwards x live rows: tau counts per sequence
+        stats["tau"] = decoded / stats["rows_verified"]
+    return stats
+
+
+def after_warm_up(run, max_new_tokens: int, warm_up: int = 8):
+    """What a CLI times: run(n) -> (tokens, stats), called first for a few tokens, whose first
+    calls pack the weights and build the fused layer for each step length, then for real."""
+    run(min(warm_up, max_new_tokens))
+    return run(max_new_tokens)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (k, f, budget, threads, token counts)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
+def checked(kind, check):
+    """argparse type: `kind(text)` that `check(value)` accepts (its ValueError becomes the
+    flag's error: argparse then says which flag was wrong before any model loads)."""
+    def convert(text):
+        try:
+            value = kind(text)
+            check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return convert
+
+
+def _nonempty(text):
+    if not text.strip():
+        raise ValueError("empty prompt: give at least one character of text.")
+
+
+prompt_text = checked(str, _nonempty)  # argparse type of --prompt
+
+
+def add_common_args(parser) -> None:
+    """The flags every script spells the same way, each checked as it is parsed."""
+    parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N",
+                        type=checked(str, kernels.resolve_device))
+    parser.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
+    parser.add_argument("--temperature", type=checked(float, kernels.check_sampling), default=0.0,
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=checked(int, lambda k: kernels.check_sampling(0, top_k=k)))
+    parser.add_argument("--top-p", type=checked(float, lambda p: kernels.check_sampling(0, top_p=p)))
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
