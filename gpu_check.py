@@ -151,7 +151,7 @@ def print_table(rows, title, console=None):
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=title, title_justify="left")
     for name in ("check", "result", "figure"):
-        table.add_column(name)
+        table.add_column(name, overflow="fold")  # long test ids fold, never lose their end
     for check, result, figure in rows:
         style = ("red" if result.startswith(BAD) else "yellow" if result.startswith("skipped")
                  else "green")
