@@ -65,7 +65,10 @@ def rows_from_log(lines) -> list:
     collected but never reported (the run hung or crashed) 'did not finish'."""
     collected, phases = None, {}
     for line in lines:
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a killed run
+            continue
         if "collected" in record:
             collected = record["collected"]
         else:

@@ -167,14 +167,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     copy_bps = copy_bandwidth(dev)
     model = random_model(LLAMA_1B, dev, dtype)
-    flash = flash_imports()
+    flash = flash_imports() and dtype != torch.float32  # flash-attn: fp16 / bf16 only
     modes = [m for m in MODES if flash or m[0] != "flash"]
     rows = measure(model, modes, args.context, args.k, args.batch, copy_bps)
     gpu, kv = torch.cuda.get_device_name(dev), kv_bytes(model, args.context, args.batch)
     print(f"{gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, flash-attn "
-          f"{'yes' if flash else 'absent'}; Llama-3.2-1B shape, random weights, {args.dtype}, "
-          f"batch {args.batch}, {args.context} cached tokens; weights "
-          f"{weight_bytes(model) / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB per step; device "
+          f"{'timed' if flash else 'not timed (absent, or float32)'}; Llama-3.2-1B shape, "
+          f"random weights, {args.dtype}, batch {args.batch}, {args.context} cached tokens; "
+          f"weights {weight_bytes(model) / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB per step; device "
           f"copy bandwidth {copy_bps / 1e9:.0f} GB/s; {time.perf_counter() - t0:.0f} s")
     print_table(rows, f"step times on {gpu} (median of 5 x 20 steps)")
     print(json.dumps({"gpu": gpu, "copy_GBps": copy_bps / 1e9, "flash": flash,
