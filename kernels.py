@@ -268,7 +268,7 @@ class Model(nn.Module):
             raise ValueError(f"KV cache overflow: a row needs slot {S - 1} but the cache holds "
                              f"{cache.max_len}; make the cache longer.")
         attn = None  # None: flash-attn appends and attends by itself (plain calls on CUDA)
-        if not (plain and ATTENTION == "flash"):
+        if not (plain and ATTENTION == "flash" and self.dtype != torch.float32):  # flash: fp16/bf16
             if mask is None:
                 mask = torch.arange(S, device=tokens.device) <= slots[:, :, None]  # causal
             # an additive float mask, made once here: SDPA would convert a bool one per layer

@@ -325,10 +325,12 @@ class DraftWorker:
                                "saguaro in a process of its own.")
         tdev = target.device
         ddev = kernels.resolve_device(device) if device else tdev
-        self.backend = "nccl" if tdev.type == ddev.type == "cuda" else "gloo"
-        if self.backend == "gloo" and "cuda" in (tdev.type, ddev.type):
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): one GPU talks via gloo
+        two_gpus = tdev.type == ddev.type == "cuda" and (tdev.index or 0) != (ddev.index or 0)
+        self.backend = "nccl" if two_gpus else "gloo"
+        if tdev.type != ddev.type:
             raise ValueError("target and draft on different device types: put both on CUDA "
-                             "(NCCL) or both on the CPU (gloo).")
+                             "(NCCL between two GPUs) or both on the CPU (gloo).")
         self.comm = tdev if self.backend == "nccl" else torch.device("cpu")
         self.timeout_s, self.rounds, self.process, self.in_session = timeout_s, 0, None, False
         self.estimates = {}  # generate() settings -> Estimates: learned over all its calls

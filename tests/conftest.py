@@ -11,6 +11,11 @@ import kernels  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/test_gpu.py), skipped without "
+                            "one; `python gpu_check.py` runs them all with the speed probe")
+
+
 def tiny_config(model_type="llama", vocab_size=64, **over):
     """A transformers-style config dict for a tiny model of one supported family."""
     c = {"model_type": model_type, "vocab_size": vocab_size, "hidden_size": 32,
