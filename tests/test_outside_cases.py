@@ -511,3 +511,37 @@ def test_close_unregisters_even_when_leaving_torch_distributed_raises(monkeypatc
     monkeypatch.setattr(saguaro.dist, "destroy_process_group", real)
     with saguaro.DraftWorker(draft, target, threads=1) as fresh:
         assert fresh.alive
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 14: the top-level modules import each other in one direction only
+
+def test_no_import_cycle_among_the_top_level_modules():
+    """Every import, at module level or inside a function, between the project's own files:
+    the graph must have no cycle (a loop file never needs drafts.py's tools, and so on)."""
+    import ast
+    mods = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(ROOT, m + ".py")).read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        graph[m] = sorted((names & mods) - {m})
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in graph[m]:
+            assert state.get(n) != "open", f"import cycle: {' -> '.join(path + [n])}"
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+    for m in sorted(mods):
+        if m not in state:
+            visit(m, [m])
+    assert graph["drafts"] and not {"autoregressive", "speculative", "ssd", "saguaro"} & \
+        set(graph["drafts"])
