@@ -801,7 +801,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
         stats = harness.new_stats(K)
         stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1),
                      backup_used={"jit": 0, "fast": 0}, backup_why=None, b_star=None,
-                     verify_s=0.0, draft_wait_s=0.0, draft_build_s=0.0, jit_draft_s=0.0,
+                     verify_s=0.0, draft_wait_s=0.0, cache_build_s=0.0, jit_draft_s=0.0,
                      fast_backup_s=0.0, draft_lost=None)
         rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
         done = [False] * B
@@ -865,7 +865,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_ou
             if answered:
                 stats["draft_wait_s"] += time.perf_counter() - tick
                 stats["draft_calls"] += reply.forwards
-                stats["draft_build_s"] += reply.build_s
+                stats["cache_build_s"] += reply.build_s
                 stats["jit_draft_s"] += reply.jit_s
                 est.learn_from_draft(reply, live, first_round=bool(outcome.min() < 0))
             # the fast backup runs for the rows that need it, and in auto mode on a few more

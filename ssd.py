@@ -25,7 +25,9 @@ speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k
 per round), tau = tokens per round per row. This file runs target and draft one after the other on
 one device, so a reader can step through a round; its stats give the cache hit rate and, labelled
 "modelled", the time two devices would take (max(verify, cache build) + the fallback on a miss).
-saguaro.py runs the draft in its own process and calls `build_speculation_cache` there.
+saguaro.py runs the draft side in a process of its own, where it builds the same cache with
+this file's `predict_outcomes` and `draft_branches` (and keeps S there: only the answer
+for the true outcome crosses to the target).
 
     python ssd.py --prompt "Write a haiku about cacti." --draft default --k 4 --f 3
 """
@@ -46,7 +48,7 @@ from speculative import check_draft, emit, one_hot, pad_vocab, verify
 @dataclass
 class SpeculationCache:
     """S: (k, t) -> (y_1..y_K, their q rows), one table per sequence, stored as arrays so a whole
-    batch is looked up at once (and saguaro.py can send it between processes).
+    batch is looked up at once.
     keys (B, N, 2) = (k, t) per branch; tokens (B, N, K); probs (B, N, K, V)."""
     keys: torch.Tensor
     tokens: torch.Tensor
