@@ -2,11 +2,13 @@
 output follows the target's exact law, and the bookkeeping (rollback, EOS, max_new_tokens,
 vocabularies) is right.
 
-Statistical tests: every case of `LAW_CASES` plus `test_verify_one_round_follows_p` runs
-Pearson's chi-square test (tests/exact.py) at ALPHA / NUM_STAT_TESTS, so under a correct
-implementation the chance that any of them fails is at most ALPHA = 1e-3 for this file
-(Bonferroni); seeds are fixed, so a run is reproducible. The negative controls (deliberately
-wrong rules) must FAIL the same test at the same level.
+Statistical tests: every case of `LAW_CASES` (a window of 6 tokens over a 4-token vocabulary,
+or 4 over 8: with K = 2 the window holds a round that accepted all K, its bonus, and every
+position of the next round) plus the one-round tests of `verify` runs Pearson's chi-square test
+(tests/exact.py) at ALPHA / NUM_STAT_TESTS, so under a correct implementation the chance that
+any of them fails is at most ALPHA = 1e-3 for this file (Bonferroni); seeds are fixed, so a run
+is reproducible. The negative controls (deliberately wrong rules) must FAIL the same test, by
+a margin of at least MARGIN x its threshold, for a reason each control states.
 """
 import copy
 import dataclasses
@@ -22,10 +24,10 @@ import speculative
 from conftest import tiny_model
 
 ALPHA = 1e-3
-V = 8                 # vocabulary of the distribution tests: V^3 = 512 sequences to enumerate
-PROMPT = [1, 2, 3]
-N_TOKENS = 3          # the first token comes from prefill, the next two from verify rounds
-SAMPLES = 8_000
+V = 8                 # vocabulary of the verify tests and the short-window law cases
+PROMPT = [1, 2, 0]    # ids every vocabulary here has (the padded cases have 3 real tokens)
+SAMPLES = 6_000
+MARGIN = 5.0          # a negative control's chi-square must exceed its threshold this many times
 RAGGED = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
 
 
@@ -156,12 +158,17 @@ def random_probs(shape, seed, sharp=1.0):
     return (torch.randn(shape, generator=g) * sharp).softmax(-1)
 
 
-def test_verify_accepts_every_token_when_p_equals_q():
-    B, K = 500, 3
+def test_verify_accepts_every_token_when_p_equals_q_and_draws_the_bonus_from_p_k_plus_1():
+    B, K = 20_000, 3
     p = random_probs((B, K + 1, V), 0)
+    p[:, K] = random_probs(V, 9, sharp=2.0)         # one law for p_{K+1}, unlike p_1..p_K
     x = kernels.sample(p[:, :K], kernels.make_generator(1, "cpu"))
     n, bonus = speculative.verify(p, p[:, :K].clone(), x, kernels.make_generator(2, "cpu"))
     assert n.tolist() == [K] * B
+    counts = dict(enumerate(torch.bincount(bonus, minlength=V).tolist()))
+    passed, stat, threshold = exact.chi_square_test(counts, dict(enumerate(p[0, K].tolist())),
+                                                    ALPHA / NUM_STAT_TESTS)
+    assert passed, f"the bonus after K accepted is not ~ p_(K+1): chi2 {stat:.1f} > {threshold:.1f}"
 
 
 def test_verify_rejects_everything_with_disjoint_supports():
@@ -173,7 +180,10 @@ def test_verify_rejects_everything_with_disjoint_supports():
     x = kernels.sample(q, kernels.make_generator(1, "cpu"))
     n, bonus = speculative.verify(p, q, x, kernels.make_generator(2, "cpu"))
     assert n.tolist() == [0] * B
-    assert bool((bonus < 4).all())     # the residual max(0, p - q) is p itself
+    counts = dict(enumerate(torch.bincount(bonus, minlength=V).tolist()))
+    passed, stat, threshold = exact.chi_square_test(counts, dict(enumerate(p[0, 0].tolist())),
+                                                    ALPHA / NUM_STAT_TESTS)
+    assert passed, f"the residual max(0, p - q) is p itself here: chi2 {stat:.1f} > {threshold:.1f}"
 
 
 def test_verify_at_temperature_zero_is_exact_match_and_argmax():
@@ -218,7 +228,9 @@ def test_greedy_equals_autoregressive_on_tiny_models(family, k):
     got, stats = speculative.generate(target, RAGGED, 40, draft=noisy_copy(target, 0.02), k=k)
     assert got == want
     assert 0 < stats["acceptance_rate"] < 1                 # per-row partial acceptance happened
-    assert sum(stats["accept_counts"]) == stats["rows_verified"]
+    # a round that accepted k emits k + 1 tokens; only a row's last round may be cut short
+    emitted = sum((n + 1) * c for n, c in enumerate(stats["accept_counts"]))
+    assert emitted - k * len(RAGGED) <= stats["new_tokens"] - len(RAGGED) <= emitted
 
 
 @pytest.mark.parametrize("proposer", [CyclingProposer, RandomTokenProposer])
@@ -287,9 +299,21 @@ def test_eos_inside_accepted_tokens_ends_the_row():
 def test_rows_never_exceed_max_new_tokens(n):
     target = tiny_model(0, vocab_size=64)
     want, _ = autoregressive.generate(target, RAGGED, n)
-    got, stats = speculative.generate(target, RAGGED, n, draft=target, k=5)
+    got, _ = speculative.generate(target, RAGGED, n, draft=target, k=5)
     assert got == want and [len(t) for t in got] == [n] * len(RAGGED)
-    assert stats["new_tokens"] == n * len(RAGGED)
+
+
+def test_top_k_1_at_temperature_above_0_is_greedy():
+    """top_k = 1 leaves one token at every position, whatever the temperature: the output is
+    the greedy one, and a draft equal to the target has every token accepted."""
+    target = tiny_model(0, vocab_size=64)
+    want, _ = autoregressive.generate(target, RAGGED, 20)
+    got, stats = speculative.generate(target, RAGGED, 20, draft=target, k=3, temperature=1.0,
+                                      top_k=1, seed=4)
+    assert got == want and stats["acceptance_rate"] == 1.0
+    got, _ = speculative.generate(target, RAGGED, 20, draft=noisy_copy(target, 0.3), k=3,
+                                  temperature=1.5, top_k=1, seed=5)
+    assert got == want
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,13 +358,25 @@ def test_rollback_never_leaks_a_rejected_token():
 
 
 # ----------------------------------------------------------------------------------------------
-# temperature > 0: the exact law of the first N_TOKENS tokens
+# temperature > 0: the exact law of a window of tokens
 
-def eos_target8():
-    """A V=8 target whose EOS is its likeliest second token: EOS often arrives inside a round."""
-    target = target8()
-    law = exact.exact_distribution(target, PROMPT, N_TOKENS, eos_ids=())
-    second = torch.zeros(V, dtype=torch.float64)
+WINDOW = {4: 6, 8: 4}  # V -> n: V^n <= 4096 sequences; with K = 2, 6 tokens hold the prefill
+# token, a round that accepted both (x_1, x_2, bonus) and every position of the next round
+
+
+def tiny4(seed, scale=1.0, vocab_size=4):
+    return tiny_model(seed, vocab_size=vocab_size, scale=scale, **SMALL)
+
+
+def target4():
+    return tiny4(0)
+
+
+def with_eos_second(target):
+    """Make the target's likeliest second token its EOS: EOS then often arrives inside a round
+    (accepted, or as a bonus), and sometimes first."""
+    law = exact.exact_distribution(target, PROMPT, 2, eos_ids=())
+    second = torch.zeros(target.cfg.vocab_size, dtype=torch.float64)
     for s, prob in law.items():
         second[s[1]] += prob
     target.cfg.eos_token_ids = (int(second.argmax()),)
@@ -352,36 +388,46 @@ def padded_target8():
     return with_tokenizer(target8(), FakeTokenizer(6))
 
 
+def padded_target4():
+    """A tokenizer of 3 real tokens over an embedding of 4 rows (id 3 is padding)."""
+    return with_tokenizer(target4(), FakeTokenizer(3))
+
+
 LAW_CASES = {
     # name: (make target, make draft from the target, k, sampling kwargs beyond temperature=1)
-    "draft_equals_target": (target8, lambda t: t, 2, {}),
-    "independent_random_draft": (target8, lambda t: tiny8(1), 3, {}),
-    "near_disjoint_negated_head": (target8, negated_head, 2, {}),
-    "disjoint_supports_top_k": (target8, negated_head, 2, {"top_k": 2}),
-    "sharp_target_flat_draft": (lambda: tiny8(0, scale=2.0), lambda t: tiny8(1, scale=0.1), 3, {}),
-    "one_hot_cycling_proposer": (target8, lambda t: CyclingProposer(V), 2, {}),
-    "one_hot_random_tokens": (target8, lambda t: RandomTokenProposer(V), 1, {}),
-    "context_free_proposer": (target8, lambda t: ContextFreeProposer(random_probs(V, 5, 2.0)),
+    "draft_equals_target": (target4, lambda t: t, 2, {}),     # full acceptance: every bonus ~ p_3
+    "noisy_draft": (target4, lambda t: noisy_copy(t, 0.5), 2, {}),
+    "independent_random_draft": (target4, lambda t: tiny4(1), 3, {}),
+    "near_disjoint_negated_head": (target4, negated_head, 2, {}),
+    "disjoint_supports_top_k": (target4, negated_head, 2, {"top_k": 2}),
+    "sharp_target_flat_draft": (lambda: tiny4(0, scale=2.5), lambda t: tiny4(1, scale=0.1), 2, {}),
+    "one_hot_cycling_proposer": (target4, lambda t: CyclingProposer(4), 2, {}),
+    "one_hot_random_tokens": (target4, lambda t: RandomTokenProposer(4), 1, {}),
+    "context_free_proposer": (target4, lambda t: ContextFreeProposer(random_probs(4, 5, 2.0)),
                               2, {}),
-    "top_k": (target8, lambda t: tiny8(1), 2, {"temperature": 0.8, "top_k": 3}),
-    "top_p": (target8, lambda t: tiny8(1), 2, {"temperature": 1.3, "top_p": 0.7}),
-    "eos_inside_rounds": (eos_target8, lambda t: noisy_copy(t, 0.3), 3, {}),
-    "padded_vocab_larger_draft": (padded_target8,
-                                  lambda t: with_tokenizer(tiny8(1, vocab_size=10), t.tokenizer),
+    "top_k": (target4, lambda t: noisy_copy(t, 0.5), 2, {"temperature": 0.8, "top_k": 3}),
+    "top_p": (target4, lambda t: noisy_copy(t, 0.5), 2, {"temperature": 1.3, "top_p": 0.7}),
+    "eos_inside_rounds": (lambda: with_eos_second(target4()), lambda t: noisy_copy(t, 0.3), 2, {}),
+    "padded_vocab_larger_draft": (padded_target4,
+                                  lambda t: with_tokenizer(tiny4(1, vocab_size=5), t.tokenizer),
                                   2, {}),
-    "padded_vocab_smaller_draft": (padded_target8,
-                                   lambda t: with_tokenizer(tiny8(1, vocab_size=7), t.tokenizer),
+    "padded_vocab_smaller_draft": (padded_target4,
+                                   lambda t: with_tokenizer(tiny4(1, vocab_size=3), t.tokenizer),
                                    2, {}),
+    "V8_top_k_top_p": (target8, lambda t: noisy_copy(t, 0.5), 1,
+                       {"temperature": 0.8, "top_k": 3, "top_p": 0.9}),
 }
-NUM_STAT_TESTS = len(LAW_CASES) + 2   # + test_verify_one_round_follows_p's two cases
+NUM_STAT_TESTS = len(LAW_CASES) + 3   # + the one-round tests of verify
 
 
-def law_test(target, draft, k, sampling, seed=0):
+def law_test(target, draft, k, sampling, seed=0, alpha=ALPHA / NUM_STAT_TESTS):
+    """(passed, worst statistic / threshold, shown) for SAMPLES runs over the window."""
     sampling = {"temperature": 1.0, **sampling}
-    law = exact.exact_distribution(target, PROMPT, N_TOKENS, **sampling)
-    counts = exact.sample_sequences(speculative.generate, target, PROMPT, N_TOKENS, SAMPLES,
+    n = WINDOW[target.cfg.vocab_size]
+    law = exact.exact_distribution(target, PROMPT, n, **sampling)
+    counts = exact.sample_sequences(speculative.generate, target, PROMPT, n, SAMPLES,
                                     draft=draft, k=k, seed=seed, **sampling)
-    return exact.chi_square_test(counts, law, ALPHA / NUM_STAT_TESTS)
+    return exact.window_test(counts, law, alpha)
 
 
 @pytest.mark.parametrize("case", list(LAW_CASES))
@@ -389,8 +435,8 @@ def test_sampled_output_follows_the_exact_target_law(case):
     make_target, make_draft, k, sampling = LAW_CASES[case]
     target = make_target()
     draft = make_draft(target)
-    passed, stat, threshold = law_test(target, draft, k, sampling)
-    assert passed, f"{case}: chi2 {stat:.1f} > threshold {threshold:.1f}"
+    passed, worst, shown = law_test(target, draft, k, sampling)
+    assert passed, f"{case}: {shown}"
 
 
 def verify_greedy_acceptance(target_probs, draft_probs, draft_tokens, generator):
@@ -412,17 +458,30 @@ def verify_without_residual(target_probs, draft_probs, draft_tokens, generator):
     return n, kernels.sample(target_probs[torch.arange(B), n], generator)
 
 
-@pytest.mark.parametrize("bug", ["greedy_acceptance", "no_residual", "greedy_draft_softmax_q"])
+# Each control's draft is chosen so that its bug acts on most rounds, whatever the weights:
+#   greedy_acceptance: a uniform context-free draft; every accepted token becomes an argmax
+#     and a non-argmax proposal is never accepted (the law of each round changes);
+#   no_residual: the same draft: a rejection (about half the rounds) draws the bonus from p,
+#     not from max(0, p - 1/4), moving mass onto the tokens the draft already offered;
+#   greedy_draft_softmax_q: the target drafts for itself greedily and reports its softmax:
+#     p = q, so every argmax proposal is accepted and K of every K+1 tokens are greedy.
+NEGATIVE_CONTROLS = {
+    "greedy_acceptance": (verify_greedy_acceptance, lambda t: ContextFreeProposer(
+        torch.full((4,), 0.25))),
+    "no_residual": (verify_without_residual, lambda t: ContextFreeProposer(torch.full((4,), 0.25))),
+    "greedy_draft_softmax_q": (None, GreedyDraftWithSoftmaxQ),
+}
+
+
+@pytest.mark.parametrize("bug", list(NEGATIVE_CONTROLS))
 def test_negative_control_wrong_rules_fail_the_law_test(bug, monkeypatch):
-    target, draft = target8(), tiny8(1)
-    if bug == "greedy_acceptance":
-        monkeypatch.setattr(speculative, "verify", verify_greedy_acceptance)
-    elif bug == "no_residual":
-        monkeypatch.setattr(speculative, "verify", verify_without_residual)
-    else:
-        draft = GreedyDraftWithSoftmaxQ(draft)
-    passed, stat, threshold = law_test(target, draft, 2, {})
-    assert not passed, f"{bug} went undetected: chi2 {stat:.1f} <= {threshold:.1f}"
+    wrong_verify, make_draft = NEGATIVE_CONTROLS[bug]
+    if wrong_verify is not None:
+        monkeypatch.setattr(speculative, "verify", wrong_verify)
+    target = target4()
+    passed, worst, shown = law_test(target, make_draft(target), 2, {})
+    print(f"{bug}: {shown}")
+    assert not passed and worst > MARGIN, f"{bug} is not caught by a wide margin: {shown}"
 
 
 # ----------------------------------------------------------------------------------------------

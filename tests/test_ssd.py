@@ -114,12 +114,17 @@ def test_greedy_equals_autoregressive_on_tiny_models(k, f):
     for draft in (target, perturbed(target, 7, 0.05), tiny_model(seed=2, vocab_size=64)):
         tokens, stats = ssd.generate(target, prompts, 20, draft=draft, k=k, f=f)
         assert tokens == ref
-        assert stats["new_tokens"] == 60 and stats["cold_starts"] == 3
-        assert stats["cache_hits"] + stats["cache_misses"] == sum(stats["lookups_by_k"]) > 0
+        assert stats["cold_starts"] == 3
+        # every row-round but a row's last one looks its outcome up in S
+        assert sum(stats["lookups_by_k"]) == stats["rows_verified"] - 3
         hit_rates.append(stats["hit_rate"])
+        # two devices: the cache build overlaps the verify, a JIT draft does not
+        v, b, j = stats["verify_s"], stats["cache_build_s"], stats["jit_draft_s"]
+        assert max(v, b) + j <= stats["modelled_two_device_decode_s"] * (1 + 1e-9) <= v + b + j
         if draft is target:  # JIT drafting only for the cold start: K + the glue and K tree steps
             assert stats["draft_calls"] == k + stats["target_calls"] * (k + 1)
-            assert stats["tau_on_hit"] > 1 and stats["modelled_two_device_decode_s"] > 0
+            # each cached speculation is the target's own greedy tokens: all K accepted
+            assert stats["accept_counts"] == [0] * k + [stats["rows_verified"]]
     # self-draft: the bonus is the draft's own top guess, always in S; a random draft misses
     assert hit_rates[0] == 1.0 and 0 < hit_rates[1] < 1 and hit_rates[2] < 0.5, hit_rates
 
@@ -168,6 +173,34 @@ def test_each_row_stops_at_eos_and_at_max_new_tokens_like_autoregressive():
     assert len(ref[0]) == free[0].index(stop) + 1 <= 5
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_just_in_time_draft_sees_the_whole_context(temperature):
+    """A miss is served by a JIT draft from the row's context. With draft = target and no bet on
+    k = K (F_K = 0), every round accepts all K and misses: every speculation is a JIT one, and
+    it must be the target's own (all accepted: exactly at T = 0; at T = 1 p and q differ only by
+    float rounding). A JIT that lost a context token would still be lossless, but slow."""
+    target = tiny_model(seed=1, vocab_size=64)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    tokens, stats = ssd.generate(target, prompts, 30, draft=target, k=3, f=[1, 1, 1, 0],
+                                 temperature=temperature, seed=2)
+    assert stats["cache_hits"] == 0 and stats["cache_misses"] == stats["rows_verified"] - 3
+    assert stats["tau_on_hit"] is None
+    if temperature == 0:
+        assert tokens == autoregressive.generate(target, prompts, 30)[0]
+        assert stats["acceptance_rate"] == 1.0 and stats["accept_counts"][:3] == [0, 0, 0]
+    else:
+        assert stats["acceptance_rate"] > 0.98, stats["accept_counts"]
+
+
+def test_top_k_1_at_temperature_above_0_is_greedy():
+    target = tiny_model(seed=1, vocab_size=64, scale=3.0)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    ref, _ = autoregressive.generate(target, prompts, 20)
+    tokens, stats = ssd.generate(target, prompts, 20, draft=perturbed(target, 7, 0.3), k=3, f=2,
+                                 temperature=1.0, top_k=1, seed=3)
+    assert tokens == ref
+
+
 def test_same_seed_same_tokens_at_temperature_above_0():
     target = tiny_model(seed=5, vocab_size=32)
     draft = perturbed(target, 2, 0.3)
@@ -195,59 +228,93 @@ def test_not_a_neural_draft_or_bad_k_is_refused_with_a_clear_error():
 
 
 # ----------------------------------------------------------------------------------------------
-# exact distribution at temperature > 0 (tests/exact.py): the chi-square tests below that must
-# pass run at alpha = 1e-3 / 3 each, so the file's false-failure rate is at most 1e-3
+# exact distribution at temperature > 0 (tests/exact.py): a window of 6 tokens over a 4-token
+# vocabulary with K = 2 holds the prefill token, a round that accepted both (bonus included) and
+# every position of the speculation served after it, from the cache or from the JIT draft. The
+# fan-out decides which outcomes are cached: F = (3, 3, 4) bets on every outcome there is (a
+# rejected x_{k+1} is never the bonus), so every lookup hits; F_k = 0 makes every outcome with
+# that k a miss. The chi-square tests that must pass run at ALPHA each, so the file's
+# false-failure rate is at most 1e-3.
 
-ALPHA = 1e-3 / 3
-NUM_SAMPLES = 8000
+V, N, K = 4, 6, 2
+PROMPT = [1, 2, 0]
+NUM_SAMPLES = 5000
+EVERY_OUTCOME = [V - 1] * K + [V]
 
 
-def ssd_samples(target, prompt, num_samples, **kwargs):
+def with_eos(target, first_excluded):
+    """The EOS: with first_excluded, the token top-k 3 never lets come first (the first
+    position's least likely), else the likeliest second token."""
+    law = exact.exact_distribution(target, PROMPT, 2, eos_ids=())
+    by_position = torch.zeros(2, V, dtype=torch.float64)
+    for s, prob in law.items():
+        for i in range(2):
+            by_position[i, s[i]] += prob
+    eos = by_position[0].argmin() if first_excluded else by_position[1].argmax()
+    target.cfg.eos_token_ids = (int(eos),)
+    return target
+
+
+CASES = {  # target, draft noise (None: an unrelated draft), fan-out and sampling
+    "every outcome cached: all hits": dict(noise=0.3, f=EVERY_OUTCOME),
+    "no bet on k >= 1: those all miss": dict(noise=0.5, f=[V - 1, 0, 0]),
+    "T=1.2, top-k 3, top-p 0.95, F=1": dict(noise=0.5, f=1, temperature=1.2, top_k=3,
+                                            top_p=0.95),
+    "T=1.3, unrelated random draft, F=(2,0,1)": dict(noise=None, f=[2, 0, 1], temperature=1.3),
+    "EOS live (never first), every outcome cached": dict(noise=0.5, f=EVERY_OUTCOME, top_k=3,
+                                                        eos="not first"),
+    "EOS live (may come first), F=1": dict(noise=0.5, f=1, eos="second"),
+}
+ALPHA = 1e-3 / len(CASES)
+
+
+def ssd_samples(target, num_samples, **kwargs):
     """exact.sample_sequences over ssd.generate, also summing the cache counters of all runs."""
-    totals = {"cache_hits": 0, "cache_misses": 0, "cold_starts": 0}
+    totals = {"cache_hits": 0, "cache_misses": 0, "hits_by_k": [0] * (K + 1),
+              "lookups_by_k": [0] * (K + 1)}
 
     def run(*args, **kw):
         tokens, stats = ssd.generate(*args, **kw)
         for key in totals:
-            totals[key] += stats[key]
+            totals[key] = ([a + b for a, b in zip(totals[key], stats[key])]
+                           if isinstance(totals[key], list) else totals[key] + stats[key])
         return tokens, stats
-    counts = exact.sample_sequences(run, target, prompt, 3, num_samples, **kwargs)
+    counts = exact.sample_sequences(run, target, PROMPT, N, num_samples, **kwargs)
     return counts, totals
 
 
-CASES = {  # draft, fan-out and sampling; all chosen so that both hits and misses are common
-    "T=1, noisy draft, F=1": dict(noise=0.7, f=1, temperature=1.0),
-    "T=0.7, top-k 5, top-p 0.9, F=(2,0,1)": dict(noise=0.5, f=[2, 0, 1], temperature=0.7,
-                                                 top_k=5, top_p=0.9),
-    "T=1.3, unrelated random draft, F=2": dict(noise=None, f=2, temperature=1.3),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_first_three_tokens_follow_the_targets_exact_law(case):
-    """V = 8, 3 new tokens (at most 512 sequences), prompt [1, 2, 3], K = 2. The third token comes
-    from the round after the first (when it accepted nothing): from the cache on a hit, from the
-    JIT draft on a miss. Both must happen often (asserted and shown)."""
-    target = tiny_model(seed=3, vocab_size=8)
-    kwargs = dict(CASES[case])
-    noise = kwargs.pop("noise")
-    draft = perturbed(target, 5, noise) if noise else tiny_model(seed=9, vocab_size=8)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(
+    strict=False, reason="ssd finished-row bug, issue 13A")) if "may come first" in c else c
+    for c in CASES])
+def test_window_follows_the_targets_exact_law(case):
+    target = tiny_model(seed=3, vocab_size=V)
+    kwargs = dict(CASES[case], temperature=CASES[case].get("temperature", 1.0))
+    noise, eos = kwargs.pop("noise"), kwargs.pop("eos", None)
+    if eos:
+        with_eos(target, first_excluded=eos == "not first")
+    draft = perturbed(target, 5, noise) if noise else tiny_model(seed=9, vocab_size=V)
     sampling = {n: kwargs[n] for n in ("temperature", "top_k", "top_p") if n in kwargs}
-    probs = exact.exact_distribution(target, [1, 2, 3], 3, **sampling)
-    counts, totals = ssd_samples(target, [1, 2, 3], NUM_SAMPLES, draft=draft, k=2, **kwargs)
-    passed, stat, threshold = exact.chi_square_test(counts, probs, ALPHA)
-    shown = (f"{case}: hits {totals['cache_hits']}, misses {totals['cache_misses']}, cold starts "
-             f"{totals['cold_starts']}; chi2 {stat:.1f} vs {threshold:.1f}, TV "
-             f"{exact.total_variation(counts, probs):.4f}")
+    law = exact.exact_distribution(target, PROMPT, N, **sampling)
+    counts, totals = ssd_samples(target, NUM_SAMPLES, draft=draft, k=K, **kwargs)
+    passed, worst, shown = exact.window_test(counts, law, ALPHA)
+    shown = f"{case}: {totals}; {shown}"
     print(shown)
-    assert totals["cache_hits"] > 500 and totals["cache_misses"] > 500, shown
+    # which outcomes hit is set by the fan-out: all where it bets on every outcome there is, none
+    # where F_k = 0; elsewhere the draft's predictions decide, and both must be common
+    lookups, f = sum(totals["lookups_by_k"]), ssd.fanout_list(kwargs["f"], K)
+    for k, (fk, hits, n) in enumerate(zip(f, totals["hits_by_k"], totals["lookups_by_k"])):
+        assert n > 0.05 * lookups and hits == (n if fk == EVERY_OUTCOME[k] else 0 if fk == 0
+                                               else hits), (k, shown)
+    if f != EVERY_OUTCOME:
+        assert min(totals["cache_hits"], totals["cache_misses"]) > 0.2 * lookups, shown
     assert passed, shown
 
 
 def test_negative_control_cache_handing_back_another_branchs_q_fails(monkeypatch):
     """The same test must catch a cache whose tokens are verified with a q they were not sampled
-    from (here: the q rows of the neighbouring branch)."""
-    target = tiny_model(seed=3, vocab_size=8)
+    from (here: the q rows of the neighbouring branch). Every outcome is cached, so the wrong q
+    verifies every round after the first, whatever the draft predicts."""
+    target = tiny_model(seed=3, vocab_size=V)
     lookup = ssd.SpeculationCache.lookup
 
     def wrong_q(self, k, t):
@@ -256,9 +323,9 @@ def test_negative_control_cache_handing_back_another_branchs_q_fails(monkeypatch
                                                   self.probs.roll(1, dims=1)), k, t)
         return hit, tokens, probs
     monkeypatch.setattr(ssd.SpeculationCache, "lookup", wrong_q)
-    probs = exact.exact_distribution(target, [1, 2, 3], 3, temperature=1.0)
-    counts, totals = ssd_samples(target, [1, 2, 3], NUM_SAMPLES, k=2, f=1, temperature=1.0,
-                                 draft=perturbed(target, 5, 0.7))
-    passed, stat, threshold = exact.chi_square_test(counts, probs, ALPHA)
-    print(f"negative control: hits {totals['cache_hits']}, chi2 {stat:.1f} vs {threshold:.1f}")
-    assert totals["cache_hits"] > 500 and not passed
+    law = exact.exact_distribution(target, PROMPT, N, temperature=1.0)
+    counts, totals = ssd_samples(target, NUM_SAMPLES, k=K, f=EVERY_OUTCOME, temperature=1.0,
+                                 draft=perturbed(target, 5, 0.5))
+    passed, worst, shown = exact.window_test(counts, law, ALPHA)
+    print(f"negative control: {totals}; {shown}")
+    assert totals["cache_misses"] == 0 and not passed and worst > 5, shown
