@@ -283,9 +283,7 @@ def ssd_samples(target, num_samples, **kwargs):
     return counts, totals
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(
-    strict=False, reason="ssd finished-row bug, issue 13A")) if "may come first" in c else c
-    for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_window_follows_the_targets_exact_law(case):
     target = tiny_model(seed=3, vocab_size=V)
     kwargs = dict(CASES[case], temperature=CASES[case].get("temperature", 1.0))
@@ -300,10 +298,11 @@ def test_window_follows_the_targets_exact_law(case):
     shown = f"{case}: {totals}; {shown}"
     print(shown)
     # which outcomes hit is set by the fan-out: all where it bets on every outcome there is, none
-    # where F_k = 0; elsewhere the draft's predictions decide, and both must be common
+    # where F_k = 0; elsewhere the draft's predictions decide, and both must be common. Every k
+    # is looked up in >= 3% of lookups (~50 of them: with EOS allowed first, rows end early)
     lookups, f = sum(totals["lookups_by_k"]), ssd.fanout_list(kwargs["f"], K)
     for k, (fk, hits, n) in enumerate(zip(f, totals["hits_by_k"], totals["lookups_by_k"])):
-        assert n > 0.05 * lookups and hits == (n if fk == EVERY_OUTCOME[k] else 0 if fk == 0
+        assert n > 0.03 * lookups and hits == (n if fk == EVERY_OUTCOME[k] else 0 if fk == 0
                                                else hits), (k, shown)
     if f != EVERY_OUTCOME:
         assert min(totals["cache_hits"], totals["cache_misses"]) > 0.2 * lookups, shown
