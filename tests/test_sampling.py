@@ -23,7 +23,8 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 import exact
 import kernels
 
-SETTINGS = [(t, k, p) for t in (0.3, 1.0, 2.5) for k in (None, 1, 2, 7) for p in (None, 0.3, 0.9)]
+SETTINGS = [(t, k, p) for t in (0.3, 1.0, 2.5) for k in (None, 1, 2, 7)
+            for p in (None, 0.3, 0.9, 1.0)]
 
 
 def random_logits(rows, V, seed, scale=2.0):
@@ -61,6 +62,28 @@ def test_probs_from_logits_equals_the_reference(V):
         assert got.dtype == torch.float32 and got.shape == logits.shape
         assert ((got > 0).numpy() == (want > 0)).all(), (t, k, p)
         np.testing.assert_allclose(got.double().numpy(), want, atol=2e-6, err_msg=str((t, k, p)))
+
+
+def test_probs_from_logits_treats_each_row_of_a_3d_batch_alone():
+    """The loops pass (B, K+1, V) logits: every row follows the same rule as a 2-D batch."""
+    logits = random_logits(40, 8, seed=6).float().view(20, 2, 8)
+    for t, k, p in ((0.8, 3, 0.9), (1.0, 2, None), (1.3, None, 0.5), (0.0, None, None)):
+        got = kernels.probs_from_logits(logits, t, k, p)
+        assert got.shape == (20, 2, 8)
+        torch.testing.assert_close(got.view(40, 8), kernels.probs_from_logits(logits.view(40, 8),
+                                                                            t, k, p))
+        np.testing.assert_allclose(got.double().numpy(), exact.reference_probs(logits, t, k, p),
+                                   atol=2e-6)
+
+
+def test_the_default_temperature_is_greedy_and_bad_settings_are_refused():
+    logits = random_logits(10, 6, seed=7).float()
+    assert torch.equal(kernels.probs_from_logits(logits), kernels.probs_from_logits(logits, 0.0))
+    assert torch.equal(kernels.probs_from_logits(logits).argmax(-1), logits.argmax(-1))
+    for bad, match in (((-0.5,), "temperature"), ((1.0, 0), "top_k"), ((1.0, -2), "top_k"),
+                       ((1.0, None, 0.0), "top_p"), ((1.0, None, 1.5), "top_p")):
+        with pytest.raises(ValueError, match=match):
+            kernels.probs_from_logits(logits, *bad)
 
 
 def test_temperature_divides_the_logits():
@@ -119,6 +142,17 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     assert (p > 0).tolist() == [False, True, False, False, True]
 
 
+def test_top_p_reached_exactly_keeps_no_more():
+    """Four equal logits: masses 1/4 each, exactly representable. top_p = 1/2 is reached by two
+    tokens: the third, with exactly 1/2 before it, is dropped (which two of the tied tokens
+    stay is not specified); 0.75 keeps three."""
+    logits = torch.zeros(3, 4)
+    for top_p, survivors in ((0.25, 1), (0.5, 2), (0.75, 3), (0.76, 4)):
+        p = kernels.probs_from_logits(logits, 1.0, top_p=top_p)
+        assert ((p > 0).sum(-1) == survivors).all(), top_p
+        assert ((exact.reference_probs(logits, 1.0, None, top_p) > 0).sum(-1) == survivors).all()
+
+
 def test_top_k_comes_before_top_p_and_top_p_sees_the_renormalized_survivors():
     logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
     # top-2 leaves (4/7, 3/7); top-p 0.5 then keeps the first alone (4/7 >= 0.5). Top-p first
@@ -144,6 +178,15 @@ def test_sample_follows_each_rows_own_law_and_needs_no_normalized_input():
         passed, stat, threshold = exact.chi_square_test(counts, dict(enumerate(laws[r].tolist())),
                                                         1e-3 / 3)
         assert passed, (r, stat, threshold)
+
+
+def test_sample_draws_a_token_whose_mass_is_all_at_the_end_of_the_row():
+    probs = torch.zeros(4, 7)
+    probs[:, -1] = 1.0                      # all mass on the last id
+    probs[1, -1], probs[1, 0] = 0.5, 0.5    # or split between the first and the last
+    draws = kernels.sample(probs.repeat(50, 1), kernels.make_generator(2, "cpu")).view(50, 4)
+    assert (draws[:, [0, 2, 3]] == 6).all()
+    assert set(draws[:, 1].tolist()) == {0, 6}
 
 
 def test_sample_uses_the_generator_it_is_given():

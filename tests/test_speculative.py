@@ -195,6 +195,49 @@ def test_verify_at_temperature_zero_is_exact_match_and_argmax():
         assert (n.item(), bonus.item()) == (n_want, bonus_want)
 
 
+def test_verify_refuses_bad_shapes_and_a_token_its_q_never_proposes():
+    p, q = random_probs((4, 3, V), 0), random_probs((4, 2, V), 1)
+    x = torch.zeros(4, 2, dtype=torch.long)
+    gen = kernels.make_generator(0, "cpu")
+    for bad_p, bad_q in ((p[:, :2], q), (p, q[:, :1]), (p[..., :5], q)):
+        with pytest.raises(ValueError, match="verify wants"):
+            speculative.verify(bad_p, bad_q, x, gen)
+    q[1, 1, 0] = 0.0                           # row 1's second token (id 0) has q = 0
+    with pytest.raises(ValueError, match="probability 0 under its own draft_probs"):
+        speculative.verify(p, q, x, gen)
+
+
+def test_verify_draws_from_its_generator_only():
+    p, q = random_probs((300, 3, V), 2), random_probs((300, 2, V), 3)
+    x = kernels.sample(q, kernels.make_generator(1, "cpu"))
+    runs = []
+    for global_seed in (10, 11):
+        torch.manual_seed(global_seed)       # the global generator must not matter
+        runs.append(speculative.verify(p, q, x, kernels.make_generator(5, "cpu")))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_verify_draws_the_bonus_from_p_when_the_residual_has_no_mass():
+    """q above p everywhere (p == q up to rounding, exaggerated here: q = 1.5 p) leaves
+    max(0, p - q) = 0 after a rejection: the bonus then comes from p. Rows with a true residual
+    (disjoint supports) in the same batch keep theirs."""
+    B = 20_000
+    p = torch.zeros(B, 2, V)
+    p[:, :, :4] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    q = torch.zeros(B, 1, V)
+    q[::2, 0, :4] = 1.5 * p[0, 0, :4]           # even rows: no residual mass
+    q[1::2, 0, 4:] = 0.25                       # odd rows: residual = p
+    x = kernels.sample(q, kernels.make_generator(1, "cpu"))
+    n, bonus = speculative.verify(p, q, x, kernels.make_generator(2, "cpu"))
+    assert 0.25 < float((n[::2] == 0).float().mean()) < 0.42   # rejected with prob 1/3
+    assert bool((n[1::2] == 0).all())
+    law = dict(enumerate(p[0, 0].tolist()))
+    for rows in (bonus[::2][n[::2] == 0], bonus[1::2]):
+        counts = dict(enumerate(torch.bincount(rows, minlength=V).tolist()))
+        passed, stat, threshold = exact.chi_square_test(counts, law, ALPHA / NUM_STAT_TESTS)
+        assert passed, f"chi2 {stat:.1f} > {threshold:.1f}"
+
+
 @pytest.mark.parametrize("q_kind", ["sampled", "one_hot"])
 def test_verify_one_round_follows_p(q_kind):
     """The first token a round emits (x_1 if accepted, else the bonus) is distributed as p_1."""
@@ -417,7 +460,7 @@ LAW_CASES = {
     "V8_top_k_top_p": (target8, lambda t: noisy_copy(t, 0.5), 1,
                        {"temperature": 0.8, "top_k": 3, "top_p": 0.9}),
 }
-NUM_STAT_TESTS = len(LAW_CASES) + 3   # + the one-round tests of verify
+NUM_STAT_TESTS = len(LAW_CASES) + 6   # + the chi-square tests of verify above
 
 
 def law_test(target, draft, k, sampling, seed=0, alpha=ALPHA / NUM_STAT_TESTS):

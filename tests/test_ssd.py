@@ -85,6 +85,16 @@ def test_speculation_cache_lookup_returns_the_branch_stored_under_the_outcome():
     assert hit.tolist() == [False, False]
 
 
+def test_outcome_prediction_refuses_more_guesses_than_the_vocabulary_holds():
+    logits = torch.arange(4, 0, -1).float().repeat(1, 3, 1)          # (1, K+1=3, V=4)
+    x = torch.tensor([[1, 0]])
+    keys = ssd.predict_outcomes(logits, x, [3, 3, 4])   # every outcome: V-1 at k < K, V at K
+    assert keys.shape == (1, 10, 2) and len(set(map(tuple, keys[0].tolist()))) == 10
+    for bad in ([4, 0, 0], [0, 4, 1], [1, 1, 5]):
+        with pytest.raises(ValueError, match="more guesses than the vocabulary"):
+            ssd.predict_outcomes(logits, x, bad)
+
+
 @pytest.mark.parametrize("bad", [0, -1, [1, 2], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0], 1.5])
 def test_bad_fanout_is_refused_with_a_clear_error(bad):
     with pytest.raises(ValueError, match="fan-out"):
@@ -193,12 +203,48 @@ def test_the_just_in_time_draft_sees_the_whole_context(temperature):
 
 
 def test_top_k_1_at_temperature_above_0_is_greedy():
+    """top_k = 1 is greedy at any temperature, for the target and for every speculation the
+    draft makes (JIT and cached): with draft = target all are accepted."""
     target = tiny_model(seed=1, vocab_size=64, scale=3.0)
     prompts = [[1, 2, 3, 4], [5, 6]]
     ref, _ = autoregressive.generate(target, prompts, 20)
-    tokens, stats = ssd.generate(target, prompts, 20, draft=perturbed(target, 7, 0.3), k=3, f=2,
-                                 temperature=1.0, top_k=1, seed=3)
+    for draft in (perturbed(target, 7, 0.3), target):
+        tokens, stats = ssd.generate(target, prompts, 20, draft=draft, k=3, f=2,
+                                     temperature=1.0, top_k=1, seed=3)
+        assert tokens == ref
+    assert stats["acceptance_rate"] == 1.0 and stats["hit_rate"] == 1.0
+
+
+class FakeTokenizer:
+    def __init__(self, n):
+        self.vocab = {f"tok{i}": i for i in range(n)}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __len__(self):
+        return len(self.vocab)
+
+
+@pytest.mark.parametrize("draft_vocab", [7, 10])
+def test_padded_vocabularies_over_one_tokenizer(draft_vocab):
+    """A tokenizer of 6 ids over a target embedding of 8 rows and a draft of 7 or 10: the draft
+    never proposes an id the target lacks (q is cut to the shared ids) and is shown a stand-in
+    for a padding id only the target emits. Greedy output equals autoregressive.py's; sampled
+    rows reach the padding ids and every step still runs."""
+    tok = FakeTokenizer(6)
+    target = tiny_model(seed=3, vocab_size=8)
+    draft = tiny_model(seed=4, vocab_size=draft_vocab)
+    target.tokenizer = draft.tokenizer = tok
+    prompts = [[1, 2, 3], [5], [0, 4, 2, 1]]
+    ref, _ = autoregressive.generate(target, prompts, 12)
+    tokens, _ = ssd.generate(target, prompts, 12, draft=draft, k=2, f=1)
     assert tokens == ref
+    tokens, stats = ssd.generate(target, [[1, 2, 3]] * 300, 6, draft=draft, k=2, f=2,
+                                 temperature=1.5, seed=1)
+    emitted = {t for row in tokens for t in row}
+    assert {6, 7} <= emitted and all(len(row) == 6 for row in tokens)
+    assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0
 
 
 def test_same_seed_same_tokens_at_temperature_above_0():
