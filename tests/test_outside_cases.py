@@ -368,8 +368,9 @@ def test_saguaro_draft_process_resolves_names_through_drafts_load_draft(monkeypa
     import drafts
     target = tiny_model(0, vocab_size=64)
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: target)
-    monkeypatch.setattr(drafts, "load_draft", lambda name, t: ("resolved", name) and t)
-    assert saguaro._load_draft("self", (None, "float32"), "cpu") is target
+    seen = []
+    monkeypatch.setattr(drafts, "load_draft", lambda name, t: seen.append(name) or t)
+    assert saguaro._load_draft("self", (None, "float32"), "cpu") is target and seen == ["self"]
 
 
 @pytest.mark.parametrize("module", ["autoregressive", "speculative", "ssd", "saguaro", "bench"])
