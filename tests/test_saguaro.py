@@ -560,13 +560,13 @@ LAW_CASES = {
     "C=0.5 fast uniform, EOS live": dict(saguaro_c=0.5, backup="fast", f=1, fan_out="uniform",
                                          eos=True),
 }
-NUM_STAT_TESTS = len(LAW_CASES)
+NUM_STAT_TESTS = len(LAW_CASES) + 6   # + the PIT tests of the draft's answers
 
 
 @pytest.fixture
 def law_pair():
     target = tiny_model(3, vocab_size=V)
-    return target, worker_for("law", functools.partial(noisy_model, 3, V, 0.3, 5), target)
+    return target, worker_for("law", functools.partial(noisy_model, 3, V, 0.1, 5), target)
 
 
 def law_test(target, generate, alpha=ALPHA / NUM_STAT_TESTS, **kwargs):
@@ -607,6 +607,60 @@ def test_sampled_output_follows_the_exact_target_law(law_pair, case, scripted_ba
         if kwargs["backup"] in (backup, "auto"):
             assert totals[backup] > 0.1 * (SAMPLES + totals["cache_misses"]), shown
     assert passed, shown
+
+
+def pit_counts(tokens, probs, generator, bins=10):
+    """The randomized probability integral transform of draws `tokens` (N,) against the laws
+    `probs` (N, V) each was reported to come from: F(y-) + U q(y), U ~ U[0, 1). If each token
+    was drawn from its q (given everything before it), these are i.i.d. uniform: counts per bin."""
+    below = probs.cumsum(-1).gather(-1, tokens[:, None])[:, 0] - probs.gather(-1, tokens[:, None])[:, 0]
+    pit = below + torch.rand(len(tokens), generator=generator, dtype=probs.dtype) * \
+        probs.gather(-1, tokens[:, None])[:, 0]
+    return dict(enumerate(torch.bincount((pit * bins).long().clamp(0, bins - 1),
+                                         minlength=bins).tolist()))
+
+
+@pytest.mark.parametrize("backup", ["jit", "fast"])
+def test_every_token_the_draft_hands_over_is_drawn_from_the_q_it_reports(law_pair, backup):
+    """Saguaro sampling is exact because the q' the target verifies with is the law the draft
+    process drew the token from, at EVERY position of a cached speculation (and of a JIT one).
+    The conditional law, checked directly: every answer of the draft process is recorded, and
+    for each position j the randomized PIT of y_j under the reported q'_j must be uniform
+    (chi-square over 10 bins, per source and position), with C = 0.3 and a uniform fan-out
+    (one guess at every k, so q' != q at every drafting step), at temperature 2.5 (this pair is
+    sharp at 1: scaling its top tokens would move little mass)."""
+    target, worker = law_pair
+    answers, real_round = [], worker.round
+
+    def recording_round(k, t, live, *args):
+        reply = real_round(k, t, live, *args)
+        answers.append((reply.source.clone(), reply.tokens.clone(), reply.probs.clone(),
+                        live.clone()))
+        return reply
+    worker.round = recording_round
+    try:
+        saguaro.generate(target, [[1, 2, 0], [3, 1]] * 1500, 10, draft=worker, k=2, f=1,
+                         fan_out="uniform", backup=backup, saguaro_c=0.3, temperature=2.5,
+                         seed=1)
+    finally:
+        del worker.round
+    gen = kernels.make_generator(0, "cpu")
+    checked = 0
+    for code, name in ((saguaro.HIT, "hit"), (saguaro.JIT, "jit")):
+        rows = [(y[m], q[m]) for source, y, q, live in answers for m in [live & (source == code)]]
+        y, q = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]).double()
+        if backup == "fast" and code == saguaro.JIT:
+            assert len(y) == 0
+            continue
+        assert len(y) > 1000, (name, len(y))
+        torch.testing.assert_close(q.sum(-1), torch.ones_like(q[..., 0]))
+        for j in range(2):
+            counts = pit_counts(y[:, j], q[:, j], gen)
+            passed, stat, threshold = exact.chi_square_test(counts, {b: 0.1 for b in range(10)},
+                                                            ALPHA / NUM_STAT_TESTS)
+            assert passed, f"{name} speculations, position {j + 1}: chi2 {stat:.1f} > {threshold:.1f}"
+            checked += 1
+    assert checked == (4 if backup == "jit" else 2)
 
 
 class SaguaroDraftLyingAboutQ:
