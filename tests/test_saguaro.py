@@ -308,10 +308,13 @@ _RUNNING = {}
 def worker_for(name, draft, target):
     """One draft process at a time (torch.distributed: one default group per process): reuse
     the running one if it serves `name`, else close it and start this one. What the worker
-    learned in earlier tests is dropped, so no test's outcome depends on the order they ran."""
+    learned in earlier tests is dropped, so no test's outcome depends on the order they ran.
+    Its timeout is long: these tests are not about losing the draft, and a round of a law test
+    (thousands of rows) on a machine busy with other jobs may take seconds."""
     if _RUNNING.get("name") != name or not _RUNNING["worker"].alive:
         close_worker()
-        _RUNNING.update(name=name, worker=saguaro.DraftWorker(draft, target, threads=1))
+        _RUNNING.update(name=name, worker=saguaro.DraftWorker(draft, target, threads=1,
+                                                              timeout_s=120.0))
     _RUNNING["worker"].estimates.clear()
     return _RUNNING["worker"]
 
