@@ -194,8 +194,6 @@ def main():
     ap.add_argument("--workdir", default="/tmp/ssd-mutation")
     ap.add_argument("--resume", action="store_true",
                     help="keep the work folders and run only the mutants without a verdict")
-    ap.add_argument("--again", default=None,
-                    help="with --resume: a glob over mutant names to run again (after new tests)")
     ap.add_argument("--inner", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner is not None:
@@ -212,12 +210,6 @@ def main():
                     codes = json.load(open(f))
                     done.update({k: v for k, v in codes.get("exit_code_by_key", codes).items()
                                  if v is not None})
-            if args.again:  # new tests: the folder's copy of tests/ is refreshed
-                done = {k: v for k, v in done.items() if not fnmatch.fnmatch(k, args.again)}
-                shutil.rmtree(os.path.join(workdir, "tests"))
-                export(args.rev, os.path.join(workdir, "fresh"))
-                shutil.move(os.path.join(workdir, "fresh", "tests"), workdir)
-                shutil.rmtree(os.path.join(workdir, "fresh"))
         else:
             prepare(stage, args.rev, workdir)
         file, functions, _ = STAGES[stage]

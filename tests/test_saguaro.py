@@ -191,6 +191,21 @@ def test_saguaro_probs_fn_uses_f_j_at_drafting_step_j():
     assert second[:2].sum() == 0 and second[2] > 0
 
 
+@pytest.mark.parametrize("sampling", [(0.8, 5, None), (1.2, None, 0.7), (1.0, 6, 0.9)])
+def test_saguaro_sampling_keeps_top_k_and_top_p(sampling):
+    """q' is q (after temperature, top-k, top-p) with its top-(f+1) tokens scaled by C: a token
+    top-k or top-p removed stays removed, at every drafting step of a probs_fn too."""
+    logits = torch.randn(50, 16, generator=torch.Generator().manual_seed(2)) * 2
+    q = kernels.probs_from_logits(logits, *sampling)
+    top = logits.topk(3, dim=-1).indices
+    scaled = q.scatter(-1, top, q.gather(-1, top) * 0.3)
+    want = scaled / scaled.sum(-1, keepdim=True)
+    torch.testing.assert_close(saguaro.saguaro_probs(logits, *sampling, 0.3, 2), want)
+    fn = saguaro.saguaro_probs_fn(0.3, [2, 2], vocab=16)
+    for _ in range(2):
+        torch.testing.assert_close(fn(logits, *sampling), want)
+
+
 # ----------------------------------------------------------------------------------------------
 # the speed model (Thm. 7) and the batch-aware backup rule
 
@@ -232,6 +247,29 @@ def test_batch_aware_rule_takes_jit_below_b_star_and_fast_from_it():
     # a fast backup as good as the draft always wins
     assert rule(a_fast=0.8).b_star() == 1
     assert rule(backup="jit").choose_backup(1000) == ("jit", "--backup jit")
+
+
+def test_fan_outs_follow_the_acceptance_of_whoever_made_the_speculation():
+    """After a hit the cache was built over the draft's speculation: its acceptance a sets the
+    schedule. After a miss served by the fast backup it was built over the fast one's: a_fast.
+    A uniform fan-out ignores both."""
+    est = rule(a=0.9, a_fast=0.1)
+    r = est.r()
+    after_hit, after_miss = est.fan_outs("fast")
+    assert after_hit == saguaro.geometric_fan_out(15, 4, 0.9, r)
+    assert after_miss == saguaro.geometric_fan_out(15, 4, 0.1, r) != after_hit
+    assert est.fan_outs("jit") == (after_hit, after_hit)
+    est.fan_out = "uniform"
+    assert est.fan_outs("fast") == ([3] * 5, [3] * 5)
+
+
+def test_a_tie_keeps_the_jit_backup_as_b_star_does():
+    """A fast backup exactly as good as the JIT one (same acceptance, latency and hit rate)
+    never 'beats' it: b* is None and every batch size keeps JIT."""
+    est = rule(a_fast=0.8, jit_s=0.3, fast_s=0.3)
+    assert est.speed("fast", 7) == est.speed("jit", 7)
+    assert est.b_star(limit=64) is None
+    assert {est.choose_backup(b)[0] for b in (1, 7, 64)} == {"jit"}
 
 
 def test_fast_backup_hit_rate_is_the_stationary_share_of_a_two_state_chain():
@@ -308,10 +346,13 @@ _RUNNING = {}
 def worker_for(name, draft, target):
     """One draft process at a time (torch.distributed: one default group per process): reuse
     the running one if it serves `name`, else close it and start this one. What the worker
-    learned in earlier tests is dropped, so no test's outcome depends on the order they ran."""
+    learned in earlier tests is dropped, so no test's outcome depends on the order they ran.
+    Its timeout is long: these tests are not about losing the draft, and a round of a law test
+    (thousands of rows) on a machine busy with other jobs may take seconds."""
     if _RUNNING.get("name") != name or not _RUNNING["worker"].alive:
         close_worker()
-        _RUNNING.update(name=name, worker=saguaro.DraftWorker(draft, target, threads=1))
+        _RUNNING.update(name=name, worker=saguaro.DraftWorker(draft, target, threads=1,
+                                                              timeout_s=120.0))
     _RUNNING["worker"].estimates.clear()
     return _RUNNING["worker"]
 
@@ -362,6 +403,83 @@ def test_top_k_1_at_temperature_above_0_is_greedy(tiny_pair):
     out, _ = saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
                               temperature=1.0, top_k=1, saguaro_c=0.5, seed=3)
     assert out == ref
+
+
+def test_same_seed_same_tokens_at_temperature_above_0(tiny_pair):
+    """Every random draw, the draft process's included, comes from a generator seeded by
+    `seed`: the same seed gives the same tokens, another seed others."""
+    target, worker = tiny_pair
+    runs = [saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
+                             temperature=1.0, saguaro_c=0.5, seed=s)[0] for s in (4, 4, 5)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+class FakeTokenizer:
+    def __init__(self, n):
+        self.vocab = {f"tok{i}": i for i in range(n)}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __len__(self):
+        return len(self.vocab)
+
+
+@pytest.mark.parametrize("draft_vocab", [7, 10])
+def test_padded_vocabularies_over_one_tokenizer(draft_vocab):
+    """A tokenizer of 6 ids over a target embedding of 8 rows and a draft of 7 or 10: greedy
+    output equals autoregressive.py's, and sampled rows that reach the padding ids (which only
+    the target has) run through hits and JIT misses alike."""
+    target = tiny_model(3, vocab_size=8)
+    target.tokenizer = FakeTokenizer(6)
+    worker = worker_for(f"padded{draft_vocab}", functools.partial(
+        tiny_model, 4, vocab_size=draft_vocab), target)
+    prompts = [[1, 2, 3], [5], [0, 4, 2, 1]]
+    ref, _ = autoregressive.generate(target, prompts, 12)
+    out, _ = saguaro.generate(target, prompts, 12, draft=worker, k=2, f=1, backup="jit")
+    assert out == ref
+    out, stats = saguaro.generate(target, [[1, 2, 3]] * 300, 6, draft=worker, k=2, f=1,
+                                  backup="jit", temperature=1.5, saguaro_c=0.5, seed=1)
+    assert {6, 7} <= {t for row in out for t in row} and all(len(row) == 6 for row in out)
+    assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0 and stats["draft_lost"] is None
+
+
+def test_the_glue_after_an_all_hit_or_all_jit_round_costs_one_token(monkeypatch):
+    """reuse_branch saves the glue's K + 1 token forward after a round that hit everywhere (the
+    hit branch drafted t, y_1..y_{K-1}) or missed everywhere with the JIT backup (which decoded
+    them in place); after a mixed round it cannot (a JIT overwrites branch slots). The draft
+    side, run in this process (its one message in is faked), must take the short glue exactly
+    when it may."""
+    draft, K, B = tiny_model(0, vocab_size=64, scale=3.0), 3, 2
+    header = torch.zeros(16, dtype=torch.float64)
+    header[:11] = torch.tensor([saguaro.START, B, 3, K, 64, 64, 0, 0.0, -1, -1, 1.0])
+    monkeypatch.setattr(saguaro.dist, "recv", lambda t, src: t.copy_(torch.tensor(
+        [[3, 1, 2, 3], [2, 5, 6, 0]])))
+    side = saguaro._DraftSide(draft, header, torch.device("cpu"))
+    glue_lengths = []
+    forward = draft.forward
+
+    def counting(tokens, cache, *args, **kwargs):
+        if kwargs.get("slots") is None and "positions" not in kwargs:
+            glue_lengths.append(tokens.shape[1])
+        return forward(tokens, cache, *args, **kwargs)
+    monkeypatch.setattr(draft, "forward", counting)
+    live, fan = torch.tensor([True, True]), [1, 1, 1, 1]
+    rows = [[1, 2, 3], [5, 6]]
+    for step in range(6):
+        k, t = (torch.full((B,), -1), torch.tensor([4, 7])) if step == 0 else outcome
+        glue_lengths.clear()
+        source, _, y, _ = side.answer(k, t, live, "jit", fan, fan)
+        reused = side.prefix is not None
+        side.build(t, y, source, fan, fan)
+        # the draft is the target here: the greedy outcome of verifying y is all K accepted
+        for b in range(B):
+            rows[b] += [int(t[b])] + y[b].tolist()
+        greedy, _ = autoregressive.generate(draft, rows, 1)
+        outcome = (torch.full((B,), K), torch.tensor([g[0] for g in greedy]))
+        all_hit, all_jit = bool((source == saguaro.HIT).all()), bool((source == saguaro.JIT).all())
+        assert reused == (all_hit or all_jit) and glue_lengths[-1] == (1 if reused else K + 1)
+        assert all_hit or step == 0    # draft = target: after the cold start every lookup hits
 
 
 def test_estimates_carry_over_between_calls_with_the_same_settings(tiny_pair):
@@ -476,6 +594,21 @@ def test_draft_equal_to_target_hits_every_time_at_temperature_0(self_pair):
     assert out == ref and stats["hit_rate"] == 1.0
     assert stats["acceptance_rate"] == 1.0 and stats["accept_counts"][:3] == [0, 0, 0]
     assert stats["fan_out_hit"][-1] == max(stats["fan_out_hit"])  # a -> 1: bet on k = K
+    (est,) = worker.estimates.values()   # the rank of every looked-up bonus was learned (for r)
+    assert est.rank_counts.sum() == sum(stats["lookups_by_k"]) and est.rank_counts[0] > 0
+
+
+@pytest.mark.xfail(strict=False, reason="saguaro's draft process resets its forward count "
+                   "before it reports the build's glue and tree steps (left for the library)")
+def test_draft_calls_count_every_draft_forward(self_pair):
+    """draft_calls: the cold start's JIT (K forwards), then per round the glue and K tree
+    steps, plus K for every JIT backup."""
+    target, worker = self_pair
+    for budget, jit_per_round in ((8, 0), (1, 3)):   # all hits; all JIT misses
+        _, stats = saguaro.generate(target, RAGGED, 30, k=3, budget=budget, fan_out="uniform",
+                                    backup="jit", draft=worker)
+        cold = 3 if jit_per_round == 0 else 0
+        assert stats["draft_calls"] == cold + stats["target_calls"] * (1 + 3 + jit_per_round)
 
 
 class GreedyOracle:
@@ -560,13 +693,13 @@ LAW_CASES = {
     "C=0.5 fast uniform, EOS live": dict(saguaro_c=0.5, backup="fast", f=1, fan_out="uniform",
                                          eos=True),
 }
-NUM_STAT_TESTS = len(LAW_CASES)
+NUM_STAT_TESTS = len(LAW_CASES) + 6   # + the PIT tests of the draft's answers
 
 
 @pytest.fixture
 def law_pair():
     target = tiny_model(3, vocab_size=V)
-    return target, worker_for("law", functools.partial(noisy_model, 3, V, 0.3, 5), target)
+    return target, worker_for("law", functools.partial(noisy_model, 3, V, 0.1, 5), target)
 
 
 def law_test(target, generate, alpha=ALPHA / NUM_STAT_TESTS, **kwargs):
@@ -607,6 +740,60 @@ def test_sampled_output_follows_the_exact_target_law(law_pair, case, scripted_ba
         if kwargs["backup"] in (backup, "auto"):
             assert totals[backup] > 0.1 * (SAMPLES + totals["cache_misses"]), shown
     assert passed, shown
+
+
+def pit_counts(tokens, probs, generator, bins=10):
+    """The randomized probability integral transform of draws `tokens` (N,) against the laws
+    `probs` (N, V) each was reported to come from: F(y-) + U q(y), U ~ U[0, 1). If each token
+    was drawn from its q (given everything before it), these are i.i.d. uniform: counts per bin."""
+    below = probs.cumsum(-1).gather(-1, tokens[:, None])[:, 0] - probs.gather(-1, tokens[:, None])[:, 0]
+    pit = below + torch.rand(len(tokens), generator=generator, dtype=probs.dtype) * \
+        probs.gather(-1, tokens[:, None])[:, 0]
+    return dict(enumerate(torch.bincount((pit * bins).long().clamp(0, bins - 1),
+                                         minlength=bins).tolist()))
+
+
+@pytest.mark.parametrize("backup", ["jit", "fast"])
+def test_every_token_the_draft_hands_over_is_drawn_from_the_q_it_reports(law_pair, backup):
+    """Saguaro sampling is exact because the q' the target verifies with is the law the draft
+    process drew the token from, at EVERY position of a cached speculation (and of a JIT one).
+    The conditional law, checked directly: every answer of the draft process is recorded, and
+    for each position j the randomized PIT of y_j under the reported q'_j must be uniform
+    (chi-square over 10 bins, per source and position), with C = 0.3 and a uniform fan-out
+    (one guess at every k, so q' != q at every drafting step), at temperature 2.5 (this pair is
+    sharp at 1: scaling its top tokens would move little mass)."""
+    target, worker = law_pair
+    answers, real_round = [], worker.round
+
+    def recording_round(k, t, live, *args):
+        reply = real_round(k, t, live, *args)
+        answers.append((reply.source.clone(), reply.tokens.clone(), reply.probs.clone(),
+                        live.clone()))
+        return reply
+    worker.round = recording_round
+    try:
+        saguaro.generate(target, [[1, 2, 0], [3, 1]] * 1500, 10, draft=worker, k=2, f=1,
+                         fan_out="uniform", backup=backup, saguaro_c=0.3, temperature=2.5,
+                         seed=1)
+    finally:
+        del worker.round
+    gen = kernels.make_generator(0, "cpu")
+    checked = 0
+    for code, name in ((saguaro.HIT, "hit"), (saguaro.JIT, "jit")):
+        rows = [(y[m], q[m]) for source, y, q, live in answers for m in [live & (source == code)]]
+        y, q = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]).double()
+        if backup == "fast" and code == saguaro.JIT:
+            assert len(y) == 0
+            continue
+        assert len(y) > 1000, (name, len(y))
+        torch.testing.assert_close(q.sum(-1), torch.ones_like(q[..., 0]))
+        for j in range(2):
+            counts = pit_counts(y[:, j], q[:, j], gen)
+            passed, stat, threshold = exact.chi_square_test(counts, {b: 0.1 for b in range(10)},
+                                                            ALPHA / NUM_STAT_TESTS)
+            assert passed, f"{name} speculations, position {j + 1}: chi2 {stat:.1f} > {threshold:.1f}"
+            checked += 1
+    assert checked == (4 if backup == "jit" else 2)
 
 
 class SaguaroDraftLyingAboutQ:

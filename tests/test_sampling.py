@@ -189,6 +189,17 @@ def test_sample_draws_a_token_whose_mass_is_all_at_the_end_of_the_row():
     assert set(draws[:, 1].tolist()) == {0, 6}
 
 
+@pytest.mark.parametrize("u, want", [(0.0, [1, 2, 0]), (1.0 - 2.0 ** -53, [2, 3, 1])])
+def test_sample_never_draws_a_zero_at_the_ends_of_the_uniform_draw(monkeypatch, u, want):
+    """u ~ U[0, 1) takes the value 0 (and values just below 1): even there no token of
+    probability 0 is drawn, whether the zeros lead, trail or sit between."""
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.25, 0.75], [0.5, 0.5, 0.0, 0.0]])
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full_like(
+        rand(*shape, **kw), u))
+    assert kernels.sample(probs).tolist() == want
+
+
 def test_sample_uses_the_generator_it_is_given():
     probs = torch.full((200, 10), 0.1)
     a = kernels.sample(probs, kernels.make_generator(1, "cpu"))

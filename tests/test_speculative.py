@@ -236,6 +236,10 @@ def test_verify_draws_the_bonus_from_p_when_the_residual_has_no_mass():
         counts = dict(enumerate(torch.bincount(rows, minlength=V).tolist()))
         passed, stat, threshold = exact.chi_square_test(counts, law, ALPHA / NUM_STAT_TESTS)
         assert passed, f"chi2 {stat:.1f} > {threshold:.1f}"
+    # a residual of tiny mass (1e-30 on token 7, which q lacks) is still a law: the bonus
+    p[:, 0, 7] = 1e-30
+    n, bonus = speculative.verify(p[::2], q[::2], x[::2], kernels.make_generator(3, "cpu"))
+    assert (n == 0).any() and bool((bonus[n == 0] == 7).all())
 
 
 @pytest.mark.parametrize("q_kind", ["sampled", "one_hot"])
