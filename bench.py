@@ -24,6 +24,7 @@ import time
 import torch
 
 import autoregressive
+import draft_process
 import drafts
 import harness
 import kernels
@@ -108,8 +109,8 @@ def build_rows(args, target, draft):
         elif m == "saguaro":
             import saguaro
             # the draft process gets its own cores: half of --threads each (1 + 1 on 2 cores)
-            half = max(1, args.threads // 2)
-            worker = saguaro.DraftWorker(args.draft, target, threads=max(1, args.threads - half))
+            half, draft_threads = saguaro.draft_process.split_threads(args.threads)
+            worker = saguaro.DraftWorker(args.draft, target, threads=draft_threads)
             args.cleanup.append(worker.close)
             rows["saguaro"] = ours(saguaro, target, args, half, draft=worker,
                                    k=args.saguaro_k or args.k, f=args.f,
@@ -201,12 +202,12 @@ def accountings(results, args):
     if "saguaro" not in results:
         return None
     sag = median_speed(results["saguaro"])
-    half = max(1, args.threads // 2)
+    half, draft_threads = draft_process.split_threads(args.threads)
     out = {}
     for label, suffix in (("equal_cores", ""), ("paper", f"@{half}t")):
         ar, sd = results.get("ar" + suffix), results.get("sd" + suffix)
         out[label] = {"ar_threads": args.threads if not suffix else half,
-                      "split": f"{half}+{max(1, args.threads - half)} threads",
+                      "split": f"{half}+{draft_threads} threads",
                       "saguaro_vs_ar": sag / median_speed(ar) if ar else None,
                       "saguaro_vs_sd": sag / median_speed(sd) if sd else None}
     return out

@@ -402,6 +402,16 @@ DRAFT_HELP = ("default (the target's int4 self-draft), ngram (model-free), self 
               "itself), another drafts.py candidate, or a model folder / hub id")
 
 
+def fast_backup(target: kernels.Model, prompts: list):
+    """saguaro.py's fast backup: the n-gram drafter (prompt lookup + the target's shipped n-gram
+    tables); for a target without shipped tables, prompt lookup over n-grams of the prompts."""
+    try:
+        return load_draft("ngram", target)
+    except ValueError:
+        counts = NGramDrafter.count(prompts, [0] * len(prompts))
+        return NGramDrafter.from_counts(counts, target.cfg.vocab_size)
+
+
 def load_draft(name: str, target: kernels.Model):
     """The one resolver of draft names, for every CLI, bench.py and saguaro's draft process:
     'ngram' -> NGramDrafter; 'default' or a CANDIDATES name -> the neural self-draft rebuilt

@@ -4,63 +4,49 @@ ssd.py shows the idea step by step on one device: while the target verifies spec
 draft prepares the next speculation for the outcomes v = (k, t) it predicts, so a cache hit
 costs no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
 
-1. The async draft stream. Target and draft are two processes joined by torch.distributed (gloo
-   on CPU, NCCL between two GPUs). Each round the target sends the outcome (k, t) per row; the
-   draft answers at once from its speculation cache (hit: K tokens and the q rows to verify them)
-   or with a backup, then builds the next cache WHILE the target verifies. Each process keeps
-   its own model and KV cache: only tokens and q rows cross, never KV. On a CPU each process
-   is pinned to its own cores: it only pays if the build (the glue + K tree steps) fits in one
-   verify, so on a small CPU keep the tree small (our 2-core CPU: K = 3, one branch, budget
-   B = 1). After a hit the glue costs one token, not K + 1: the hit branch already computed the
-   rest (reuse_branch).
+1. The async draft stream. The draft runs in a process of its own (the plumbing: draft_process.py).
+   Each round the target sends the outcome (k, t) per row; the draft answers at once from its
+   speculation cache (hit: K tokens and the q rows to verify them) or with a backup, then builds
+   the next cache WHILE the target verifies. Only tokens and q rows cross, never KV. After a
+   hit the glue costs one token, not K + 1: the hit branch already computed the rest
+   (reuse_branch). On a CPU it pays only if the build fits in one verify: keep the tree small.
 2. Geometric fan-out (Thm. 12). With acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
-   F_k ~ P(k)^(1/(1+r)): F_k = F_0 a^(k/(1+r)) for k < K, F_K = F_0 a^(K/(1+r)) (1-a)^(-1/(1+r)).
-   a and r are measured online (kept across the calls on one DraftWorker with the same
-   settings); one schedule applies after a hit, one after a miss.
+   F_k ~ P(k)^(1/(1+r)). a and r are measured online; one schedule after a hit, one after a miss.
 3. Saguaro sampling (Def. 14). The draft samples from q', its q with the top-(F+1) tokens scaled
    by C in [0, 1] and renormalized: the residual max(0, p - q') then lands on the tokens the
    cache bet on more often. Exact, because verification divides by the same q'.
 4. Batch-aware fallback (Sec. 4.3). A miss is served by the JIT backup (the draft decodes K
    tokens now: good acceptance, costs time) or the fast backup (n-gram lookup: ~free, weaker).
    A batch waits if any row misses, P(all hit) = p_hit^b, so past a critical batch size b* the
-   fast backup wins; b* comes from the speed model below and the measured a, p_hit, latencies.
-   A miss served by the fast backup also hands the NEXT lookup a cache built over a weak
-   speculation, which hits at its own rate p_f: if the draft's caches hit at p_d, in the long
-   run a share p_f / (1 - p_d + p_f) of lookups hit, the p_hit the rule puts in for fast.
-5. The speed model (Thm. 7), times in units of one target verify, E = tokens per round:
+   fast backup wins. 5. The speed model (Thm. 7) decides, in units of one target verify:
    speedup = [p_hit E_hit + (1-p_hit) E_miss] / [p_hit max(1, T_p) + (1-p_hit)(1 + T_b)].
-6. Faults: if the draft process dies or stops answering, the target finishes on its own with
-   the fast backup, after a warning; no token is lost or repeated (the target owns all state).
+6. Faults: if the draft process dies or stops answering, the target finishes alone with the
+   fast backup, after a warning; no token is lost or repeated (the target owns all state).
 
-Notation as in the README glossary: p target, q draft, K draft tokens per round, (k, t) outcome,
-F_k fan-out, B budget per row, C Saguaro factor, r miss-curve exponent, a acceptance, b batch.
+Notation (README glossary): p target, q draft, K draft tokens per round, (k, t) outcome, F_k
+fan-out, B budget per row, C Saguaro factor, r miss-curve exponent, a acceptance, b batch.
 
     python saguaro.py --prompt "Write a haiku about cacti." --draft default --k 4 --f 3 \\
         --fan-out geometric --saguaro-c 1.0 --backup auto --target-device cpu --draft-device cpu
     python saguaro.py --prompt "Write a haiku about cacti." --k 1 --f 1   # a 2-core CPU
 """
 import argparse
-import atexit
-import datetime
 import math
-import os
-import signal
-import socket
-import threading
 import time
-import traceback
-import warnings
-from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import draft_process
+import drafts
 import harness
 import kernels
 import ssd
-from speculative import check_draft, emit, one_hot, pad_vocab, verify
+from draft_process import Answer, Backup, End, Round, Start
+from speculative import emit, one_hot, pad_vocab, verify
+
+HIT, JIT, NEED_FAST = 0, 1, 2           # where a row's next speculation comes from
+
 
 # ----------------------------------------------------------------------------------------------
 # The new ideas, part 1: where the cache budget goes, and how the draft samples
@@ -111,15 +97,10 @@ def saguaro_probs(logits, temperature, top_k, top_p, c: float, f: int):
     return torch.where(mass > 0, scaled / mass.clamp_min(1e-30), q)
 
 
-def saguaro_probs_fn(c: float, fanout: list, vocab: int):
-    """A probs_fn for ssd.draft_branches: its j-th call (drafting step j, token y_{j+1}) uses
-    f = F_j, because the next cache bets on the top-F_j tokens of q_{j+1}. Logits are cut to
-    the `vocab` ids the target has (padded embeddings), so q' is exactly what is sampled."""
-    steps = iter(fanout)
-
-    def probs_fn(logits, temperature, top_k, top_p):
-        return saguaro_probs(logits[..., :vocab], temperature, top_k, top_p, c, next(steps))
-    return probs_fn
+def saguaro_q(sampling, c: float, fanout: list):
+    """q' as ssd.draft_branches' probs_fn: drafting step j (token y_{j+1}) uses f = F_j, because
+    the next cache bets on the top-F_j tokens of q_{j+1}. sampling: (temperature, top_k, top_p)."""
+    return lambda logits, j: saguaro_probs(logits, *sampling, c, fanout[j])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,15 +159,15 @@ class Estimates:
         p_f = self.hits["fast"][0] / self.hits["fast"][1]
         return p_f / (1 - p_d + p_f)
 
-    def learn_from_draft(self, reply, live, first_round):
+    def learn_from_draft(self, answer, live, first_round):
         """The draft process's answer: ranks of the true bonus (for r), its latencies."""
-        for rank in reply.rank[live & (reply.rank >= 0)].tolist():
+        for rank in answer.rank[live & (answer.rank >= 0)].tolist():
             self.rank_counts[min(rank, 64)] += 1
         if not first_round:  # the first round had no cache built before it
-            self.time("build", reply.build_s)
-            self.time("step", reply.glue_s)
-        if reply.jit_s > 0:
-            self.time("jit", reply.jit_s)
+            self.time("build", answer.build_s)
+            self.time("step", answer.glue_s)
+        if answer.jit_s > 0:
+            self.time("jit", answer.jit_s)
 
     def learn_acceptance(self, p, q, from_draft, from_fast, shadow, q_shadow):
         """Acceptance at position i is sum_x min(p_i(x), q_i(x)): exact in expectation, and of
@@ -200,6 +181,12 @@ class Estimates:
         if bool(shadow.any()):
             self.acc["fast"][0] += float(torch.minimum(p[shadow, 0], q_shadow[shadow, 0]).sum())
             self.acc["fast"][1] += int(shadow.sum())
+
+    def learn_hit(self, hit, made_by_fast):
+        """One lookup of a cache built over a speculation made by the draft or the fast backup."""
+        counts = self.hits["fast" if made_by_fast else "draft"]
+        counts[0] += hit
+        counts[1] += 1
 
     def sec(self, name, default=None):
         return self.secs.get(name, default)
@@ -245,420 +232,85 @@ class Estimates:
 
 
 # ----------------------------------------------------------------------------------------------
-# The new ideas, part 3: the async draft stream (the draft in its own process)
-#
-# Messages, all fixed-size tensors (sizes known to both sides once a generation starts):
-#   target -> draft   START   float64 (16,) header, then int64 (B, 1 + longest prompt) prompts
-#   target -> draft   ROUND   int64 (2 + 3B + 2(K+1),): cmd, backup, k (B), t (B), live (B),
-#                             fan-out after a hit (K+1), after a miss (K+1). cmd END ends it.
-#   draft  -> target  answer  int64 (B*(K+2) + 4,): source, rank, y_1..y_K per row, then
-#                             build/JIT/glue microseconds, draft forwards; float32 (B, K, V) q'
-#                             (not at temperature 0: q is one-hot on y there)
-#   target -> draft   backup  int64 (B, K): the fast backup's tokens (only after a miss in
-#                             fast mode: the draft glues them as it would glue its own)
+# The new ideas, part 3: the draft side, in its own process
 
-START, SHUTDOWN, ROUND, END = 1, 2, 3, 4
-HIT, JIT, NEED_FAST = 0, 1, 2           # where a row's next speculation comes from
-BACKUPS = ("jit", "fast")
-_LIVE = set()                           # started workers, closed at exit
-_OURS = {"group": False}                # whether torch.distributed's default group is ours
+class DraftSide:
+    """The draft process's state for one generation (draft_process.py runs it): its KV cache
+    (the trunk: prompt + emitted tokens, then the glue of the speculation being verified), the
+    speculation cache S built for that speculation (ssd.build_speculation_cache) and the glue
+    logits (to rank the true bonus among the guesses, for r). on(Round) answers at once;
+    work() then builds the next cache while the target verifies."""
 
-
-class DraftLost(RuntimeError):
-    """The draft process died or did not answer in time."""
-
-
-def check_seconds(name, value, low=1e-3, high=86400.0):
-    """A wait bound in seconds, in [1 ms, 1 day]: torch.distributed counts whole milliseconds
-    and reads 0 as "its default" (a sub-ms timeout would silently become ~60 s)."""
-    if not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{name} must be a number of seconds in [{low:g}, {high:g}] (1 ms to 1 "
-                         f"day), got {value!r}.")
-    return float(value)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _timed(work, seconds):
-    """Wait for an isend/irecv; any failure (timeout, peer gone) becomes DraftLost."""
-    try:
-        work.wait(datetime.timedelta(seconds=seconds))
-    except RuntimeError as e:  # gloo says "[file.cc:78] Timed out waiting 2000ms for recv ..."
-        raise DraftLost(str(e).strip().split("] ", 1)[-1].split(". ")[0][:120]) from None
-
-
-class DraftWorker:
-    """The draft process, seen from the target. Start it once, use it for many generate() calls:
-        with saguaro.DraftWorker("default", target) as worker:
-            tokens, stats = saguaro.generate(target, ids, 64, draft=worker)
-    `draft`: a name for drafts.load_draft (loaded in the worker beside the target's weights),
-    a picklable factory returning a kernels.Model, or a kernels.Model (pickled across).
-    `threads`: CPU threads of the draft process; default on a CPU: half the cores (give the
-    target the other half with generate(target_threads=...): each process its own cores)."""
-
-    def __init__(self, draft, target, *, device=None, threads=None, timeout_s=10.0,
-                 load_timeout_s=300.0, _fault=None):
-        if draft is None:
-            raise ValueError("saguaro needs a draft: a drafts.py name ('default'), a model "
-                             "folder, a factory returning a kernels.Model, or a kernels.Model.")
-        if isinstance(draft, kernels.Model):
-            check_draft(target, draft, 1)  # one vocabulary, checked before a process starts
-        if hasattr(draft, "propose"):
-            raise ValueError("saguaro's draft process needs a neural draft (a kernels.Model, its "
-                             "name, or a factory): a model-free proposer cannot fill a speculation "
-                             "cache. It serves as the fast backup (--backup fast) instead.")
-        timeout_s = check_seconds("timeout_s (--timeout)", timeout_s)
-        load_timeout_s = check_seconds("load_timeout_s", load_timeout_s)
-        if any(w.alive for w in _LIVE):
-            raise RuntimeError("a DraftWorker is already running in this process (torch."
-                               "distributed has one default group): close() it first.")
-        for stale in list(_LIVE):  # lost workers: their process is gone, free their group
-            stale.close()
-        _leave_process_group()
-        if dist.is_initialized():
-            raise RuntimeError("torch.distributed is already initialized in this process (not "
-                               "by saguaro): the draft process needs the default group; start "
-                               "saguaro in a process of its own.")
-        tdev = target.device
-        ddev = kernels.resolve_device(device) if device else tdev
-        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): one GPU talks via gloo
-        two_gpus = tdev.type == ddev.type == "cuda" and (tdev.index or 0) != (ddev.index or 0)
-        self.backend = "nccl" if two_gpus else "gloo"
-        if tdev.type != ddev.type:
-            raise ValueError("target and draft on different device types: put both on CUDA "
-                             "(NCCL between two GPUs) or both on the CPU (gloo).")
-        self.comm = tdev if self.backend == "nccl" else torch.device("cpu")
-        self.timeout_s, self.rounds, self.process, self.in_session = timeout_s, 0, None, False
-        self.estimates = {}  # generate() settings -> Estimates: learned over all its calls
-        target_ref = (getattr(target, "path", None), str(target.dtype).split(".")[-1])
-        # on a CPU each process gets its own cores, pinned: left free, the two processes (which
-        # wake each other every round) get placed on one core by the scheduler, half speed each
-        cpus = sorted(os.sched_getaffinity(0))
-        if threads is None and ddev.type == "cpu":
-            threads = max(1, len(cpus) // 2)
-        draft_cpus, self.target_cpus = None, None
-        if ddev.type == "cpu" and tdev.type == "cpu" and threads < len(cpus):
-            draft_cpus, self.target_cpus = cpus[-threads:], cpus[:-threads]
-        # the rendezvous store is ours: we wait for the draft process to join it while
-        # watching that process, so one that dies while starting is reported at once
-        store = dist.TCPStore("127.0.0.1", _free_port(), 2, True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=60))
-        self.process = mp.get_context("spawn").Process(
-            target=_worker_main, daemon=True, name="saguaro-draft",
-            args=(draft, target_ref, str(ddev), threads, draft_cpus, self.backend, store.port,
-                  os.getpid(), _fault))
-        self.process.start()
-        self.started = time.monotonic()
-        _LIVE.add(self)
-        self.store = store
-        try:
-            deadline = time.monotonic() + load_timeout_s
-            self._await("joined", deadline, "connect")
-            dist.init_process_group(self.backend, store=store, rank=0, world_size=2,
-                                    timeout=datetime.timedelta(seconds=60),
-                                    device_id=tdev if self.backend == "nccl" else None)
-            _OURS["group"] = True
-            self._await("ready", deadline, "load its draft")  # maybe after a kernel build
-            ready = int(store.get("ready"))
-        except BaseException:
-            self.close()
-            raise
-        if ready < 0:
-            self.close()
-            raise RuntimeError("the draft process could not load its draft (its traceback is "
-                               "printed above).")
-        self.vocab_size = ready
-        if self.vocab_size != target.cfg.vocab_size and target.tokenizer is None:
-            self.close()
-            raise ValueError(f"target and draft have vocabularies of {target.cfg.vocab_size} and "
-                             f"{self.vocab_size} tokens and no tokenizer to show they share ids.")
-
-    def _await(self, key, deadline, what):
-        """Wait for the draft process to set `key` in the store, polling (not blocking in C++),
-        so that Ctrl-C, the process dying and the deadline are each noticed at once."""
-        while not self.store.check([key]):
-            if not self.process.is_alive():
-                raise RuntimeError(
-                    f"the draft process exited (code {self.process.exitcode}) before it could "
-                    f"{what}; its error is printed above. Processes are spawned, so a script "
-                    "that starts saguaro must do it under `if __name__ == '__main__':`.")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the draft process did not {what} within "
-                                   f"{deadline - self.started:.0f} s.")
-            time.sleep(0.02)
-
-    def reset(self):
-        """Forget what the rules learned (a, r, hit rates, latencies) over earlier calls: the
-        next generate() starts from the priors, as on a fresh worker. What a seed reproduces:
-        the same call on a fresh or reset worker gives the same tokens with backup "jit" or
-        "fast"; a call after others on the same worker starts from what they taught the fan-out
-        rule, so its tokens can differ (same law, other coins); with backup "auto" the choice
-        also follows measured latencies, which no seed fixes."""
-        self.estimates.clear()
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-    def _send(self, tensor):
-        _timed(dist.isend(tensor.to(self.comm).contiguous(), dst=1), self.timeout_s)
-
-    def _recv(self, tensor):
-        _timed(dist.irecv(tensor, src=1), self.timeout_s)
-        return tensor
-
-    def begin(self, prompts, K, vocab, max_len, temperature, top_k, top_p, c, seed):
-        """Start a generation: the draft prefills its own cache with the prompts."""
-        longest = max(len(p) for p in prompts)
-        header = torch.zeros(16, dtype=torch.float64)
-        header[:11] = torch.tensor([START, len(prompts), longest, K, vocab, max_len, seed or 0,
-                                    temperature, top_k or -1, top_p or -1, c])
-        table = torch.zeros(len(prompts), 1 + longest, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            table[b, 0], table[b, 1:1 + len(p)] = len(p), torch.tensor(p)
-        self.in_session = True
-        self._send(header)
-        self._send(table)
-        self.B, self.K, self.V, self.greedy = len(prompts), K, vocab, temperature == 0
-
-    def round(self, k, t, live, backup, fan_hit, fan_miss):
-        """Send the outcome; return the answer: source (B,) (HIT, JIT or NEED_FAST), rank (B,),
-        tokens y (B, K), probs q' (B, K, V), seconds of the build that made this round's cache,
-        of JIT drafting and of the glue forward (about one draft step), draft forwards run."""
-        B, K = self.B, self.K
-        msg = torch.cat((torch.tensor([ROUND, BACKUPS.index(backup)]), k.cpu(), t.cpu(),
-                         live.long().cpu(), torch.tensor(fan_hit + fan_miss)))
-        self._send(msg)
-        ints = self._recv(torch.zeros(B * (K + 2) + 4, dtype=torch.long, device=self.comm)).cpu()
-        rows = ints[: B * (K + 2)].view(B, K + 2)
-        if self.greedy:  # q is one-hot on y at temperature 0: only the tokens had to cross
-            q = one_hot(rows[:, 2:], self.V)
-        else:
-            q = self._recv(torch.zeros(B, K, self.V, device=self.comm))
-        self.rounds += 1
-        build_s, jit_s, glue_s = (x / 1e6 for x in ints[-4:-1].tolist())
-        return SimpleNamespace(source=rows[:, 0], rank=rows[:, 1], tokens=rows[:, 2:], probs=q,
-                               build_s=build_s, jit_s=jit_s, glue_s=glue_s,
-                               forwards=int(ints[-1]))
-
-    def send_backup(self, tokens):
-        self._send(tokens.long())
-
-    def end(self):
-        msg = torch.zeros(2 + 3 * self.B + 2 * (self.K + 1), dtype=torch.long)
-        msg[0] = END
-        self._send(msg)
-        self.in_session = False
-
-    def close(self):
-        """Stop the draft process (politely, then by force) and leave torch.distributed. Never
-        raises and always unregisters, so a new DraftWorker can start after any failure."""
-        p, self.process = self.process, None
-        try:
-            if p is not None:
-                if p.is_alive() and dist.is_initialized() and not self.in_session:
-                    try:
-                        header = torch.zeros(16, dtype=torch.float64)
-                        header[0] = SHUTDOWN
-                        _timed(dist.isend(header.to(self.comm), dst=1), 1.0)
-                    except DraftLost:
-                        pass
-                    p.join(2.0)
-                for stop in (p.terminate, p.kill):
-                    if p.is_alive():
-                        stop()
-                        p.join(5.0)
-                if p.is_alive():
-                    warnings.warn(f"saguaro: the draft process {p.pid} survived SIGKILL for 5 s; "
-                                  "left behind.", RuntimeWarning, stacklevel=2)
-        finally:
-            _leave_process_group()
-            _LIVE.discard(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _leave_process_group():
-    """destroy_process_group for the group a DraftWorker made (never a group of the caller's),
-    which can raise after the peer was lost mid-message (gloo's pending work): warn and go on;
-    a group still there is tried again by the next DraftWorker."""
-    if dist.is_initialized() and _OURS["group"]:
-        try:
-            dist.destroy_process_group()
-        except Exception as e:  # noqa: BLE001 -- any teardown error leaves the same state
-            warnings.warn(f"saguaro: leaving torch.distributed raised {type(e).__name__}: {e}",
-                          RuntimeWarning, stacklevel=3)
-        _OURS["group"] = dist.is_initialized()
-
-
-@atexit.register
-def _close_all():
-    for worker in list(_LIVE):
-        worker.close()
-
-
-def _exit_with_parent(parent_pid):
-    """The draft process's watchdog: once the target's process is gone, leave (no orphans)."""
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(0)
-
-
-def _load_draft(spec, target_ref, device):
-    if isinstance(spec, str):  # drafts.py builds its drafts from the target's weights
-        path, dtype = target_ref
-        target = kernels.load_model(path or "default", str(device), dtype)
-        import drafts
-        model = drafts.load_draft(spec, target)
-    elif callable(spec) and not isinstance(spec, torch.nn.Module):
-        model = spec()
-    else:
-        model = spec
-    if hasattr(model, "propose") or not hasattr(model, "new_cache"):
-        raise ValueError(f"draft {spec!r} is not a neural draft (kernels.Model).")
-    return model.to(device)
-
-
-def _worker_main(spec, target_ref, device, threads, cpus, backend, port, parent_pid, fault):
-    """The draft process: load the draft, then serve generations until SHUTDOWN."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the target: it closes us
-    if fault and fault[0] == "boot":  # tests: die before connecting
-        os._exit(3)
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    if cpus:
-        os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
-    kernels.set_threads(threads)
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=60))
-    store.set("joined", "1")
-    dist.init_process_group(backend, store=store, rank=1, world_size=2,
-                            timeout=datetime.timedelta(days=7),  # idle between runs is fine
-                            device_id=dev if backend == "nccl" else None)
-    comm = dev if backend == "nccl" else torch.device("cpu")
-    try:
-        draft = _load_draft(spec, target_ref, dev)
-        store.set("ready", str(draft.cfg.vocab_size))
-    except Exception:
-        traceback.print_exc()
-        store.set("ready", "-1")
-        return
-    rounds = 0
-    with torch.inference_mode():
-        while True:
-            header = torch.zeros(16, dtype=torch.float64, device=comm)
-            dist.recv(header, src=0)
-            if int(header[0]) != START:
-                break
-            side = _DraftSide(draft, header.cpu(), comm)
-            while True:
-                rounds += 1
-                if fault and rounds > fault[1]:  # tests: die or hang mid-generation
-                    if fault[0] == "exit":
-                        os._exit(1)
-                    time.sleep(3600)
-                if not side.serve_round():
-                    break
-    dist.destroy_process_group()
-
-
-class _DraftSide:
-    """The draft process's state for one generation: its KV cache (the trunk: prompt + emitted
-    tokens, then the glue of the speculation being verified), the speculation cache S built for
-    that speculation, and the glue logits (to rank the true bonus among the guesses, for r)."""
-
-    def __init__(self, draft, header, comm):
-        B, longest, K, V, max_len, seed = (int(x) for x in header[1:7])
-        temperature, top_k, top_p, self.c = (float(x) for x in header[7:11])
-        self.sampling = (temperature, None if top_k < 0 else int(top_k),
-                         None if top_p < 0 else top_p)
-        self.draft, self.comm, self.B, self.K, self.V = draft, comm, B, K, V
-        table = torch.zeros(B, 1 + longest, dtype=torch.long, device=comm)
-        dist.recv(table, src=0)
-        prompts = [row[1:1 + row[0]].tolist() for row in table.cpu()]
-        self.gen = kernels.make_generator(seed + 1, draft.device)  # the draft's own coins
-        self.cache = draft.new_cache(B, max_len)
-        draft.prefill(prompts, self.cache)
+    def __init__(self, draft, start: Start):
+        self.draft, self.K, self.V, self.c = draft, start.K, start.vocab, start.c
+        self.sampling = (start.temperature, start.top_k, start.top_p)
+        self.gen = kernels.make_generator(start.seed + 1, draft.device)  # the draft's own coins
+        self.cache = draft.new_cache(len(start.prompts), start.max_len)
+        draft.prefill(start.prompts, self.cache)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
-        self.S = self.glue = self.spec = None
-        self.branch_logits = self.base = None  # the tree behind S: its logits, first scratch slot
-        self.prefix = None  # (slots, logits) the draft already has for t, y_1..y_{K-1}, or None
-        self.build_s = self.jit_s = self.glue_s = 0.0
+        self.S = self.spec = self.glue = self.prefix = self.next = None
+        self.waiting = False
+        self.build_s = self.glue_s = 0.0
         self.forwards = 0
 
-    def serve_round(self) -> bool:
-        """One round, as the protocol above says: outcome in, answer out at once, (the fast
-        backup's tokens in), then the next cache while the target verifies. False at END."""
-        B, K, comm = self.B, self.K, self.comm
-        msg = torch.zeros(2 + 3 * B + 2 * (K + 1), dtype=torch.long, device=comm)
-        dist.recv(msg, src=0)
-        msg = msg.cpu()
-        if int(msg[0]) != ROUND:
-            return False
-        k, t, live = msg[2:2 + B], msg[2 + B:2 + 2 * B], msg[2 + 2 * B:2 + 3 * B].bool()
-        fan_hit, fan_miss = msg[2 + 3 * B:3 + 3 * B + K].tolist(), msg[3 + 3 * B + K:].tolist()
-        source, rank, y, q = self.answer(k, t, live, BACKUPS[int(msg[1])], fan_hit, fan_miss)
-        times = [int(self.build_s * 1e6), int(self.jit_s * 1e6), int(self.glue_s * 1e6)]
-        ints = torch.cat((torch.stack((source, rank), 1), y.cpu()), 1).flatten()
-        dist.send(torch.cat((ints, torch.tensor(times + [self.forwards]))).to(comm), dst=0)
-        if self.sampling[0] > 0:  # greedy: q is one-hot on y, the target rebuilds it
-            dist.send(q.float().to(comm), dst=0)
-        if bool((live & (source == NEED_FAST)).any()):
-            backup = torch.zeros(B, K, dtype=torch.long, device=comm)
-            dist.recv(backup, src=0)
-            y = torch.where((source == NEED_FAST)[:, None], backup.cpu(), y.cpu())
-        self.build(t, y, source, fan_hit, fan_miss)
-        return True
+    def on(self, msg):
+        """A Round: the Answer; a Backup: the fast backup's tokens for the rows that asked."""
+        if isinstance(msg, Backup):
+            t, y, source, fan_hit, fan_miss = self.next
+            y = torch.where((source == NEED_FAST)[:, None], msg.tokens.to(y.device), y)
+            self.next, self.waiting = (t, y, source, fan_hit, fan_miss), False
+            return None
+        answer = self.answer(msg)
+        self.next = (msg.t, answer.tokens, answer.source, msg.fan_hit, msg.fan_miss)
+        self.waiting = bool((msg.live & (answer.source == NEED_FAST)).any())  # for a Backup
+        return answer
 
-    def answer(self, k, t, live, backup, fan_hit, fan_miss):
-        """1) keep t0, x_1..x_k of the last glue (all of it on a miss-free k = K; nothing of it
-        before the first round, k = -1); 2) look (k, t) up; 3) the JIT backup for misses;
-        4) note where the draft already holds the KV and logits of the answer's t, y_1..y_{K-1}
-        (the hit branches' scratch slots, or the trunk the JIT decoded into): the glue reuses
-        them (reuse_branch). Not for a mixed batch: the JIT overwrites the branches' slots."""
-        dev, B, K = self.draft.device, len(k), self.K
-        k, t, live = k.to(dev), t.to(dev), live.to(dev)
+    def work(self):
+        if self.next is not None and not self.waiting:
+            self.build(*self.next)
+            self.next = None
+
+    def answer(self, msg: Round) -> Answer:
+        """1) keep t0, x_1..x_k of the last glue (nothing of it before the first round, k = -1);
+        2) look (k, t) up; 3) the JIT backup for misses; 4) note where the draft already holds
+        the KV and logits of the answer's t, y_1..y_{K-1} (the hit branches' scratch slots, or
+        the trunk the JIT decoded into): the glue reuses them (reuse_branch). Not for a mixed
+        batch: the JIT overwrites the branches' slots."""
+        dev, B, K = self.draft.device, len(msg.k), self.K
+        k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
-        self.forwards, self.jit_s, self.prefix = 0, 0.0, None
+        forwards, self.forwards, jit_s, self.prefix = self.forwards, 0, 0.0, None
         steps = torch.arange(K, device=dev)
-        if self.S is None:
-            hit = torch.zeros(B, dtype=torch.bool, device=dev)
-            y = torch.zeros(B, K, dtype=torch.long, device=dev)
-            q = torch.zeros(B, K, self.V, device=dev)
-            rank = torch.full((B,), -1, device=dev)
-        else:
+        hit = torch.zeros(B, dtype=torch.bool, device=dev)
+        y = torch.zeros(B, K, dtype=torch.long, device=dev)
+        q = torch.zeros(B, K, self.V, device=dev)
+        rank = torch.full((B,), -1, device=dev)
+        if self.S is not None:
             hit, y, q = self.S.lookup(k, t)
             rank = self.rank(k, t)
             if bool(hit.all()):
                 branch = self.S.find(k, t)[1]                           # (B,) the branch hit
                 N = self.S.keys.shape[1]
-                slots = self.base[:, None].long() + steps * N + branch[:, None]  # step j's slot
-                self.prefix = slots, self.branch_logits[torch.arange(B, device=dev), branch]
-        source = torch.where(hit, HIT, JIT if backup == "jit" else NEED_FAST)
-        if backup == "jit" and bool((live & ~hit).any()):
-            t0 = time.perf_counter()
-            y_jit, q_jit, logits = self.jit_draft(t, fan_miss)
+                base = self.trunk + K + 1                               # the scratch's start
+                slots = base[:, None].long() + steps * N + branch[:, None]  # step j's slot
+                self.prefix = slots, self.S.logits[torch.arange(B, device=dev), branch]
+        source = torch.where(hit, HIT, JIT if msg.backup == "jit" else NEED_FAST)
+        if msg.backup == "jit" and bool((live & ~hit).any()):
+            tick = time.perf_counter()
+            y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss)
             y = torch.where(hit[:, None], y, y_jit)
             q = torch.where(hit[:, None, None], q, q_jit)
-            self.jit_s = time.perf_counter() - t0
+            jit_s, forwards = time.perf_counter() - tick, forwards + K
             in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
             self.prefix = (in_place, logits) if not bool(hit.any()) else None
-        return source.cpu(), rank.cpu(), y, q
+        return Answer(source.cpu(), rank.cpu(), y.cpu(), None if self.sampling[0] == 0 else q,
+                      self.build_s, jit_s, self.glue_s, forwards)
 
     def rank(self, k, t):
         """Where the true bonus t stood among the draft's candidates for it: 0 = its first
         guess. Measures the miss curve: p_hit(F) = P(rank < F)."""
         rows = torch.arange(len(k), device=k.device)
-        scores = self.glue[rows, k.clamp_min(0), : self.V].clone()          # (B, V)
+        scores = self.glue[rows, k.clamp_min(0)].clone()                    # (B, V)
         x_next = self.spec[rows, k.clamp(0, self.K - 1)]
         scores[rows, x_next] = torch.where(k < self.K, float("-inf"), scores[rows, x_next])
         mine = scores[rows, t.clamp_max(self.V - 1)]
@@ -668,54 +320,40 @@ class _DraftSide:
     def jit_draft(self, t, fanout):
         """The JIT backup: decode K tokens now from trunk + t, one forward each; the length is
         then rolled back (the KV of t, y_1..y_{K-1} stays where the glue would write it).
-        Returns y (B, K), their q (B, K, V) and the logits they were drawn from."""
+        Returns y (B, K), their q' (B, K, V) and the logits they were drawn from."""
         length = self.cache.lengths.clone()
-        probs_fn = saguaro_probs_fn(self.c, fanout, self.V)
+        q_fn = saguaro_q(self.sampling, self.c, fanout)
         inp, ys, qs, ls = t.clamp_max(self.draft.cfg.vocab_size - 1), [], [], []
-        for _ in range(self.K):
-            logits = self.draft(inp[:, None], self.cache)[:, -1]              # (B, V_draft)
-            q = probs_fn(logits, *self.sampling)                              # (B, V)
-            inp = kernels.sample(q, self.gen)
+        for j in range(self.K):
+            ls.append(self.draft(inp[:, None], self.cache)[:, -1, : self.V])  # (B, V)
+            qs.append(q_fn(ls[-1], j))                                        # (B, V)
+            inp = kernels.sample(qs[-1], self.gen)
             ys.append(inp)
-            qs.append(q)
-            ls.append(logits)
         self.cache.lengths.copy_(length)
-        self.forwards += self.K
         return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(ls, 1)
 
     def build(self, t, y, source, fan_hit, fan_miss):
-        """ssd.py's draft side over the next speculation s = (t, y_1..y_K): the glue (a forward
+        """ssd.py's step 2b over the next speculation s = (t, y_1..y_K): the glue (a forward
         over t, y_1..y_K, or, where answer() found them, the draft's own earlier work on
-        t, y_1..y_{K-1} plus one forward, see reuse_branch), outcome
-        prediction with each row's schedule (after a hit or after a miss), then all branches
-        drafted as one tree, sampling from Saguaro's q'."""
-        t0 = time.perf_counter()
-        dev = self.draft.device
-        t, y, source = t.to(dev), y.to(dev), source.to(dev)
+        t, y_1..y_{K-1} plus one forward: reuse_branch), then ssd.build_speculation_cache with
+        each row's schedule (after a hit or after a miss), sampling from Saguaro's q'. Every
+        branch's speculation is used only after a hit, so q' follows the after-a-hit schedule."""
+        tick, dev = time.perf_counter(), self.draft.device
+        t, y = t.to(dev), y.to(dev)
         self.trunk = self.cache.lengths.clone()
         if self.prefix is not None:
-            self.glue = reuse_branch(self.draft, self.cache, *self.prefix, y)
+            glue = reuse_branch(self.draft, self.cache, *self.prefix, y)
         else:
-            inp = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
-            self.glue = self.draft(inp, self.cache)                          # (B, K+1, V_draft)
-        self.glue_s = time.perf_counter() - t0
-        keys = torch.zeros(len(t), sum(fan_hit), 2, dtype=torch.long, device=dev)
-        for fan, rows in ((fan_hit, source == HIT), (fan_miss, source != HIT)):
-            if bool(rows.any()):                                             # (B, N, 2)
-                keys[rows] = ssd.predict_outcomes(self.glue[rows, :, : self.V], y[rows], fan)
-        fork = self.trunk[:, None].long() + keys[..., 0] + 1
-        probs_fn, steps = saguaro_probs_fn(self.c, fan_hit, self.V), []
-
-        def keep_logits(logits, *sampling):  # each step's logits: the next glue on a hit
-            steps.append(logits)
-            return probs_fn(logits, *sampling)
-        self.base = self.cache.lengths.clone()
-        tokens, probs = ssd.draft_branches(self.draft, self.cache, fork, keys[..., 1], self.K,
-                                           *self.sampling, self.gen, probs_fn=keep_logits)
-        self.branch_logits = torch.stack(steps, 2)                           # (B, N, K, V_draft)
-        self.S, self.spec = ssd.SpeculationCache(keys, tokens, probs), y
+            glue_in = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
+            glue = self.draft(glue_in, self.cache)                           # (B, K+1, V_draft)
+        self.glue, self.spec = glue[..., : self.V], y
+        self.glue_s = time.perf_counter() - tick
+        fanouts = [fan_hit if s == HIT else fan_miss for s in source.tolist()]
+        self.S = ssd.build_speculation_cache(self.draft, self.cache, self.glue, y, fanouts,
+                                             saguaro_q(self.sampling, self.c, fan_hit), self.gen,
+                                             vocab=self.V)
         self.forwards += 1 + self.K
-        self.build_s = time.perf_counter() - t0
+        self.build_s = time.perf_counter() - tick
 
 
 def reuse_branch(draft, cache, slots, logits, y):
@@ -732,235 +370,209 @@ def reuse_branch(draft, cache, slots, logits, y):
         kv[:, rows, dst] = kv[:, rows, slots]                           # a gather: no overlap
     cache.lengths += K
     last = draft(y[:, -1:].clamp_max(draft.cfg.vocab_size - 1), cache)  # (B, 1, V): after y_K
-    return torch.cat((logits, last), 1)
+    return torch.cat((logits, last[..., : logits.shape[-1]]), 1)
 
 
-def _fast_backup(target, prompts):
-    """The fast backup: drafts.py's n-gram drafter (prompt lookup + the target's shipped n-gram
-    tables); for a target without shipped tables, prompt lookup over n-grams of the prompts."""
-    import drafts
-    try:
-        return drafts.load_draft("ngram", target)
-    except ValueError:
-        counts = drafts.NGramDrafter.count(prompts, [0] * len(prompts))
-        return drafts.NGramDrafter.from_counts(counts, target.cfg.vocab_size)
+class DraftWorker(draft_process.DraftWorker):
+    """The draft process running DraftSide (see draft_process.DraftWorker for the arguments).
+    Start it once, use it for many generate() calls:
+        with saguaro.DraftWorker("default", target) as worker:
+            tokens, stats = saguaro.generate(target, ids, 64, draft=worker)"""
+    side = DraftSide
+
+    def __init__(self, draft, target, **kwargs):
+        super().__init__(draft, target, **kwargs)
+        self.estimates = {}  # generate() settings -> Estimates: learned over all its calls
+
+    def reset(self):
+        """Forget what the rules learned over earlier calls (a, r, hit rates, latencies). A seed
+        reproduces a call on a fresh or reset worker (backup jit or fast; auto also follows
+        measured latencies); after other calls the fan-out rule starts elsewhere: same law,
+        other coins."""
+        self.estimates.clear()
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop: ssd.py's round, with the draft's half running in the draft process
-
-@torch.inference_mode()
-def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, fan_out="geometric",
-             saguaro_c=1.0, backup="auto", temperature=0.0, top_k=None, top_p=None, seed=0,
-             eos=True, target_threads=None, draft_threads=None, draft_device=None,
-             timeout_s=10.0, fast_backup=None, budget=None):
-    """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
-    DraftWorker (reused), or what DraftWorker takes (a drafts.py name, a factory, a Model): then
-    a draft process is started for this call and stopped after it. k: K; f: guesses per k for a
-    uniform fan-out; budget: B, the guesses per row per round for both fan-outs (default
-    (K+1) f; fewer branches make a cheaper build on a slow draft); saguaro_c: C; backup: auto (the
-    batch-aware rule) | jit | fast; fast_backup: a proposer (default: drafts.py's n-gram).
-    seed: the coins of both processes; what it reproduces on a reused worker: DraftWorker.reset.
-    Returns (tokens, stats) as ssd.generate does; stats add backup_used (row-rounds per backup),
-    backup_why, b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7) and
-    measured_speedup (the same quantity measured: tokens per row per target-verify time),
-    draft_wait_s (target idle, waiting for the draft) and draft_lost (why, if it was lost)."""
-    prompts = harness.as_batch(prompt_ids)
+def check_settings(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0.0, top_k=None,
+                   top_p=None, fan_out="geometric", saguaro_c=1.0, backup="auto", budget=None,
+                   **_):
+    """What generate() refuses (ValueError), checked before a draft process starts."""
     kernels.check_sampling(temperature, top_k, top_p)
     if not isinstance(k, int) or k < 1 or not isinstance(f, int) or f < 1:
         raise ValueError(f"k and f must be integers >= 1, got k={k!r}, f={f!r}.")
-    if fan_out not in ("geometric", "uniform") or backup not in ("auto",) + BACKUPS:
+    if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
         raise ValueError(f"fan_out is geometric|uniform and backup auto|jit|fast; got "
                          f"{fan_out!r}, {backup!r}.")
     if not 0 <= saguaro_c <= 1:
         raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {saguaro_c}.")
     if budget is not None and (not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
-    check_seconds("timeout_s", timeout_s)
+    B = budget or (k + 1) * f
+    if B >= target.cfg.vocab_size:
+        raise ValueError(f"the cache budget B = {B} must stay below the vocabulary "
+                         f"({target.cfg.vocab_size} tokens): lower f or --budget.")
+    harness.check_request(target, harness.as_batch(prompt_ids), max_new_tokens, room=k)
+
+
+def lost_answer(B, K):
+    """What stands in for the draft's answer once it is lost: every row needs the fast backup."""
+    return Answer(torch.full((B,), NEED_FAST), torch.full((B,), -1),
+                  torch.zeros(B, K, dtype=torch.long), None, 0.0, 0.0, 0.0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop: ssd.py's round, with the draft's half running in the draft process
+
+@draft_process.beside(DraftWorker, check=check_settings)
+@torch.inference_mode()
+def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temperature=0.0,
+             top_k=None, top_p=None, seed=0, eos=True, fan_out="geometric", saguaro_c=1.0,
+             backup="auto", budget=None, fast_backup=None):
+    """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
+    DraftWorker (reused), or what DraftWorker takes (a drafts.py name, a factory, a Model): then
+    a draft process is started for this call and stopped after it (process options:
+    draft_process.beside). k: K; f: guesses per k for a uniform fan-out; budget: B, guesses per
+    row per round for both fan-outs (default (K+1) f); saguaro_c: C; backup: auto (the
+    batch-aware rule) | jit | fast; fast_backup: a proposer (default: drafts.py's n-gram). seed:
+    the coins of both processes (on a reused worker: DraftWorker.reset). Returns (tokens, stats)
+    as ssd.generate does; stats add backup_used (row-rounds per backup), backup_why, b_star, a,
+    a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7), measured_speedup (the same,
+    measured: tokens per row per target-verify time), draft_wait_s and draft_lost (why)."""
+    prompts = harness.as_batch(prompt_ids)  # checked (check_settings) before the draft started
     K, budget = k, budget or (k + 1) * f
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
-    if budget >= Vt:
-        raise ValueError(f"the cache budget B = {budget} must stay below the vocabulary "
-                         f"({Vt} tokens): lower f or --budget.")
-    threads_before, cpus_before = torch.get_num_threads(), os.sched_getaffinity(0)
-    kernels.set_threads(target_threads)
-    own = not isinstance(draft, DraftWorker)
-    worker = DraftWorker(draft, target, device=draft_device, threads=draft_threads,
-                         timeout_s=timeout_s) if own else draft
-    clean = False
-    try:
-        if worker.target_cpus:  # this thread on the target's cores (the draft has the others)
-            os.sched_setaffinity(0, worker.target_cpus)
-        fast = fast_backup or _fast_backup(target, prompts)
-        gen = kernels.make_generator(seed, dev)
-        eos_ids = set(target.cfg.eos_token_ids) if eos else set()
-        # what the rules learn carries over between calls on one worker with the same settings
-        est = worker.estimates.setdefault((K, budget, fan_out, backup, B, temperature, top_k,
-                                           top_p, saguaro_c), Estimates(K, budget, fan_out, backup))
-        stats = harness.new_stats(K)
-        stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1),
-                     backup_used={"jit": 0, "fast": 0}, backup_why=None, b_star=None,
-                     verify_s=0.0, draft_wait_s=0.0, cache_build_s=0.0, jit_draft_s=0.0,
-                     fast_backup_s=0.0, draft_lost=None)
-        rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
-        done = [False] * B
+    Vc = min(Vt, draft.vocab_size)  # ids past the common vocabulary are padding: q is cut to Vc
+    gen = kernels.make_generator(seed, dev)
+    eos_ids = set(target.cfg.eos_token_ids) if eos else set()
+    fast = fast_backup or drafts.fast_backup(target, prompts)
+    # what the rules learn carries over between calls on one worker with the same settings
+    est = draft.estimates.setdefault((K, budget, fan_out, backup, B, temperature, top_k, top_p,
+                                      saguaro_c), Estimates(K, budget, fan_out, backup))
+    stats = harness.new_stats(K)
+    stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
+                 cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,
+                 backup_used={"jit": 0, "fast": 0})
+    rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
+    done = [False] * B
 
-        def lose(reason):  # the draft process is gone: from here on the target works alone
-            stats["draft_lost"] = reason
-            warnings.warn(f"saguaro: the draft process {reason}; finishing on the target with "
-                          "the fast backup (the output is unchanged; only speed drops).",
-                          RuntimeWarning, stacklevel=4)
-            worker.close()
+    # 1) prefill: the target gives the first token; the draft process reads the prompts too
+    # (it gets them first, and fills its own cache while the target fills this one)
+    t0 = time.perf_counter()
+    draft.exchange(Start(prompts, K, Vc, max_len + 1 + K * budget, temperature, top_k, top_p,
+                         saguaro_c, seed))
+    cache = target.new_cache(B, max_len)
+    logits = target.prefill(prompts, cache)                               # (B, V)
+    token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
+    for b in range(B):
+        done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
+    kernels.sync(dev)
+    stats["prefill_s"] = time.perf_counter() - t0
 
-        # 1) prefill: the target gives the first token; the draft process reads the prompts
-        # into its own cache at the same time (it gets them first)
-        t0 = time.perf_counter()
-        if not worker.alive:
-            lose("was not running")
-        else:
-            try:
-                worker.begin(prompts, K, min(Vt, worker.vocab_size), max_len + 1 + K * budget,
-                             temperature, top_k, top_p, saguaro_c, seed)
-            except DraftLost as e:
-                lose(f"failed at the start ({e})")
-        cache = target.new_cache(B, max_len)
-        logits = target.prefill(prompts, cache)                               # (B, V)
-        token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
-        for b in range(B):
-            done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
-        kernels.sync(dev)
-        stats["prefill_s"] = time.perf_counter() - t0
-
-        # 2) decode: per round, the target verifies a speculation while the draft process
-        # prepares the next one for the outcomes it predicts
-        t0 = time.perf_counter()
-        accepted = 0
-        outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
-        made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
-        fan_hit, fan_miss = est.fan_outs(backup)
-        while not all(done):
-            # 2a) NEW: the outcome (k, t) goes to the draft process, which answers at once from
-            # the speculation cache it built during the last verify (a hit) or, for a miss, with
-            # the backup the batch-aware rule picks: JIT drafting there, or the fast backup
-            # here. Then it builds the next cache, while this process verifies.
-            last = torch.tensor([r[-1] for r in rows])
-            live = ~torch.tensor(done)
-            choice, stats["backup_why"] = est.choose_backup(int(live.sum()))
-            fan_hit, fan_miss = est.fan_outs(choice)
-            x = torch.zeros(B, K, dtype=torch.long, device=dev)          # (B, K) speculation
-            q = torch.zeros(B, K, Vt, device=dev)                          # (B, K, Vt) its q
-            source = torch.full((B,), NEED_FAST)                           # (B,) its origin
-            if not worker.alive and stats["draft_lost"] is None:  # died between two messages
-                lose("exited")
-            answered, tick = worker.alive, time.perf_counter()
-            if answered:
-                try:
-                    reply = worker.round(outcome, last, live, choice, fan_hit, fan_miss)
-                    source, x = reply.source, reply.tokens.to(dev)
-                    q = pad_vocab(reply.probs.to(dev), Vt)
-                except DraftLost as e:
-                    lose(f"stopped answering ({e})")
-                    answered = False
-            if answered:
-                stats["draft_wait_s"] += time.perf_counter() - tick
-                stats["draft_calls"] += reply.forwards
-                stats["cache_build_s"] += reply.build_s
-                stats["jit_draft_s"] += reply.jit_s
-                est.learn_from_draft(reply, live, first_round=bool(outcome.min() < 0))
-            # the fast backup runs for the rows that need it, and in auto mode on a few more
-            # rows as a shadow that measures its acceptance and latency for the rule
-            need_fast = live & (source == NEED_FAST)
-            shadow = live & ~need_fast & (live.cumsum(0) <= 4) & (backup == "auto")
-            ask = torch.nonzero(need_fast | shadow)[:, 0].tolist()
-            q_fast = torch.zeros(B, K, Vt, device=dev)
-            if ask:
-                tick = time.perf_counter()
-                x_fast = torch.zeros(B, K, dtype=torch.long, device=dev)
-                x_ask, q_ask = fast.propose([rows[b] for b in ask], K, temperature, gen)
-                x_fast[ask], q_fast[ask] = x_ask.to(dev), pad_vocab(q_ask.to(dev).float(), Vt)
-                est.time("fast", time.perf_counter() - tick)
-                stats["fast_backup_s"] += time.perf_counter() - tick
-                x[need_fast], q[need_fast] = x_fast[need_fast], q_fast[need_fast]
-                if worker.alive and bool(need_fast.any()):
-                    try:
-                        worker.send_backup(x)
-                    except DraftLost as e:
-                        lose(f"stopped answering ({e})")
-            q[~live] = one_hot(x[~live], Vt)  # finished rows ride along: any valid q will do
-            for name, code in (("jit", JIT), ("fast", NEED_FAST)):
-                stats["backup_used"][name] += int((live & (source == code)).sum())
-
-            # 2b) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
-            # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in
+    # 2) decode: per round, the target verifies a speculation while the draft prepares the next
+    t0 = time.perf_counter()
+    accepted = 0
+    outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
+    made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
+    fan_hit, fan_miss = est.fan_outs(backup)
+    while not all(done):
+        # 2a) NEW: the speculation x_1..x_K with q_1..q_K comes from the draft process. The
+        # outcome (k, t) goes there; it answers at once from the cache it built during the last
+        # verify (a hit) or, for a miss, with the backup the batch-aware rule picks: JIT
+        # drafting there, or the fast backup here. A lost draft answers None: all rows fast.
+        tick = time.perf_counter()
+        last = torch.tensor([r[-1] for r in rows])
+        live = ~torch.tensor(done)
+        choice, stats["backup_why"] = est.choose_backup(int(live.sum()))
+        fan_hit, fan_miss = est.fan_outs(choice)
+        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss))
+        if answer is not None:
+            stats["draft_wait_s"] += time.perf_counter() - tick
+            est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
+        answer = answer or lost_answer(B, K)
+        source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)
+        draft_probs = pad_vocab(one_hot(draft_tokens, Vc) if answer.probs is None  # greedy
+                                else answer.probs.to(dev), Vt)             # (B, K, Vt) their q
+        # the fast backup serves the rows that need it; in auto mode it also runs on a few
+        # more rows as a shadow that measures its acceptance and latency for the rule
+        need_fast = live & (source == NEED_FAST)
+        shadow = live & ~need_fast & (live.cumsum(0) <= 4) & (backup == "auto")
+        ask = torch.nonzero(need_fast | shadow)[:, 0].tolist()
+        fast_probs = torch.zeros(B, K, Vt, device=dev)                     # (B, K, Vt)
+        if ask:
             tick = time.perf_counter()
-            tokens_in = torch.cat((last[:, None].to(dev), x.clamp_max(Vt - 1)), 1)  # (B, K+1)
-            logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
-            p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
-            n_accepted, bonus = verify(p, q, x, gen)
-            stats["target_calls"] += 1
-            kernels.sync(dev)
-            if outcome.min() >= 0:  # not a call's first round: it may pack weights on first use,
-                est.time("verify", time.perf_counter() - tick)  # a one-off kept out of the means
-            stats["verify_s"] += time.perf_counter() - tick
+            x, q = fast.propose([rows[b] for b in ask], K, temperature, gen)
+            fast_probs[ask] = pad_vocab(q.to(dev).float(), Vt)
+            draft_tokens[need_fast] = x.to(dev)[need_fast[ask]]
+            draft_probs[need_fast] = fast_probs[need_fast]
+            est.time("fast", time.perf_counter() - tick)
+            stats["fast_backup_s"] += time.perf_counter() - tick
+            if not draft.lost and bool(need_fast.any()):
+                draft.exchange(Backup(draft_tokens.cpu()))  # the draft builds over these
+        for name, code in (("jit", JIT), ("fast", NEED_FAST)):
+            stats["backup_used"][name] += int((live & (source == code)).sum())
 
-            # 2c) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
-            # max_new_tokens) and rolls the target cache back to keep KV through x_k; the
-            # draft process rolls its own back when the outcome reaches it next round.
-            hit = source == HIT
-            for b in range(B):
-                if done[b]:
-                    continue
-                n = int(n_accepted[b])
-                stats["accept_counts"][n] += 1
-                stats["rows_verified"] += 1
-                accepted += n
-                if answered and outcome[b] >= 0:  # the first round had no cache to hit
-                    stats["lookups_by_k"][int(outcome[b])] += 1
-                    stats["hits_by_k"][int(outcome[b])] += bool(hit[b])
-                    made_by = est.hits["fast" if made[b] == NEED_FAST else "draft"]
-                    made_by[0] += bool(hit[b])
-                    made_by[1] += 1
-                room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
-                done[b] = emit(rows[b], x[b, :n].tolist() + [int(bonus[b])], room, eos_ids)
-            cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
+        # 2b) NEW: the draft process now builds the cache for this speculation's outcomes
+        # (DraftSide.build: ssd.py's step 2b), while this process verifies it (2c)
+        stats["draft_calls"] += answer.forwards
+        stats["cache_build_s"] += answer.build_s
+        stats["jit_draft_s"] += answer.jit_s
 
-            # 2d) NEW: learn the acceptance of the draft and of the fast backup for the rules
-            est.learn_acceptance(p, q, live & ~need_fast, need_fast, shadow, q_fast)
-            outcome, made = n_accepted.cpu(), source.clone()
-        if worker.alive:
-            try:
-                worker.end()
-            except DraftLost as e:
-                lose(f"stopped answering ({e})")
+        # 2c) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
+        # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in.
+        # Finished rows ride along unchanged: any q will do
+        tick = time.perf_counter()
+        draft_probs[~live] = one_hot(draft_tokens[~live], Vt)
+        tokens_in = torch.cat((last[:, None].to(dev), draft_tokens.clamp_max(Vt - 1)), 1)
+        logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen)
+        stats["target_calls"] += 1
         kernels.sync(dev)
-        stats["decode_s"] = time.perf_counter() - t0
-        if stats["rows_verified"]:
-            stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
-        choice, _ = est.choose_backup(B)
-        stats.update(a=est.a("draft"), a_fast=est.a("fast"), r=est.r(), p_hit=est.p_hit(choice),
-                     b_star=est.b_star(),
-                     fan_out_hit=fan_hit, fan_out_miss=fan_miss,
-                     predicted_speedup=est.speed(choice, B))
+        if outcome.min() >= 0:  # not a call's first round: it may pack weights on first use,
+            est.time("verify", time.perf_counter() - tick)  # a one-off kept out of the means
+        stats["verify_s"] += time.perf_counter() - tick
 
-        # 3) hand back each row's tokens
-        tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
-        stats = harness.finish_stats(stats, tokens)
-        per_row = (stats["new_tokens"] - B) / B
-        verify_s = est.sec("verify")
-        stats["measured_speedup"] = (per_row / (stats["decode_s"] / verify_s)
-                                     if verify_s and stats["decode_s"] > 0 else None)
-        clean = True
-        return tokens, stats
-    finally:
-        if own or not clean:  # a worker left mid-generation is out of step: stop it
-            worker.close()
-        torch.set_num_threads(threads_before)
-        os.sched_setaffinity(0, cpus_before)
+        # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
+        # max_new_tokens) and rolls the target cache back to keep KV through x_k; the draft
+        # process rolls its own back when the outcome reaches it. NEW: the rules learn the hit
+        # rates and the acceptance of the draft and of the fast backup.
+        hit = (source == HIT).tolist()
+        for b in range(B):
+            if done[b]:
+                continue
+            n = int(n_accepted[b])
+            stats["accept_counts"][n] += 1
+            stats["rows_verified"] += 1
+            accepted += n
+            room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
+            done[b] = emit(rows[b], draft_tokens[b, :n].tolist() + [int(bonus[b])], room, eos_ids)
+            if not draft.lost and outcome[b] >= 0:  # the first round had no cache to hit
+                stats["lookups_by_k"][int(outcome[b])] += 1
+                stats["hits_by_k"][int(outcome[b])] += hit[b]
+                est.learn_hit(hit[b], made[b] == NEED_FAST)
+        cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
+        est.learn_acceptance(p, draft_probs, live & ~need_fast, need_fast, shadow, fast_probs)
+        outcome, made = n_accepted.cpu(), source.clone()
+    draft.exchange(End())
+    kernels.sync(dev)
+    stats["decode_s"] = time.perf_counter() - t0
+    if stats["rows_verified"]:
+        stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
+    choice, _ = est.choose_backup(B)
+    stats.update(a=est.a("draft"), a_fast=est.a("fast"), r=est.r(), p_hit=est.p_hit(choice),
+                 b_star=est.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
+                 predicted_speedup=est.speed(choice, B), draft_lost=draft.lost)
+
+    # 3) hand back each row's tokens
+    tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
+    stats = harness.finish_stats(stats, tokens)
+    per_row, verify_s = (stats["new_tokens"] - B) / B, est.sec("verify")
+    stats["measured_speedup"] = (per_row / (stats["decode_s"] / verify_s)
+                                 if verify_s and stats["decode_s"] > 0 else None)
+    return tokens, stats
 
 
 def main():
-    import drafts  # the one resolver of draft names, for the --help text here
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(ap)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
@@ -976,18 +588,17 @@ def main():
     ap.add_argument("--draft-device", default=None, help="default: the target's device")
     ap.add_argument("--draft-threads", type=harness.positive_int, default=None,
                     help="CPU threads of the draft")
-    ap.add_argument("--timeout", default=10.0,
-                    type=harness.checked(float, lambda s: check_seconds("--timeout", s)),
-                    help="seconds to wait for the draft (1 ms to 1 day)")
+    ap.add_argument("--timeout", default=10.0, type=harness.checked(
+        float, lambda s: draft_process.check_seconds("--timeout", s)),
+        help="seconds to wait for the draft (1 ms to 1 day)")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
-    cores = os.cpu_count() or 2  # on a CPU, each process gets its own cores: half and half
-    draft_threads = args.draft_threads or max(1, cores // 2)
+    target_threads, draft_threads = draft_process.split_threads(args.threads)
     target = kernels.load_model(args.model, args.target_device or args.device, args.dtype,
-                                args.threads or max(1, cores - draft_threads))
+                                target_threads)
     ids = kernels.encode_prompt(target, args.prompt)
-    with DraftWorker(args.draft, target, device=args.draft_device, threads=draft_threads,
-                     timeout_s=args.timeout) as worker:
+    with DraftWorker(args.draft, target, device=args.draft_device,
+                     threads=args.draft_threads or draft_threads, timeout_s=args.timeout) as worker:
         tokens, stats = harness.after_warm_up(lambda n: generate(
             target, ids, n, draft=worker, k=args.k, f=args.f, fan_out=args.fan_out,
             saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,

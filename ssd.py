@@ -25,9 +25,9 @@ speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k
 per round), tau = tokens per round per row. This file runs target and draft one after the other on
 one device, so a reader can step through a round; its stats give the cache hit rate and, labelled
 "modelled", the time two devices would take (max(verify, cache build) + the fallback on a miss).
-saguaro.py runs the draft side in a process of its own, where it builds the same cache with
-this file's `predict_outcomes` and `draft_branches` (and keeps S there: only the answer
-for the true outcome crosses to the target).
+saguaro.py runs the draft side in a process of its own, where it calls this file's
+`build_speculation_cache` over its own glue and keeps S there: only the answer for the true
+outcome crosses to the target.
 
     python ssd.py --prompt "Write a haiku about cacti." --draft default --k 4 --f 3
 """
@@ -49,10 +49,12 @@ from speculative import check_draft, emit, one_hot, pad_vocab, verify
 class SpeculationCache:
     """S: (k, t) -> (y_1..y_K, their q rows), one table per sequence, stored as arrays so a whole
     batch is looked up at once.
-    keys (B, N, 2) = (k, t) per branch; tokens (B, N, K); probs (B, N, K, V)."""
+    keys (B, N, 2) = (k, t) per branch; tokens (B, N, K); probs (B, N, K, V), and the logits
+    (B, N, K, V) they came from (saguaro.py's glue reuses the hit branch's)."""
     keys: torch.Tensor
     tokens: torch.Tensor
     probs: torch.Tensor
+    logits: torch.Tensor
 
     def find(self, k: torch.Tensor, t: torch.Tensor):
         """k, t (B,): each row's verification outcome -> hit (B,) bool, and the branch (B,)
@@ -79,12 +81,19 @@ def fanout_list(f, K: int) -> list:
 
 def predict_outcomes(glue_logits, spec_tokens, fanout):
     """The outcomes (k, t) the draft bets on. glue_logits (B, K+1, V): the draft's logits after
-    t0, x_1, ..., x_K; spec_tokens (B, K) = x. For k < K a rejection of x_{k+1} draws the bonus
-    from the residual at position k+1, which never holds x_{k+1}: guess the top-F_k tokens of
-    q_{k+1} but x_{k+1}. For k = K the bonus comes from p_{K+1}: guess the top-F_K of q_{K+1}.
-    Ranked by logits, not q: at temperature 0 q is one-hot, so its order says nothing, and at
-    T > 0 the order is the same (top-k/top-p only zero the tail). Returns keys (B, N, 2)."""
-    K = spec_tokens.shape[1]
+    t0, x_1, ..., x_K; spec_tokens (B, K) = x; fanout: F_0..F_K, or one such list per row (all
+    with the same sum N). For k < K a rejection of x_{k+1} draws the bonus from the residual at
+    position k+1, which never holds x_{k+1}: guess the top-F_k tokens of q_{k+1} but x_{k+1}.
+    For k = K the bonus comes from p_{K+1}: guess the top-F_K of q_{K+1}. Ranked by logits, not
+    q: at temperature 0 q is one-hot, so its order says nothing, and at T > 0 the order is the
+    same (top-k/top-p only zero the tail). Returns keys (B, N, 2)."""
+    B, K = spec_tokens.shape
+    if isinstance(fanout[0], list):  # per row: each group of rows with one fan-out at a time
+        keys = torch.zeros(B, sum(fanout[0]), 2, dtype=torch.long, device=spec_tokens.device)
+        for fan in map(list, {tuple(f) for f in fanout}):
+            rows = torch.tensor([f == fan for f in fanout], device=spec_tokens.device)
+            keys[rows] = predict_outcomes(glue_logits[rows], spec_tokens[rows], fan)
+        return keys
     if max(fanout[:K], default=0) >= glue_logits.shape[-1] or fanout[K] > glue_logits.shape[-1]:
         raise ValueError(f"fan-out {fanout} asks for more guesses than the vocabulary "
                          f"({glue_logits.shape[-1]} tokens) holds.")
@@ -100,15 +109,15 @@ def predict_outcomes(glue_logits, spec_tokens, fanout):
     return torch.cat(keys, dim=1)                                    # (B, N, 2)
 
 
-def draft_branches(draft, cache, fork, first, K, temperature, top_k, top_p, generator,
-                   probs_fn=kernels.probs_from_logits, vocab=None):
+def draft_branches(draft, cache, fork, first, K, probs_fn, generator, vocab=None):
     """Decode K tokens on N branches per row at once. Branch (b, i) continues the trunk of row b
     cut to its first fork[b, i] tokens, then first[b, i]; it drafts y_1..y_K from there.
     The branches live in scratch slots after the trunk (cache.lengths is not moved): step j
     writes branch i at slot length + j*N + i. Tree mask: a branch sees its trunk prefix and its
-    own earlier tokens, never a sibling's. `vocab` cuts padded logits to the vocabulary shared
-    with the target. Returns tokens (B, N, K), probs (B, N, K, V): each y with the exact q it
-    was sampled from (probs_fn is where saguaro.py reshapes q)."""
+    own earlier tokens, never a sibling's. probs_fn(logits, j) gives the q that drafting step j
+    samples y_{j+1} from (saguaro.py reshapes it per step); `vocab` cuts padded logits to the
+    vocabulary shared with the target. Returns tokens (B, N, K), probs (B, N, K, V): each y with
+    the exact q it was sampled from, and the logits (B, N, K, V) that q came from."""
     B, N = first.shape
     dev = first.device
     base = cache.lengths[:, None].clone().long()                   # (B, 1): scratch starts here
@@ -116,34 +125,30 @@ def draft_branches(draft, cache, fork, first, K, temperature, top_k, top_p, gene
     scratch = cols - base[:, :, None]                              # (B, 1, S) offset into scratch
     mine = (scratch >= 0) & (scratch % N == torch.arange(N, device=dev)[:, None])  # (B, N, S)
     trunk = cols < fork[:, :, None]                                # (B, N, S)
-    tokens, probs, y = [], [], first
+    tokens, probs, logits, y = [], [], [], first
     for j in range(K):
         slots = base + j * N + torch.arange(N, device=dev)         # (B, N)
         mask = trunk | (mine & (scratch < (j + 1) * N))            # own tokens up to step j
-        logits = draft(y.clamp_max(draft.cfg.vocab_size - 1), cache, positions=fork + j,
-                       slots=slots, mask=mask)[..., :vocab]        # (B, N, V)
-        q = probs_fn(logits, temperature, top_k, top_p)            # (B, N, V)
-        y = kernels.sample(q, generator)                           # (B, N)
+        logits.append(draft(y.clamp_max(draft.cfg.vocab_size - 1), cache, positions=fork + j,
+                            slots=slots, mask=mask)[..., :vocab])  # (B, N, V)
+        probs.append(probs_fn(logits[-1], j))                      # (B, N, V)
+        y = kernels.sample(probs[-1], generator)                   # (B, N)
         tokens.append(y)
-        probs.append(q)
-    return torch.stack(tokens, -1), torch.stack(probs, 2)
+    return torch.stack(tokens, -1), torch.stack(probs, 2), torch.stack(logits, 2)
 
 
-def build_speculation_cache(draft, cache, last_token, spec_tokens, fanout, temperature, top_k,
-                            top_p, generator, probs_fn=kernels.probs_from_logits, vocab=None):
-    """The draft's work while the target verifies s = (t0 = last_token (B,), x = spec_tokens
-    (B, K)): one glue forward over [t0, x_1..x_K] writes their KV into the trunk (lengths += K+1)
-    and gives q at every position; predict outcomes; draft K tokens for all of them as one tree.
+def build_speculation_cache(draft, cache, glue, spec_tokens, fanout, probs_fn, generator,
+                            vocab=None):
+    """The draft's work while the target verifies s = (t0, x = spec_tokens (B, K)), once the
+    glue is done: the caller has written the KV of t0, x_1..x_K into the trunk (lengths += K+1)
+    and passes the logits after each, glue (B, K+1, V). Predict outcomes with `fanout` (K+1 ints,
+    or a list per row), draft K tokens for all of them as one tree (probs_fn: as draft_branches).
     Returns the SpeculationCache. The caller rolls the trunk back once the outcome is known."""
     K = spec_tokens.shape[1]
-    L = cache.lengths.clone().long()                               # (B,) trunk before the glue
-    glue_in = torch.cat((last_token[:, None], spec_tokens), 1).clamp_max(draft.cfg.vocab_size - 1)
-    glue = draft(glue_in, cache)[..., :vocab]                      # (B, K+1, V)
-    keys = predict_outcomes(glue, spec_tokens, fanout_list(fanout, K))  # (B, N, 2)
-    fork = L[:, None] + keys[..., 0] + 1                           # sees t0, x_1..x_k
-    tokens, probs = draft_branches(draft, cache, fork, keys[..., 1], K, temperature, top_k,
-                                   top_p, generator, probs_fn, vocab)
-    return SpeculationCache(keys, tokens, probs)
+    keys = predict_outcomes(glue, spec_tokens, fanout)             # (B, N, 2)
+    fork = cache.lengths[:, None].long() - K + keys[..., 0]        # sees t0, x_1..x_k
+    return SpeculationCache(keys, *draft_branches(draft, cache, fork, keys[..., 1], K, probs_fn,
+                                                  generator, vocab))
 
 
 @torch.inference_mode()
@@ -169,6 +174,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
     gen = kernels.make_generator(seed, dev)
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
+
+    def draft_q(logits, j):  # the q that drafting step j samples from: the draft's own
+        return kernels.probs_from_logits(logits, temperature, top_k, top_p)
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), cold_starts=0,
                  verify_s=0.0, cache_build_s=0.0, jit_draft_s=0.0, modelled_two_device_decode_s=0.0)
@@ -205,18 +213,21 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         last = torch.tensor([r[-1] for r in rows], device=dev)
         jit = ~cached & ~torch.tensor(done, device=dev)
         if bool(jit.any()):
-            y, q = draft_branches(draft, draft_cache, draft_cache.lengths[:, None].long(),
-                                  last[:, None], K, temperature, top_k, top_p, gen, vocab=Vc)
+            y, q, _ = draft_branches(draft, draft_cache, draft_cache.lengths[:, None].long(),
+                                     last[:, None], K, draft_q, gen, vocab=Vc)
             draft_tokens[jit], draft_probs[jit] = y[jit, 0], q[jit, 0]      # (B, 1, K) -> (K,)
             stats["draft_calls"] += K
         kernels.sync(dev)
         jit_s, tick = time.perf_counter() - tick, time.perf_counter()
 
         # 2b) NEW: the draft bets on the outcomes of this verification and drafts the next
-        # speculation for each: glue forward over [t0, x], outcome prediction, tree of
-        # branches -> S. On two devices this runs while the target verifies (2c).
-        S = build_speculation_cache(draft, draft_cache, last, draft_tokens, fanout, temperature,
-                                    top_k, top_p, gen, vocab=Vc)
+        # speculation for each: glue forward over [t0, x] (its KV joins the trunk), outcome
+        # prediction, tree of branches -> S. On two devices this runs while the target
+        # verifies (2c).
+        glue_in = torch.cat((last[:, None], draft_tokens), 1).clamp_max(Vd - 1)  # (B, K+1)
+        glue = draft(glue_in, draft_cache)[..., :Vc]                      # (B, K+1, Vc)
+        S = build_speculation_cache(draft, draft_cache, glue, draft_tokens, fanout, draft_q,
+                                    gen, vocab=Vc)
         stats["draft_calls"] += K + 1
         kernels.sync(dev)
         build_s, tick = time.perf_counter() - tick, time.perf_counter()

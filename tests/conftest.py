@@ -42,6 +42,20 @@ def tiny_model(seed=0, model_type="llama", vocab_size=64, scale=1.0, **over) -> 
     return model.eval().requires_grad_(False)
 
 
+def before_round(worker, n, action):
+    """Run action() on a saguaro DraftWorker just before it sends Round n + 1 (n rounds already
+    answered, counted over all its calls): how the tests kill, stop or wait for the real
+    draft process at a chosen moment (once), with no test hook inside the library."""
+    import draft_process
+    real, fired = worker.exchange, []
+
+    def exchange(msg):
+        if isinstance(msg, draft_process.Round) and worker.rounds == n and not fired:
+            fired.append(action())
+        return real(msg)
+    worker.exchange = exchange
+
+
 @pytest.fixture(scope="session")
 def default_model():
     return kernels.load_model("default", device="cpu", dtype="float32")
@@ -71,5 +85,5 @@ def no_draft_process_outlives_a_failed_test(request):
     yield
     saguaro = sys.modules.get("saguaro")
     if saguaro is not None and getattr(request.node, "saw_failure", False):
-        for worker in list(saguaro._LIVE):
+        for worker in list(saguaro.draft_process._LIVE):
             worker.close()

@@ -45,7 +45,7 @@ import kernels_cpu
 import saguaro
 import speculative
 import ssd
-from conftest import tiny_config, tiny_model
+from conftest import before_round, tiny_config, tiny_model
 from test_speculative import PROMPT, negated_head, noisy_copy, tiny8
 
 CUDA = torch.cuda.is_available()
@@ -280,17 +280,14 @@ def test_tree_masked_drafting_on_cuda_equals_the_cpu_reference(family, record_pr
     out = {}
     with torch.inference_mode():
         for dev in ("cpu", DEV):
-            model, seen = copy.deepcopy(draft).to(dev), []
-
-            def keep(logits, *sampling):     # every tree step's logits, to compare them too
-                seen.append(logits.cpu())
-                return kernels.probs_from_logits(logits, *sampling)
+            model = copy.deepcopy(draft).to(dev)
             cache = model.new_cache(3, 64)
             model.prefill(prompts, cache)
-            S = ssd.build_speculation_cache(model, cache, last.to(dev), spec.to(dev), fanout, 0.0,
-                                            None, None, kernels.make_generator(0, dev),
-                                            probs_fn=keep)
-            out[dev] = S.keys.cpu(), S.tokens.cpu(), S.probs.cpu(), torch.stack(seen)
+            glue = model(torch.cat((last[:, None], spec), 1).to(dev), cache)  # ssd's step 2b
+            S = ssd.build_speculation_cache(model, cache, glue, spec.to(dev), fanout,
+                                            lambda logits, j: kernels.probs_from_logits(logits),
+                                            kernels.make_generator(0, dev))
+            out[dev] = S.keys.cpu(), S.tokens.cpu(), S.probs.cpu(), S.logits.cpu()
     (keys, tokens, probs, logits), (keys_c, tokens_c, probs_c, logits_c) = out["cpu"], out[DEV]
     record_property("figure", f"max |cuda - cpu| tree logits {max_error([(logits_c, logits)]):.2g}")
     torch.testing.assert_close(logits_c, logits, **TOL[torch.float32])
@@ -439,13 +436,8 @@ def kill_scenario(draft_device=None) -> dict:
     want, _ = autoregressive.generate(target, RAGGED, 50)
     worker = saguaro.DraftWorker(functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0),
                                  target, device=draft_device, timeout_s=5.0)
-    real_round = worker.round
-
-    def round_then_kill(*args, **kwargs):
-        if worker.rounds == 4:
-            os.kill(worker.process.pid, signal.SIGKILL)
-        return real_round(*args, **kwargs)
-    worker.round, t0 = round_then_kill, time.time()
+    before_round(worker, 4, lambda: os.kill(worker.process.pid, signal.SIGKILL))
+    t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got, stats = saguaro.generate(target, RAGGED, 50, draft=worker, k=3, f=2, backup="jit")

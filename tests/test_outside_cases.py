@@ -22,7 +22,7 @@ import kernels_cpu
 import saguaro
 import speculative
 import ssd
-from conftest import tiny_model
+from conftest import before_round, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPS = {"sd": (speculative.generate, dict(k=3)), "ssd": (ssd.generate, dict(k=2, f=2))}
@@ -109,7 +109,7 @@ def test_prompt_ids_past_the_tokenizer_are_refused_by_every_loop_with_a_clear_er
     for name, run in runs.items():
         with pytest.raises(ValueError, match=r"token id 70, outside \[0, 60\).*tokenizer has 60"):
             run()
-        assert not saguaro._LIVE, name  # refused before any draft process started
+        assert not saguaro.draft_process._LIVE, name  # refused before any draft process started
 
 
 def test_padded_vocabularies_over_one_tokenizer_still_match_autoregressive():
@@ -299,7 +299,7 @@ def test_timeouts_outside_1ms_to_1_day_are_refused(seconds):
         saguaro.generate(target, [1, 2, 3], 4, draft=functools.partial(tiny_model, 1,
                                                                         vocab_size=64),
                          timeout_s=seconds)
-    assert not saguaro._LIVE
+    assert not saguaro.draft_process._LIVE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_saguaro_draft_process_resolves_names_through_drafts_load_draft(monkeypa
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: target)
     seen = []
     monkeypatch.setattr(drafts, "load_draft", lambda name, t: seen.append(name) or t)
-    assert saguaro._load_draft("self", (None, "float32"), "cpu") is target and seen == ["self"]
+    assert saguaro.draft_process.load_draft("self", (None, "float32"), "cpu") is target and seen == ["self"]
 
 
 @pytest.mark.parametrize("module", ["autoregressive", "speculative", "ssd", "saguaro", "bench"])
@@ -442,14 +442,15 @@ def test_after_a_killed_and_a_hung_draft_process_a_new_worker_generates_correctl
     target = tiny_model(0, vocab_size=64, scale=3.0)
     draft = functools.partial(tiny_model, 0, vocab_size=64, scale=3.0)
     ref, _ = autoregressive.generate(target, [[1, 2, 3], [9, 8]], 20)
-    for fault in (("exit", 2), ("hang", 2)):
-        worker = saguaro.DraftWorker(draft, target, threads=1, timeout_s=1.0, _fault=fault)
+    for fault in (signal.SIGKILL, signal.SIGSTOP):  # dies, or hangs (stopped: never answers)
+        worker = saguaro.DraftWorker(draft, target, threads=1, timeout_s=1.0)
+        before_round(worker, 2, lambda: os.kill(worker.process.pid, fault))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out, stats = saguaro.generate(target, [[1, 2, 3], [9, 8]], 20, draft=worker, k=2,
                                           f=1, backup="jit")
         assert out == ref and stats["draft_lost"], fault
-        assert not saguaro._LIVE and not saguaro.dist.is_initialized()
+        assert not saguaro.draft_process._LIVE and not saguaro.draft_process.dist.is_initialized()
         with saguaro.DraftWorker(draft, target, threads=1) as fresh:
             out, stats = saguaro.generate(target, [[1, 2, 3], [9, 8]], 20, draft=fresh, k=2,
                                           f=1, backup="jit")
@@ -457,24 +458,21 @@ def test_after_a_killed_and_a_hung_draft_process_a_new_worker_generates_correctl
 
 
 def test_a_draft_process_that_died_between_two_messages_is_reported_and_closed():
-    """The process exits after its 2nd answer and is seen dead before the 3rd message: a loss
+    """The process is killed after its 2nd answer and seen dead before the 3rd message: a loss
     like any other (warning, draft_lost, worker closed), not a silent fall-back."""
     target = tiny_model(0, vocab_size=64, scale=3.0)
     worker = saguaro.DraftWorker(functools.partial(tiny_model, 0, vocab_size=64, scale=3.0),
-                                 target, threads=1, timeout_s=5.0, _fault=("exit", 2))
-    real_round = worker.round
+                                 target, threads=1, timeout_s=5.0)
 
-    def round_then_wait_for_the_exit(*args, **kwargs):
-        reply = real_round(*args, **kwargs)
-        if worker.rounds == 2:
-            worker.process.join(60)
-        return reply
-    worker.round = round_then_wait_for_the_exit
+    def kill_and_wait():
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.join(60)
+    before_round(worker, 2, kill_and_wait)
     ref, _ = autoregressive.generate(target, [1, 2, 3], 20)
     with pytest.warns(RuntimeWarning, match="draft process exited"):
         out, stats = saguaro.generate(target, [1, 2, 3], 20, draft=worker, k=2, f=1,
                                       backup="jit")
-    assert out == ref and stats["draft_lost"] == "exited" and not saguaro._LIVE
+    assert out == ref and stats["draft_lost"] == "exited" and not saguaro.draft_process._LIVE
 
 
 def slow_to_load_draft():
@@ -494,8 +492,8 @@ def test_ctrl_c_while_the_draft_process_loads_stops_at_once_and_leaves_no_proces
     with pytest.raises(KeyboardInterrupt):
         saguaro.DraftWorker(slow_to_load_draft, target, threads=1)
     # generous: the bound only has to be far below the draft's 60 s of loading
-    assert time.monotonic() - t0 < 40 and not saguaro._LIVE
-    assert not saguaro.dist.is_initialized()
+    assert time.monotonic() - t0 < 40 and not saguaro.draft_process._LIVE
+    assert not saguaro.draft_process.dist.is_initialized()
 
 
 def test_close_unregisters_even_when_leaving_torch_distributed_raises(monkeypatch):
@@ -506,12 +504,12 @@ def test_close_unregisters_even_when_leaving_torch_distributed_raises(monkeypatc
 
     def broken_teardown(*a, **k):
         raise RuntimeError("gloo teardown failed")
-    real = saguaro.dist.destroy_process_group
-    monkeypatch.setattr(saguaro.dist, "destroy_process_group", broken_teardown)
+    real = saguaro.draft_process.dist.destroy_process_group
+    monkeypatch.setattr(saguaro.draft_process.dist, "destroy_process_group", broken_teardown)
     with pytest.warns(RuntimeWarning, match="gloo teardown failed"):
         worker.close()                             # must not raise
-    assert not saguaro._LIVE
-    monkeypatch.setattr(saguaro.dist, "destroy_process_group", real)
+    assert not saguaro.draft_process._LIVE
+    monkeypatch.setattr(saguaro.draft_process.dist, "destroy_process_group", real)
     with saguaro.DraftWorker(draft, target, threads=1) as fresh:
         assert fresh.alive
 

@@ -29,7 +29,7 @@ import exact
 import kernels
 import saguaro
 import speculative
-from conftest import tiny_model
+from conftest import before_round, tiny_model
 
 V = 4                    # the law tests' vocabulary: 4^6 = 4096 sequences at most
 PROMPT, N_TOKENS, SAMPLES = [1, 2, 0], 6, 5_000
@@ -181,13 +181,13 @@ def test_saguaro_sampling_leaves_one_hot_and_massless_cases_alone():
                        kernels.probs_from_logits(logits, 1.0, 4))
 
 
-def test_saguaro_probs_fn_uses_f_j_at_drafting_step_j():
+def test_saguaro_q_uses_f_j_at_drafting_step_j():
     logits = torch.arange(10.0).flip(0).expand(1, 10)   # token 0 is the top, then 1, 2, ...
-    fn = saguaro.saguaro_probs_fn(0.0, [0, 2, 1], vocab=10)
+    fn = saguaro.saguaro_q((1.0, None, None), 0.0, [0, 2, 1])
     plain = kernels.probs_from_logits(logits, 1.0)
-    assert torch.equal(fn(logits, 1.0, None, None), plain)                 # F_0 = 0: plain q
-    assert fn(logits, 1.0, None, None)[0, :3].sum() == 0                   # F_1 = 2: top 3 out
-    second = fn(logits, 1.0, None, None)[0]                                # F_2 = 1: top 2 out
+    assert torch.equal(fn(logits, 0), plain)                                # F_0 = 0: plain q
+    assert fn(logits, 1)[0, :3].sum() == 0                                  # F_1 = 2: top 3 out
+    second = fn(logits, 2)[0]                                               # F_2 = 1: top 2 out
     assert second[:2].sum() == 0 and second[2] > 0
 
 
@@ -201,9 +201,9 @@ def test_saguaro_sampling_keeps_top_k_and_top_p(sampling):
     scaled = q.scatter(-1, top, q.gather(-1, top) * 0.3)
     want = scaled / scaled.sum(-1, keepdim=True)
     torch.testing.assert_close(saguaro.saguaro_probs(logits, *sampling, 0.3, 2), want)
-    fn = saguaro.saguaro_probs_fn(0.3, [2, 2], vocab=16)
-    for _ in range(2):
-        torch.testing.assert_close(fn(logits, *sampling), want)
+    fn = saguaro.saguaro_q(sampling, 0.3, [2, 2])
+    for j in range(2):
+        torch.testing.assert_close(fn(logits, j), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,19 +306,14 @@ def test_reuse_branch_gives_the_glue_forward_s_logits_and_kv(k_hit):
     glue = draft(torch.tensor([[6, 9, 10, 11]]), cache)               # t0, x_1..x_K
     keys = ssd.predict_outcomes(glue, spec, [1, 1, 1, 2])              # N = 5 branches
     base = cache.lengths.clone()
-    steps = []
-
-    def keep(logits, *sampling):
-        steps.append(logits)
-        return kernels.probs_from_logits(logits, *sampling)
     fork = trunk[:, None] + keys[..., 0] + 1
-    tokens, _ = ssd.draft_branches(draft, cache, fork, keys[..., 1], K, 0.0, None, None, None,
-                                   probs_fn=keep)
+    tokens, _, logits = ssd.draft_branches(draft, cache, fork, keys[..., 1], K,
+                                           lambda lg, j: kernels.probs_from_logits(lg), None)
     branch = int((keys[0, :, 0] == k_hit).nonzero()[0])
     t, y = keys[0, branch, 1], tokens[:, branch]                       # the hit: (k, t) -> y
     cache.lengths.copy_(trunk + k_hit + 1)                             # keep t0, x_1..x_k
     slots = base[:, None] + torch.arange(K) * keys.shape[1] + branch   # step j's scratch slot
-    got = saguaro.reuse_branch(draft, cache, slots, torch.stack(steps, 2)[:, branch], y)
+    got = saguaro.reuse_branch(draft, cache, slots, logits[:, branch], y)
     fresh = draft.new_cache(1, 48)
     draft.prefill([prefix + [6] + spec[0, :k_hit].tolist()], fresh)
     want = draft(torch.cat((t.view(1, 1), y), 1), fresh)
@@ -451,11 +446,8 @@ def test_the_glue_after_an_all_hit_or_all_jit_round_costs_one_token(monkeypatch)
     side, run in this process (its one message in is faked), must take the short glue exactly
     when it may."""
     draft, K, B = tiny_model(0, vocab_size=64, scale=3.0), 3, 2
-    header = torch.zeros(16, dtype=torch.float64)
-    header[:11] = torch.tensor([saguaro.START, B, 3, K, 64, 64, 0, 0.0, -1, -1, 1.0])
-    monkeypatch.setattr(saguaro.dist, "recv", lambda t, src: t.copy_(torch.tensor(
-        [[3, 1, 2, 3], [2, 5, 6, 0]])))
-    side = saguaro._DraftSide(draft, header, torch.device("cpu"))
+    side = saguaro.DraftSide(draft, saguaro.Start([[1, 2, 3], [5, 6]], K, 64, 64, 0.0, None,
+                                                  None, 1.0, 0))
     glue_lengths = []
     forward = draft.forward
 
@@ -469,9 +461,9 @@ def test_the_glue_after_an_all_hit_or_all_jit_round_costs_one_token(monkeypatch)
     for step in range(6):
         k, t = (torch.full((B,), -1), torch.tensor([4, 7])) if step == 0 else outcome
         glue_lengths.clear()
-        source, _, y, _ = side.answer(k, t, live, "jit", fan, fan)
-        reused = side.prefix is not None
-        side.build(t, y, source, fan, fan)
+        answer = side.on(saguaro.Round(k, t, live, "jit", fan, fan))
+        source, y, reused = answer.source, answer.tokens, side.prefix is not None
+        side.work()
         # the draft is the target here: the greedy outcome of verifying y is all K accepted
         for b in range(B):
             rows[b] += [int(t[b])] + y[b].tolist()
@@ -763,20 +755,21 @@ def test_every_token_the_draft_hands_over_is_drawn_from_the_q_it_reports(law_pai
     (one guess at every k, so q' != q at every drafting step), at temperature 2.5 (this pair is
     sharp at 1: scaling its top tokens would move little mass)."""
     target, worker = law_pair
-    answers, real_round = [], worker.round
+    answers, real_exchange = [], worker.exchange
 
-    def recording_round(k, t, live, *args):
-        reply = real_round(k, t, live, *args)
-        answers.append((reply.source.clone(), reply.tokens.clone(), reply.probs.clone(),
-                        live.clone()))
+    def recording_exchange(msg):
+        reply = real_exchange(msg)
+        if isinstance(msg, saguaro.Round):
+            answers.append((reply.source.clone(), reply.tokens.clone(), reply.probs.clone(),
+                            msg.live.clone()))
         return reply
-    worker.round = recording_round
+    worker.exchange = recording_exchange
     try:
         saguaro.generate(target, [[1, 2, 0], [3, 1]] * 1500, 10, draft=worker, k=2, f=1,
                          fan_out="uniform", backup=backup, saguaro_c=0.3, temperature=2.5,
                          seed=1)
     finally:
-        del worker.round
+        del worker.exchange
     gen = kernels.make_generator(0, "cpu")
     checked = 0
     for code, name in ((saguaro.HIT, "hit"), (saguaro.JIT, "jit")):
@@ -835,13 +828,7 @@ def fault_run(worker, kill_at_round=None):
     target = tiny_model(0, vocab_size=64, scale=3.0)
     ref, _ = autoregressive.generate(target, RAGGED, 50)
     if kill_at_round is not None:  # SIGKILL the draft process just before this round's message
-        real_round = worker.round
-
-        def round_then_kill(*args, **kwargs):
-            if worker.rounds == kill_at_round:
-                os.kill(worker.process.pid, signal.SIGKILL)
-            return real_round(*args, **kwargs)
-        worker.round = round_then_kill
+        before_round(worker, kill_at_round, lambda: os.kill(worker.process.pid, signal.SIGKILL))
     pid, t0 = worker.process.pid, time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -860,14 +847,15 @@ def test_killing_the_draft_process_mid_generation_loses_no_token():
     # time is the property here: a lost draft is noticed within its timeout (5 s), not never.
     # 30 s is 6x that, room for a busy machine; a hang would run until pytest is killed
     assert stats["backup_used"]["fast"] > 0 and seconds < 30
-    assert not worker.alive and proc_gone(pid) and not saguaro.dist.is_initialized()
+    assert not worker.alive and proc_gone(pid) and not saguaro.draft_process.dist.is_initialized()
 
 
 def test_a_draft_that_stops_answering_times_out_and_the_target_finishes():
     close_worker()
     target = tiny_model(0, vocab_size=64, scale=3.0)
     worker = saguaro.DraftWorker(functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0),
-                                 target, threads=1, timeout_s=1.0, _fault=("hang", 3))
+                                 target, threads=1, timeout_s=1.0)
+    before_round(worker, 3, lambda: os.kill(worker.process.pid, signal.SIGSTOP))  # never answers
     out, ref, stats, caught, seconds, pid = fault_run(worker)
     assert out == ref and "Timed out" in stats["draft_lost"], stats["draft_lost"]
     # time is the property: a silent draft is given up after its 1 s timeout, once (30x room)
@@ -879,15 +867,22 @@ def test_a_draft_that_stops_answering_times_out_and_the_target_finishes():
     assert again == ref
 
 
+class DiesWhenUnpacked:
+    """A draft spec whose unpickling in the new process exits it with code 3: a process that
+    dies while starting, before it could connect (as one failing an import would)."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
 def test_a_draft_process_that_dies_while_starting_is_reported_at_once():
     close_worker()
     target = tiny_model(0, vocab_size=64)
     t0 = time.time()
     with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it could connect"):
-        saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=64), target, threads=1,
-                            _fault=("boot", 0))
+        saguaro.DraftWorker(DiesWhenUnpacked(), target, threads=1)
     # time is the property: the death is seen at once, not after the 300 s load timeout
-    assert time.time() - t0 < 30 and not saguaro.dist.is_initialized()
+    assert time.time() - t0 < 30 and not saguaro.draft_process.dist.is_initialized()
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""
@@ -946,7 +941,7 @@ def test_bad_arguments_are_refused_with_clear_errors():
         saguaro.DraftWorker(tiny_model(1, vocab_size=80), target)
     with pytest.raises(ValueError, match="vocabularies of 64 and 80"):  # found in the process
         saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=80), target, threads=1)
-    assert not saguaro.dist.is_initialized()
+    assert not saguaro.draft_process.dist.is_initialized()
 
 
 def test_reuse_branch_after_a_jit_backup_keeps_the_kv_the_jit_wrote():
@@ -956,7 +951,7 @@ def test_reuse_branch_after_a_jit_backup_keeps_the_kv_the_jit_wrote():
     cache = draft.new_cache(1, 32)
     draft.prefill([prefix], cache)
     start, inp, ys, logits = cache.lengths.clone(), torch.tensor([7]), [], []
-    for _ in range(K):                                                 # as _DraftSide.jit_draft
+    for _ in range(K):                                                 # as DraftSide.jit_draft
         out = draft(inp[:, None], cache)[:, -1]
         inp = out.argmax(-1)
         ys.append(inp)

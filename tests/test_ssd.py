@@ -13,6 +13,14 @@ import ssd
 from conftest import tiny_model
 
 
+def build(model, cache, t0, x, fanout, temperature, generator=None):
+    """ssd.py's step 2b as generate runs it: the glue forward over [t0, x], then the build."""
+    glue = model(torch.cat((t0[:, None], x), 1), cache)                  # (B, K+1, V)
+    return ssd.build_speculation_cache(
+        model, cache, glue, x, ssd.fanout_list(fanout, x.shape[1]),
+        lambda logits, j: kernels.probs_from_logits(logits, temperature), generator)
+
+
 def test_tree_drafted_branches_equal_each_branch_drafted_alone():
     """Every (k, t) branch of one batched tree pass gives the q rows a plain forward of
     prompt + t0 + x_1..x_k + t + y_1..y_{K-1} gives (teacher-forced on the tree's own samples),
@@ -22,8 +30,7 @@ def test_tree_drafted_branches_equal_each_branch_drafted_alone():
     cache = model.new_cache(2, 64)
     model.prefill(prompts, cache)
     t0, x = torch.tensor([13, 14]), torch.tensor([[7, 8, 9], [10, 11, 12]])
-    S = ssd.build_speculation_cache(model, cache, t0, x, [2, 0, 1, 3], 1.0, None, None,
-                                    kernels.make_generator(0, "cpu"))
+    S = build(model, cache, t0, x, [2, 0, 1, 3], 1.0, kernels.make_generator(0, "cpu"))
     assert S.keys.shape == (2, 6, 2) and S.tokens.shape == (2, 6, 3)
     assert S.probs.shape == (2, 6, 3, 32)
     assert cache.lengths.tolist() == [8, 6]  # the glue wrote the trunk; branches are scratch
@@ -43,7 +50,7 @@ def test_tree_drafting_at_temperature_0_equals_greedy_decoding_per_branch():
     cache = model.new_cache(1, 64)
     model.prefill([[3, 1, 4, 1, 5]], cache)
     t0, x = torch.tensor([9]), torch.tensor([[2, 6, 5, 3]])
-    S = ssd.build_speculation_cache(model, cache, t0, x, 2, 0.0, None, None, None)
+    S = build(model, cache, t0, x, 2, 0.0)
     for n in range(S.keys.shape[1]):
         k, t = S.keys[0, n].tolist()
         context = [3, 1, 4, 1, 5, 9] + x[0, :k].tolist() + [t]
@@ -73,7 +80,7 @@ def test_speculation_cache_lookup_returns_the_branch_stored_under_the_outcome():
                          [[1, 7], [2, 3], [2, 4]]])                       # (B=2, N=3, 2)
     tokens = torch.arange(2 * 3 * 2).view(2, 3, 2)                       # (B, N, K=2)
     probs = torch.rand(2, 3, 2, 10)
-    S = ssd.SpeculationCache(keys, tokens, probs)
+    S = ssd.SpeculationCache(keys, tokens, probs, logits=None)
     hit, y, q = S.lookup(torch.tensor([2, 2]), torch.tensor([5, 4]))
     assert hit.tolist() == [True, True]
     assert y.tolist() == [tokens[0, 2].tolist(), tokens[1, 2].tolist()]
@@ -366,7 +373,7 @@ def test_negative_control_cache_handing_back_another_branchs_q_fails(monkeypatch
     def wrong_q(self, k, t):
         hit, tokens, _ = lookup(self, k, t)
         _, _, probs = lookup(ssd.SpeculationCache(self.keys, self.tokens,
-                                                  self.probs.roll(1, dims=1)), k, t)
+                                                  self.probs.roll(1, dims=1), None), k, t)
         return hit, tokens, probs
     monkeypatch.setattr(ssd.SpeculationCache, "lookup", wrong_q)
     law = exact.exact_distribution(target, PROMPT, N, temperature=1.0)

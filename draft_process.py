@@ -1,0 +1,454 @@
+"""draft_process.py: the mechanism behind saguaro.py's draft process. No ideas here, only plumbing.
+
+saguaro.py runs the draft in a second process beside the target, joined by torch.distributed
+(gloo on CPUs and on one GPU, NCCL between two GPUs). This file starts and stops that process,
+decides who gets which CPU cores, carries messages both ways, and turns every way of losing the
+draft (it died, it hangs, it never started) into one state of the worker: `worker.lost`.
+
+What crosses, as small typed records (one `send`/`recv` pair packs and unpacks them all):
+
+    target -> draft   Start    the prompts and the sampling settings: the draft prefills its cache
+    target -> draft   Round    the outcome (k, t) per row, the backup and fan-outs to use
+    draft  -> target  Answer   per row: where the next speculation came from, y_1..y_K, q'
+    target -> draft   Backup   the fast backup's tokens, for the rows that needed it
+    target -> draft   End      the generation is over;  Shutdown: the process exits
+
+The draft side's logic is a class handed in by reference (`DraftWorker.side`, saguaro's
+DraftSide): this module never imports saguaro.py. It calls, in the draft process,
+
+    state = side(draft, start)       on Start
+    reply = state.on(message)        on Round / Backup: the answer (or None), sent at once
+    state.work()                     then, while the target verifies: the next cache
+"""
+import atexit
+import dataclasses
+import datetime
+import functools
+import os
+import pickle
+import signal
+import socket
+import threading
+import time
+import traceback
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kernels
+from speculative import check_draft
+
+
+# ----------------------------------------------------------------------------------------------
+# 1) messages: typed records, one pack/unpack pair
+
+@dataclasses.dataclass
+class Start:
+    prompts: list          # B lists of token ids
+    K: int
+    vocab: int             # ids both models share: q' is cut to these
+    max_len: int           # the draft cache's length (trunk + the tree's scratch slots)
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    c: float               # Saguaro's C
+    seed: int
+
+
+@dataclasses.dataclass
+class Round:
+    k: torch.Tensor        # (B,) accepted tokens of the last verify; -1 before the first round
+    t: torch.Tensor        # (B,) the bonus token it emitted
+    live: torch.Tensor     # (B,) bool: rows still generating
+    backup: str            # "jit" or "fast": who serves a miss this round
+    fan_hit: list          # F_0..F_K for caches built after a hit
+    fan_miss: list         # ... after a miss
+
+
+@dataclasses.dataclass
+class Answer:
+    source: torch.Tensor   # (B,) HIT, JIT or NEED_FAST (saguaro.py's codes)
+    rank: torch.Tensor     # (B,) rank of the true bonus among the draft's guesses, -1: unknown
+    tokens: torch.Tensor   # (B, K) the next speculation y
+    probs: torch.Tensor | None  # (B, K, V) the q' each y was drawn from; None at temperature 0
+    build_s: float         # seconds: the build that made this round's cache, the JIT, the glue
+    jit_s: float
+    glue_s: float
+    forwards: int          # draft forwards run for this answer and the build before it
+
+
+@dataclasses.dataclass
+class Backup:
+    tokens: torch.Tensor   # (B, K) the fast backup's speculation (rows that asked for it)
+
+
+@dataclasses.dataclass
+class End:
+    pass
+
+
+@dataclasses.dataclass
+class Shutdown:
+    pass
+
+
+class DraftLost(RuntimeError):
+    """The draft process died or did not answer in time."""
+
+
+def send(msg, dst, comm, timeout_s=None):
+    """One record to rank `dst`: its tensors travel as they are (on `comm`, the device the
+    backend talks through), everything else pickled in a header whose length goes first."""
+    fields, tensors = {}, []
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, torch.Tensor):
+            fields[f.name] = (tuple(value.shape), value.dtype)   # where recv allocates it
+            tensors.append(value)
+        else:
+            fields[f.name] = value
+    header = torch.frombuffer(bytearray(pickle.dumps((type(msg).__name__, fields))),
+                              dtype=torch.uint8)
+    for x in [torch.tensor([len(header)]), header] + tensors:
+        _wait(dist.isend, x.to(comm).contiguous(), dst, timeout_s)
+
+
+def recv(src, comm, timeout_s=None):
+    """The next record from rank `src` (timeout_s None: wait as long as it takes)."""
+    size = torch.zeros(1, dtype=torch.long, device=comm)
+    _wait(dist.irecv, size, src, timeout_s)
+    header = torch.zeros(int(size), dtype=torch.uint8, device=comm)
+    _wait(dist.irecv, header, src, timeout_s)
+    name, fields = pickle.loads(header.cpu().numpy().tobytes())
+    for key, value in fields.items():
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
+            x = torch.zeros(value[0], dtype=value[1], device=comm)
+            _wait(dist.irecv, x, src, timeout_s)
+            fields[key] = x
+    return globals()[name](**fields)
+
+
+def _wait(isend_or_irecv, tensor, peer, timeout_s):
+    """One point-to-point transfer, waited for; a timeout or a peer gone becomes DraftLost."""
+    try:
+        work = isend_or_irecv(tensor, peer)
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # gloo says "[file.cc:78] Timed out waiting 2000ms for recv ..."
+        raise DraftLost(str(e).strip().split("] ", 1)[-1].split(". ")[0][:120]) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 2) limits and cores
+
+def check_seconds(name, value, low=1e-3, high=86400.0):
+    """A wait bound in seconds, in [1 ms, 1 day]: torch.distributed counts whole milliseconds
+    and reads 0 as "its default" (a sub-ms timeout would silently become ~60 s)."""
+    if not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number of seconds in [{low:g}, {high:g}] (1 ms to 1 "
+                         f"day), got {value!r}.")
+    return float(value)
+
+
+def split_threads(threads=None):
+    """The one decision of who gets which CPU cores: (target threads, draft threads), half and
+    half of `threads` (default: the cores this process may use), the target's half first."""
+    total = threads or len(os.sched_getaffinity(0))
+    target = max(1, total // 2)
+    return target, max(1, total - target)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3) the worker, seen from the target
+
+_LIVE = set()                           # started workers, closed at exit
+_OURS = {"group": False}                # whether torch.distributed's default group is ours
+
+
+class DraftWorker:
+    """The draft process, seen from the target. Start it once, use it for many generations.
+    draft: a name for drafts.load_draft (resolved in the process, from the target's weights),
+    a picklable factory returning a kernels.Model, or a kernels.Model (pickled across).
+    device: the draft's (default: the target's). threads: the draft's CPU threads (default:
+    split_threads' share); on a CPU the two processes are pinned to disjoint cores, and
+    `target_cpus` says which are the target's. timeout_s bounds every wait for an answer,
+    load_timeout_s the start. Raises ValueError on a draft that cannot serve, RuntimeError or
+    TimeoutError when the process fails to start (and leaves nothing running)."""
+    side = None  # the draft side's class (saguaro.DraftSide), run inside the process
+
+    def __init__(self, draft, target, *, device=None, threads=None, timeout_s=10.0,
+                 load_timeout_s=300.0):
+        if draft is None:
+            raise ValueError("saguaro needs a draft: a drafts.py name ('default'), a model "
+                             "folder, a factory returning a kernels.Model, or a kernels.Model.")
+        if isinstance(draft, kernels.Model):
+            check_draft(target, draft, 1)  # one vocabulary, checked before a process starts
+        if hasattr(draft, "propose"):
+            raise ValueError("saguaro's draft process needs a neural draft (a kernels.Model, its "
+                             "name, or a factory): a model-free proposer cannot fill a speculation "
+                             "cache. It serves as the fast backup (--backup fast) instead.")
+        self.timeout_s = check_seconds("timeout_s (--timeout)", timeout_s)
+        load_timeout_s = check_seconds("load_timeout_s", load_timeout_s)
+        if any(w.alive for w in _LIVE):
+            raise RuntimeError("a DraftWorker is already running in this process (torch."
+                               "distributed has one default group): close() it first.")
+        for stale in list(_LIVE):  # lost workers: their process is gone, free their group
+            stale.close()
+        _leave_process_group()
+        if dist.is_initialized():
+            raise RuntimeError("torch.distributed is already initialized in this process (not "
+                               "by saguaro): the draft process needs the default group; start "
+                               "saguaro in a process of its own.")
+        tdev = target.device
+        ddev = kernels.resolve_device(device) if device else tdev
+        if tdev.type != ddev.type:
+            raise ValueError("target and draft on different device types: put both on CUDA "
+                             "(NCCL between two GPUs) or both on the CPU (gloo).")
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): one GPU talks via gloo
+        two_gpus = tdev.type == "cuda" and (tdev.index or 0) != (ddev.index or 0)
+        self.backend = "nccl" if two_gpus else "gloo"
+        self.comm = tdev if two_gpus else torch.device("cpu")
+        self.rounds, self.process, self.in_session, self.lost = 0, None, False, None
+        # on a CPU each process gets its own cores, pinned: left free, the two processes (which
+        # wake each other every round) get placed on one core by the scheduler, half speed each
+        cpus = sorted(os.sched_getaffinity(0))
+        threads = threads or (split_threads()[1] if ddev.type == "cpu" else None)
+        draft_cpus, self.target_cpus = None, None
+        if ddev.type == "cpu" and tdev.type == "cpu" and threads < len(cpus):
+            draft_cpus, self.target_cpus = cpus[-threads:], cpus[:-threads]
+        # the rendezvous store is ours: we wait for the draft process to join it while
+        # watching that process, so one that dies while starting is reported at once
+        self.store = dist.TCPStore("127.0.0.1", _free_port(), 2, True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=60))
+        target_ref = (getattr(target, "path", None), str(target.dtype).split(".")[-1])
+        self.process = mp.get_context("spawn").Process(
+            target=_serve, daemon=True, name="saguaro-draft",
+            args=(self.side, draft, target_ref, str(ddev), threads, draft_cpus, self.backend,
+                  self.store.port, os.getpid()))
+        self.process.start()
+        self.started = time.monotonic()
+        _LIVE.add(self)
+        try:
+            deadline = time.monotonic() + load_timeout_s
+            self._await("joined", deadline, "connect")
+            dist.init_process_group(self.backend, store=self.store, rank=0, world_size=2,
+                                    timeout=datetime.timedelta(seconds=60),
+                                    device_id=tdev if two_gpus else None)
+            _OURS["group"] = True
+            self._await("ready", deadline, "load its draft")  # maybe after a kernel build
+            self.vocab_size = int(self.store.get("ready"))
+            if self.vocab_size < 0:
+                raise RuntimeError("the draft process could not load its draft (its traceback "
+                                   "is printed above).")
+            if self.vocab_size != target.cfg.vocab_size and target.tokenizer is None:
+                raise ValueError(f"target and draft have vocabularies of {target.cfg.vocab_size} "
+                                 f"and {self.vocab_size} tokens and no tokenizer to show they "
+                                 "share ids.")
+        except BaseException:
+            self.close()
+            raise
+
+    def _await(self, key, deadline, what):
+        """Wait for the draft process to set `key` in the store, polling (not blocking in C++),
+        so that Ctrl-C, the process dying and the deadline are each noticed at once."""
+        while not self.store.check([key]):
+            if not self.process.is_alive():
+                raise RuntimeError(
+                    f"the draft process exited (code {self.process.exitcode}) before it could "
+                    f"{what}; its error is printed above. Processes are spawned, so a script "
+                    "that starts saguaro must do it under `if __name__ == '__main__':`.")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the draft process did not {what} within "
+                                   f"{deadline - self.started:.0f} s.")
+            time.sleep(0.02)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def exchange(self, msg):
+        """Send `msg`; for a Round, return the Answer. The one place where the draft is lost:
+        if it died or does not answer within timeout_s, warn once, stop it, set `lost` (why)
+        and return None; every later call returns None at once. The target goes on alone."""
+        if self.lost is None and not self.alive:
+            self._lose("was not running" if not self.in_session else "exited")
+        elif self.lost is not None and isinstance(msg, Start):  # a lost worker passed again
+            _warn(f"was not running (lost earlier: {self.lost})")
+        if self.lost is not None:
+            return None
+        try:
+            send(msg, 1, self.comm, self.timeout_s)
+            self.in_session = not isinstance(msg, End)
+            if isinstance(msg, Round):
+                self.rounds += 1
+                return recv(1, self.comm, self.timeout_s)
+        except DraftLost as e:
+            self._lose(f"stopped answering ({e})")
+        return None
+
+    def _lose(self, reason):
+        self.lost = reason
+        _warn(reason)
+        self.close()
+
+    def close(self):
+        """Stop the draft process (politely, then by force) and leave torch.distributed. Never
+        raises and always unregisters, so a new DraftWorker can start after any failure."""
+        p, self.process = self.process, None
+        try:
+            if p is not None:
+                if p.is_alive() and dist.is_initialized() and not self.in_session:
+                    try:
+                        send(Shutdown(), 1, self.comm, 1.0)
+                    except DraftLost:
+                        pass
+                    p.join(2.0)
+                for stop in (p.terminate, p.kill):
+                    if p.is_alive():
+                        stop()
+                        p.join(5.0)
+                if p.is_alive():
+                    warnings.warn(f"saguaro: the draft process {p.pid} survived SIGKILL for 5 s; "
+                                  "left behind.", RuntimeWarning, stacklevel=2)
+        finally:
+            _leave_process_group()
+            _LIVE.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _warn(reason):
+    warnings.warn(f"saguaro: the draft process {reason}; finishing on the target alone (the "
+                  "output is unchanged; only speed drops).", RuntimeWarning, stacklevel=4)
+
+
+def _leave_process_group():
+    """destroy_process_group for the group a DraftWorker made (never a group of the caller's),
+    which can raise after the peer was lost mid-message (gloo's pending work): warn and go on;
+    a group still there is tried again by the next DraftWorker."""
+    if dist.is_initialized() and _OURS["group"]:
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 -- any teardown error leaves the same state
+            warnings.warn(f"saguaro: leaving torch.distributed raised {type(e).__name__}: {e}",
+                          RuntimeWarning, stacklevel=3)
+        _OURS["group"] = dist.is_initialized()
+
+
+@atexit.register
+def _close_all():
+    for worker in list(_LIVE):
+        worker.close()
+
+
+def beside(worker_class, check):
+    """A decorator for a loop whose draft runs in a worker process (saguaro.generate): the loop
+    always gets a running worker as `draft`. The caller passes one (reused across calls) or what
+    worker_class takes: then a worker is started for this call, once check(target, prompt_ids,
+    max_new_tokens, **settings) has passed, and stopped after it. Process options, taken here:
+    draft_device, draft_threads, timeout_s (for a worker started here) and target_threads. The
+    loop runs on the target's cores; a loop that raises leaves its worker out of step, so the
+    worker is stopped."""
+    def wrap(loop):
+        @functools.wraps(loop)
+        def run(target, prompt_ids, max_new_tokens, *, draft=None, target_threads=None,
+                draft_threads=None, draft_device=None, timeout_s=10.0, **settings):
+            check(target, prompt_ids, max_new_tokens, **settings)
+            check_seconds("timeout_s", timeout_s)
+            own = not isinstance(draft, worker_class)
+            worker = worker_class(draft, target, device=draft_device, threads=draft_threads,
+                                  timeout_s=timeout_s) if own else draft
+            threads, cpus = torch.get_num_threads(), os.sched_getaffinity(0)
+            try:
+                kernels.set_threads(target_threads)
+                if worker.target_cpus:  # this thread on the target's cores (the draft: the rest)
+                    os.sched_setaffinity(0, worker.target_cpus)
+                return loop(target, prompt_ids, max_new_tokens, draft=worker, **settings)
+            except BaseException:
+                worker.close()
+                raise
+            finally:
+                if own:
+                    worker.close()
+                torch.set_num_threads(threads)
+                os.sched_setaffinity(0, cpus)
+        return run
+    return wrap
+
+
+# ----------------------------------------------------------------------------------------------
+# 4) the draft process
+
+def load_draft(spec, target_ref, device):
+    """What DraftWorker's `draft` names -> a kernels.Model on `device` (in the draft process)."""
+    if isinstance(spec, str):  # drafts.py builds its drafts from the target's weights
+        path, dtype = target_ref
+        target = kernels.load_model(path or "default", str(device), dtype)
+        import drafts
+        model = drafts.load_draft(spec, target)
+    elif callable(spec) and not isinstance(spec, torch.nn.Module):
+        model = spec()
+    else:
+        model = spec
+    if hasattr(model, "propose") or not hasattr(model, "new_cache"):
+        raise ValueError(f"draft {spec!r} is not a neural draft (kernels.Model).")
+    return model.to(device)
+
+
+def _exit_with_parent(parent_pid):
+    """The draft process's watchdog: once the target's process is gone, leave (no orphans)."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_pid):
+    """The draft process: load the draft, then serve generations until Shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the target: it closes us
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
+    kernels.set_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=60))
+    store.set("joined", "1")
+    dist.init_process_group(backend, store=store, rank=1, world_size=2,
+                            timeout=datetime.timedelta(days=7),  # idle between runs is fine
+                            device_id=dev if backend == "nccl" else None)
+    comm = dev if backend == "nccl" else torch.device("cpu")
+    try:
+        draft = load_draft(spec, target_ref, dev)
+        store.set("ready", str(draft.cfg.vocab_size))
+    except Exception:
+        traceback.print_exc()
+        store.set("ready", "-1")
+        return
+    state = None
+    with torch.inference_mode():
+        while not isinstance(msg := recv(0, comm), Shutdown):
+            if isinstance(msg, Start):
+                state = side(draft, msg)
+            elif isinstance(msg, End):
+                state = None
+            else:
+                reply = state.on(msg)  # answer at once: the target is waiting
+                if reply is not None:
+                    send(reply, 0, comm)
+                state.work()           # then the next cache, while the target verifies
+    dist.destroy_process_group()
