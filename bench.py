@@ -343,9 +343,8 @@ def main(argv=None):
     ap.set_defaults(threads=None)
     ap.add_argument("--draft", default="default",
                     help=drafts.DRAFT_HELP)
-    # defaults fit the built-in pair on a 2-core CPU (sd measured best at K = 4..6; saguaro: see
-    # --budget below); on GPUs with a small draft use the paper's --k 7 --f 3 --saguaro-k 7
-    # and --budget 24
+    # defaults fit the built-in pair on a 2-core CPU; on GPUs with a small draft use the
+    # paper's --k 7 --f 3 --saguaro-k 7 and --budget 24
     ap.add_argument("--k", type=harness.positive_int, default=4, help="speculation length K")
     ap.add_argument("--f", type=harness.positive_int, default=1,
                     help="SSD fan-out per outcome position")
@@ -356,19 +355,13 @@ def main(argv=None):
     ap.add_argument("--num-prompts", type=harness.positive_int, default=4,
                     help="prompts per dataset")
     ap.add_argument("--batch-size", type=harness.positive_int, default=1)
-    ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
-    ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
-    # saguaro on the built-in pair, 1 core each: the draft runs K + 1 = 4 forwards per round
-    # (~13 ms each) beside a 4-token verify (~45 ms), betting its one guess (B = 1) on "all
-    # accepted"; a miss is served by the draft itself (jit). 4-prompt runs vs sd@1t: K = 3,
-    # B = 1, jit 1.37-1.39x; K = 4 1.40x; K = 3, B = 2 1.22x (a0bdd34..6249844; README)
-    ap.add_argument("--budget", type=harness.positive_int, default=1,
-                    help="saguaro's cache budget B: guesses per row per round")
+    # saguaro's defaults fit the built-in pair on a 2-core CPU, one core per process: the
+    # draft must build its cache within one verify, so a small tree: K = 3, one guess (B = 1)
+    # on "all accepted", and a miss served by the draft itself (jit). README: the runs.
+    harness.add_saguaro_args(ap, budget=1, backup="jit")
     ap.add_argument("--saguaro-k", type=harness.positive_int, default=3,
                     help="K for the saguaro row: the draft process must build its "
                          "cache within one verify, which on a small CPU wants a smaller K")
-    ap.add_argument("--backup", default="jit", choices=["auto", "jit", "fast"],
-                    help="saguaro's backup on a miss (auto: the batch-aware rule)")
     ap.add_argument("--no-accounting", dest="accounting", action="store_false",
                     help="skip the ar/sd rows on the target's cores that saguaro adds")
     ap.add_argument("--json", default=None, help="also write the results to this file")

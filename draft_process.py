@@ -219,6 +219,7 @@ class DraftWorker:
         self.backend = "nccl" if two_gpus else "gloo"
         self.comm = tdev if two_gpus else torch.device("cpu")
         self.rounds, self.process, self.in_session, self.lost = 0, None, False, None
+        self.estimates = {}  # what the loop learned, per setting, kept across its calls
         # on a CPU each process gets its own cores, pinned: left free, the two processes (which
         # wake each other every round) get placed on one core by the scheduler, half speed each
         cpus = sorted(os.sched_getaffinity(0))
@@ -271,6 +272,13 @@ class DraftWorker:
                 raise TimeoutError(f"the draft process did not {what} within "
                                    f"{deadline - self.started:.0f} s.")
             time.sleep(0.02)
+
+    def reset(self):
+        """Forget what the loop learned over earlier calls (saguaro: a, r, hit rates, latencies).
+        A seed reproduces a call on a fresh or reset worker (saguaro's backup jit or fast; auto
+        also follows measured latencies); after other calls the rules start elsewhere: the same
+        law, other coins."""
+        self.estimates.clear()
 
     @property
     def alive(self) -> bool:

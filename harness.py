@@ -104,6 +104,32 @@ def _nonempty(text):
 prompt_text = checked(str, _nonempty)  # argparse type of --prompt
 
 
+def fanout(text):
+    """argparse type of ssd's --f: 3 (F at every k) or 4,3,2,2,1 (F_0..F_K; their count is
+    checked against K when the loop starts)."""
+    if "," not in text:
+        return positive_int(text)
+    try:
+        fs = [int(x) for x in text.split(",")]
+    except ValueError:
+        fs = []
+    if not fs or min(fs) < 0 or sum(fs) == 0:
+        raise argparse.ArgumentTypeError(f"must be F >= 1 or F_0,...,F_K >= 0 (not all 0), "
+                                         f"got {text!r}")
+    return fs
+
+
+def add_saguaro_args(parser, budget=None, backup="auto") -> None:
+    """saguaro's own flags, spelled once for saguaro.py and bench.py's saguaro row."""
+    parser.add_argument("--budget", type=positive_int, default=budget,
+                        help=f"B, saguaro's guesses per row per round (default "
+                             f"{budget or '(K+1) f'})")
+    parser.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
+    parser.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
+    parser.add_argument("--backup", default=backup, choices=["auto", "jit", "fast"],
+                        help="saguaro's backup on a miss (auto: the batch-aware rule)")
+
+
 def add_common_args(parser) -> None:
     """The flags every script spells the same way, each checked as it is parsed."""
     parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")

@@ -188,9 +188,6 @@ class Estimates:
         counts[0] += hit
         counts[1] += 1
 
-    def sec(self, name, default=None):
-        return self.secs.get(name, default)
-
     def time(self, name, seconds):
         old = self.secs.get(name)
         self.secs[name] = seconds if old is None else 0.8 * old + 0.2 * seconds
@@ -206,11 +203,11 @@ class Estimates:
                 geometric_fan_out(self.budget, self.K, a_miss, r))
 
     def speed(self, backup, batch):
-        verify = self.sec("verify", 1.0)
-        build = self.sec("build", verify)
+        verify = self.secs.get("verify", 1.0)
+        build = self.secs.get("build", verify)
         # until the JIT backup has run, K draft steps (one step ~ the glue forward) stand in
-        t_b = {"jit": self.sec("jit", self.K * self.sec("step", build / (self.K + 1))),
-               "fast": self.sec("fast", 0.0)}
+        t_b = {"jit": self.secs.get("jit", self.K * self.secs.get("step", build / (self.K + 1))),
+               "fast": self.secs.get("fast", 0.0)}
         e_hit = expected_tokens(self.a("draft"), self.K)
         e_miss = expected_tokens(self.a("fast" if backup == "fast" else "draft"), self.K)
         return predicted_speedup(self.p_hit(backup), e_hit, e_miss, build / verify,
@@ -374,22 +371,11 @@ def reuse_branch(draft, cache, slots, logits, y):
 
 
 class DraftWorker(draft_process.DraftWorker):
-    """The draft process running DraftSide (see draft_process.DraftWorker for the arguments).
-    Start it once, use it for many generate() calls:
+    """The draft process, running DraftSide (arguments: draft_process.DraftWorker). Start it
+    once, use it for many generate() calls; `estimates` keeps what the rules learned per setting:
         with saguaro.DraftWorker("default", target) as worker:
             tokens, stats = saguaro.generate(target, ids, 64, draft=worker)"""
     side = DraftSide
-
-    def __init__(self, draft, target, **kwargs):
-        super().__init__(draft, target, **kwargs)
-        self.estimates = {}  # generate() settings -> Estimates: learned over all its calls
-
-    def reset(self):
-        """Forget what the rules learned over earlier calls (a, r, hit rates, latencies). A seed
-        reproduces a call on a fresh or reset worker (backup jit or fast; auto also follows
-        measured latencies); after other calls the fan-out rule starts elsewhere: same law,
-        other coins."""
-        self.estimates.clear()
 
 
 def check_settings(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0.0, top_k=None,
@@ -428,15 +414,13 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
              top_k=None, top_p=None, seed=0, eos=True, fan_out="geometric", saguaro_c=1.0,
              backup="auto", budget=None, fast_backup=None):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
-    DraftWorker (reused), or what DraftWorker takes (a drafts.py name, a factory, a Model): then
-    a draft process is started for this call and stopped after it (process options:
-    draft_process.beside). k: K; f: guesses per k for a uniform fan-out; budget: B, guesses per
-    row per round for both fan-outs (default (K+1) f); saguaro_c: C; backup: auto (the
-    batch-aware rule) | jit | fast; fast_backup: a proposer (default: drafts.py's n-gram). seed:
-    the coins of both processes (on a reused worker: DraftWorker.reset). Returns (tokens, stats)
-    as ssd.generate does; stats add backup_used (row-rounds per backup), backup_why, b_star, a,
-    a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7), measured_speedup (the same,
-    measured: tokens per row per target-verify time), draft_wait_s and draft_lost (why)."""
+    DraftWorker, or what DraftWorker takes (then one is started for this call; process options:
+    draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f);
+    saguaro_c: C; backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
+    (default drafts.fast_backup). seed: both processes' coins (reused worker: DraftWorker.reset).
+    Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why,
+    b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7), measured_speedup
+    (tokens per row per target verify), draft_wait_s and draft_lost (why, if lost)."""
     prompts = harness.as_batch(prompt_ids)  # checked (check_settings) before the draft started
     K, budget = k, budget or (k + 1) * f
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
@@ -496,18 +480,17 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # more rows as a shadow that measures its acceptance and latency for the rule
         need_fast = live & (source == NEED_FAST)
         shadow = live & ~need_fast & (live.cumsum(0) <= 4) & (backup == "auto")
-        ask = torch.nonzero(need_fast | shadow)[:, 0].tolist()
+        ask, tick = torch.nonzero(need_fast | shadow)[:, 0].tolist(), time.perf_counter()
         fast_probs = torch.zeros(B, K, Vt, device=dev)                     # (B, K, Vt)
         if ask:
-            tick = time.perf_counter()
             x, q = fast.propose([rows[b] for b in ask], K, temperature, gen)
             fast_probs[ask] = pad_vocab(q.to(dev).float(), Vt)
             draft_tokens[need_fast] = x.to(dev)[need_fast[ask]]
             draft_probs[need_fast] = fast_probs[need_fast]
             est.time("fast", time.perf_counter() - tick)
-            stats["fast_backup_s"] += time.perf_counter() - tick
-            if not draft.lost and bool(need_fast.any()):
-                draft.exchange(Backup(draft_tokens.cpu()))  # the draft builds over these
+        stats["fast_backup_s"] += time.perf_counter() - tick
+        if not draft.lost and bool(need_fast.any()):
+            draft.exchange(Backup(draft_tokens.cpu()))  # the draft builds over these
         for name, code in (("jit", JIT), ("fast", NEED_FAST)):
             stats["backup_used"][name] += int((live & (source == code)).sum())
 
@@ -566,7 +549,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
     stats = harness.finish_stats(stats, tokens)
-    per_row, verify_s = (stats["new_tokens"] - B) / B, est.sec("verify")
+    per_row, verify_s = (stats["new_tokens"] - B) / B, est.secs.get("verify")
     stats["measured_speedup"] = (per_row / (stats["decode_s"] / verify_s)
                                  if verify_s and stats["decode_s"] > 0 else None)
     return tokens, stats
@@ -579,11 +562,7 @@ def main():
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=harness.positive_int, default=3,
                     help="guesses per k; budget B = (K+1) f")
-    ap.add_argument("--budget", type=harness.positive_int, default=None,
-                    help="B, guesses per row per round, whatever --f says (default (K+1) f)")
-    ap.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
-    ap.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
-    ap.add_argument("--backup", default="auto", choices=["auto", "jit", "fast"])
+    harness.add_saguaro_args(ap)
     ap.add_argument("--target-device", default=None, help="default: --device")
     ap.add_argument("--draft-device", default=None, help="default: the target's device")
     ap.add_argument("--draft-threads", type=harness.positive_int, default=None,

@@ -290,27 +290,13 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     return tokens, stats
 
 
-def parse_fanout(text):
-    """--f 3 (F at every k) or --f 4,3,2,2,1 (F_0..F_K; their count is checked against K)."""
-    if "," not in text:
-        return harness.positive_int(text)
-    try:
-        fs = [int(x) for x in text.split(",")]
-    except ValueError:
-        fs = []
-    if not fs or min(fs) < 0 or sum(fs) == 0:
-        raise argparse.ArgumentTypeError(f"must be F >= 1 or F_0,...,F_K >= 0 (not all 0), "
-                                         f"got {text!r}")
-    return fs
-
-
 def main():
     import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(ap)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--f", type=parse_fanout, default=3, help="fan-out F, or F_0,...,F_K")
+    ap.add_argument("--f", type=harness.fanout, default=3, help="fan-out F, or F_0,...,F_K")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     target = kernels.load_model(args.model, args.device, args.dtype, args.threads)

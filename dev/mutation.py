@@ -43,13 +43,14 @@ STAGES = {
                ["tests/test_speculative.py", "-k", "verify or law or negative or decay"]),
     "ssd": ("ssd.py", ["x_predict_outcomes", "x_build_speculation_cache"],
             ["tests/test_ssd.py", "-k", SLOW]),
-    "saguaro": ("saguaro.py", ["x_saguaro_probs", "x_saguaro_probs_fn", "x_geometric_fan_out",
+    "saguaro": ("saguaro.py", ["x_saguaro_probs", "x_saguaro_q", "x_geometric_fan_out",
                                "x_uniform_fan_out", "x_largest_remainder", "xǁEstimatesǁfan_outs",
-                               "xǁEstimatesǁchoose_backup", "xǁ_DraftSideǁanswer",
-                               "xǁ_DraftSideǁjit_draft"],
+                               "xǁEstimatesǁchoose_backup", "xǁDraftSideǁanswer",
+                               "xǁDraftSideǁjit_draft", "xǁDraftSideǁbuild"],
                 ["tests/test_saguaro.py", "-k", SLOW]),
 }
-DRAFT_SIDE = ("xǁ_DraftSideǁ", "x_reuse_branch", "x_saguaro_probs")  # run in the draft process
+DRAFT_SIDE = ("xǁDraftSideǁ", "x_reuse_branch", "x_saguaro_probs", "x_saguaro_q")  # run in the
+# draft process: linked to the tests that ran a generation (they all ask Estimates for a backup)
 SITECUSTOMIZE = '''import os
 if os.environ.get("MUTANT_UNDER_TEST") in ("stats", "fail"):  # a spawned draft process
     try:  # mutmut.__main__ sets the start method on import: here, before spawn's bootstrap does
@@ -142,7 +143,8 @@ def inner(names):
     def collect_and_link(runner):
         collect(runner)
         by_name = mm.mutmut.tests_by_mangled_function_name
-        talked = set().union(*(v for k, v in by_name.items() if k.endswith("DraftWorkerǁround")))
+        talked = set().union(*(v for k, v in by_name.items()
+                               if k.endswith("Estimatesǁchoose_backup")))
         for name in {n.partition("__mutmut_")[0] for n in names}:
             if any(s in name for s in DRAFT_SIDE):
                 by_name[name] |= talked
