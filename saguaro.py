@@ -248,7 +248,6 @@ class DraftSide:
         self.S = self.spec = self.glue = self.prefix = self.next = None
         self.waiting = False
         self.build_s = self.glue_s = 0.0
-        self.forwards = 0
 
     def on(self, msg):
         """A Round: the Answer; a Backup: the fast backup's tokens for the rows that asked."""
@@ -276,7 +275,7 @@ class DraftSide:
         dev, B, K = self.draft.device, len(msg.k), self.K
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
-        forwards, self.forwards, jit_s, self.prefix = self.forwards, 0, 0.0, None
+        forwards, jit_s, self.prefix = 1 + K, 0.0, None  # the build after this answer: glue + K
         steps = torch.arange(K, device=dev)
         hit = torch.zeros(B, dtype=torch.bool, device=dev)
         y = torch.zeros(B, K, dtype=torch.long, device=dev)
@@ -349,7 +348,6 @@ class DraftSide:
         self.S = ssd.build_speculation_cache(self.draft, self.cache, self.glue, y, fanouts,
                                              saguaro_q(self.sampling, self.c, fan_hit), self.gen,
                                              vocab=self.V)
-        self.forwards += 1 + self.K
         self.build_s = time.perf_counter() - tick
 
 
