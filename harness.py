@@ -104,8 +104,9 @@ def _nonempty(text):
 prompt_text = checked(str, _nonempty)  # argparse type of --prompt
 
 
-def add_common_args(parser) -> None:
-    """The flags every script spells the same way, each checked as it is parsed."""
+def add_common_args(parser, tp: bool = False) -> None:
+    """The flags every script spells the same way, each checked as it is parsed. `tp`: the
+    script runs a tensor-parallel target (tp.py); elsewhere --tp N > 1 is refused."""
     parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N",
                         type=checked(str, kernels.resolve_device))
@@ -117,3 +118,33 @@ def add_common_args(parser) -> None:
     parser.add_argument("--top-p", type=checked(float, lambda p: kernels.check_sampling(0, top_p=p)))
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=positive_int if tp else _not_yet(parser.prog), default=1,
+                        help="tensor-parallel ranks for the target (launch with torchrun "
+                             "--nproc-per-node N)")
+
+
+def _not_yet(prog):
+    def check(text):
+        if text.strip() != "1":  # TP needs the draft process to talk to rank 0 (see tp.py)
+            raise argparse.ArgumentTypeError(f"tensor parallelism is not yet supported by {prog} "
+                                             "(autoregressive.py, speculative.py, ssd.py and "
+                                             "bench.py run it)")
+        return 1
+    return check
+
+
+def load_models(args, draft_name=None):
+    """(target, draft) for a CLI: the target split over --tp ranks (tp.py; ranks > 0 then print
+    nothing), the draft named `draft_name` (drafts.load_draft; None: no draft) whole on every
+    rank. drafts.py's own drafts (default, ngram, its candidates, self) are made from the whole
+    target: it is loaded whole, then cut; otherwise each rank reads only its shard of it."""
+    import drafts
+    import tp
+    device = tp.init(args.tp, args.device)
+    whole = args.tp == 1 or draft_name in drafts.DRAFT_NAMES + tuple(drafts.CANDIDATES)
+    load = kernels.load_model if whole else tp.load_model
+    target = load(args.model, str(device), args.dtype, args.threads)
+    draft = drafts.load_draft(draft_name, target) if draft_name else None
+    if args.tp > 1 and whole:
+        tp.shard(target)
+    return target, draft

@@ -592,9 +592,10 @@ def stop_ids(path: str, config_eos: tuple) -> tuple:
 
 
 def load_model(name: str = "default", device: str = "auto", dtype: str = "float32",
-               threads: int | None = None) -> Model:
+               threads: int | None = None, read=None) -> Model:
     """A hub id, a local HF folder (config.json + *.safetensors + tokenizer), or 'default'.
-    Returns our Model, with `.tokenizer` (a transformers tokenizer) attached."""
+    Returns our Model, with `.tokenizer` (a transformers tokenizer) attached. `read(cfg, files)
+    -> (cfg, state)` replaces reading every tensor whole (tp.py reads one rank's shard)."""
     set_threads(threads)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = _resolve_path(name)
@@ -608,10 +609,11 @@ def load_model(name: str = "default", device: str = "auto", dtype: str = "float3
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors weights (pytorch .bin files are not "
                                 "read: convert them with save_pretrained).")
-    from safetensors.torch import load_file
-    state = {}
-    for f in files:
-        state.update(load_file(f))
+    if read is not None:
+        cfg, state = read(cfg, files)
+    else:
+        from safetensors.torch import load_file
+        state = {k: v for f in files for k, v in load_file(f).items()}
     model = model_from_hf_state(cfg, state).to(device=dev, dtype=dt).eval()
     model.inv_freq = model.inv_freq.float()
     model.requires_grad_(False)
