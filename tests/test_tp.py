@@ -294,16 +294,19 @@ def test_bad_tp_requests_are_clear_errors(monkeypatch):
         tp.init(2, "cpu")
 
 
-def test_scripts_without_tp_refuse_it_and_bench_refuses_its_unsupported_rows():
-    import argparse
-
+def test_scripts_without_tp_refuse_it_and_bench_refuses_its_unsupported_rows(monkeypatch,
+                                                                              capsys):
     import bench
-    import harness
-    ap = argparse.ArgumentParser(prog="saguaro.py")
-    harness.add_common_args(ap)
-    assert ap.parse_args(["--tp", "1"]).tp == 1
-    with pytest.raises(SystemExit):
-        ap.parse_args(["--tp", "2"])                        # "not yet supported by saguaro.py"
-    for methods in ("ar,saguaro", "hf"):
-        with pytest.raises(SystemExit):
-            bench.main(["--tp", "2", "--methods", methods])
+    import saguaro
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for main, argv, message in [
+            (saguaro.main, ["--prompt", "hi", "--tp", "2"],
+             "tensor parallelism is not yet supported by saguaro.py"),
+            (bench.main, ["--tp", "2", "--methods", "ar,saguaro"],
+             "method 'saguaro' is not yet supported on a tensor-parallel target"),
+            (bench.main, ["--tp", "2", "--methods", "hf"], "method 'hf' is not yet supported"),
+            (bench.main, ["--tp", "2", "--sweep", "k=2,3"], "--sweep is not yet supported")]:
+        monkeypatch.setattr(sys, "argv", [main.__module__ + ".py"] + argv)
+        with pytest.raises(SystemExit) as exit_:
+            main(argv) if main is bench.main else main()
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
