@@ -118,14 +118,27 @@ def add_common_args(parser, tp: bool = False) -> None:
     parser.add_argument("--top-p", type=checked(float, lambda p: kernels.check_sampling(0, top_p=p)))
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tp", type=positive_int if tp else _not_yet(parser.prog), default=1,
+    parser.add_argument("--tp", type=_tp_flag if tp else _not_yet(parser.prog), default="1",
                         help="tensor-parallel ranks for the target (launch with torchrun "
                              "--nproc-per-node N)")
 
 
+def _tp_flag(text):
+    """argparse type of --tp: N >= 1, and a launch that can run it (torchrun, N processes)."""
+    import os
+
+    import tp
+    n = positive_int(text)
+    try:
+        tp.check_world(n, os.environ)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return n
+
+
 def _not_yet(prog):
-    def check(text):
-        if text.strip() != "1":  # TP needs the draft process to talk to rank 0 (see tp.py)
+    def check(text):  # saguaro.py: its draft process must first talk to rank 0 (see tp.py)
+        if text.strip() != "1":
             raise argparse.ArgumentTypeError(f"tensor parallelism is not yet supported by {prog} "
                                              "(autoregressive.py, speculative.py, ssd.py and "
                                              "bench.py run it)")

@@ -50,8 +50,9 @@ class RankLost(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # 1) joining the ranks torchrun started
 
-def check_world(n: int, env: dict, device: torch.device, cores: int, gpus: int) -> None:
-    """ValueError for a --tp that cannot run here (pure: the tests call it with a fake env)."""
+def check_world(n: int, env: dict, device=None, cores: int = 0, gpus: int = 0) -> None:
+    """ValueError for a --tp that cannot run here (pure: the tests call it with a fake env);
+    device None: the launch only (argparse checks it before the device is known)."""
     if n < 1:
         raise ValueError(f"--tp must be >= 1, got {n}.")
     script = os.path.basename(sys.argv[0]) or "bench.py"
@@ -65,6 +66,8 @@ def check_world(n: int, env: dict, device: torch.device, cores: int, gpus: int) 
         raise ValueError(f"torchrun started {world} processes but --tp is {n}: give "
                          f"--nproc-per-node {n} (one process per tensor-parallel rank).")
     local = int(env.get("LOCAL_WORLD_SIZE", world))
+    if device is None:
+        return
     if device.type == "cuda" and local > gpus:
         raise ValueError(f"--tp {n}: {local} ranks on this machine but only {gpus} CUDA "
                          "device(s); each rank needs a GPU of its own.")

@@ -294,19 +294,24 @@ def test_bad_tp_requests_are_clear_errors(monkeypatch):
         tp.init(2, "cpu")
 
 
-def test_scripts_without_tp_refuse_it_and_bench_refuses_its_unsupported_rows(monkeypatch,
-                                                                              capsys):
+def test_scripts_without_tp_refuse_it_and_bench_refuses_what_tp_does_not_run(monkeypatch,
+                                                                             capsys):
     import bench
     import saguaro
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    for main, argv, message in [
-            (saguaro.main, ["--prompt", "hi", "--tp", "2"],
-             "tensor parallelism is not yet supported by saguaro.py"),
-            (bench.main, ["--tp", "2", "--methods", "ar,saguaro"],
-             "method 'saguaro' is not yet supported on a tensor-parallel target"),
-            (bench.main, ["--tp", "2", "--methods", "hf"], "method 'hf' is not yet supported"),
-            (bench.main, ["--tp", "2", "--sweep", "k=2,3"], "--sweep is not yet supported")]:
+
+    def refused(main, argv, message):
         monkeypatch.setattr(sys, "argv", [main.__module__ + ".py"] + argv)
         with pytest.raises(SystemExit) as exit_:
             main(argv) if main is bench.main else main()
         assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+
+    refused(saguaro.main, ["--prompt", "hi", "--tp", "2"],
+            "tensor parallelism is not yet supported by saguaro.py")
+    refused(bench.main, ["--tp", "2"], "torchrun --nproc-per-node 2 bench.py --tp 2")
+    monkeypatch.setenv("WORLD_SIZE", "2")                   # as if torchrun started 2 processes
+    refused(bench.main, ["--methods", "ar"], "torchrun started 2 processes but --tp is 1")
+    refused(bench.main, ["--tp", "2", "--methods", "ar,saguaro"],
+            "method 'saguaro' is not yet supported on a tensor-parallel target")
+    refused(bench.main, ["--tp", "2", "--methods", "hf"], "method 'hf' is not yet supported")
+    refused(bench.main, ["--tp", "2", "--sweep", "k=2,3"], "--sweep is not yet supported")
