@@ -4,8 +4,9 @@ The paper runs its 70B target on 4 GPUs at once (and the draft on a fifth). This
 kernels.Model over N ranks in the Megatron pattern (the one gpt-fast's tp.py and vLLM use), so
 each rank holds about 1/N of the weights and of the KV cache:
   - q/k/v and gate/up are split by output columns: each rank computes its own attention heads
-    (H/N query heads and the KV heads they read; with fewer KV heads than ranks each KV head is
-    replicated on the ranks whose queries read it) and its own slice of the MLP;
+    (about H/N query heads and the KV heads they read: see `plan`; with fewer KV heads than
+    ranks each KV head is replicated on the ranks whose queries read it) and its own slice of
+    the MLP;
   - o and down are split by input rows: each rank's product is a partial sum of the true
     output, so ONE all-reduce after each (`AllReduce`) gives every rank the full residual;
   - embedding, norms and head are replicated; the KV cache follows the heads (kernels.KVCache
@@ -209,7 +210,7 @@ def wrap(model: kernels.Model, cfg: kernels.ModelConfig) -> kernels.Model:
     return model
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def shard(model: kernels.Model) -> kernels.Model:
     """Cut a full model, loaded on every rank, down to this rank's slices, in place (the
     removed rows and columns are freed unless something else holds them, e.g. a draft)."""
