@@ -130,8 +130,9 @@ def add_saguaro_args(parser, budget=None, backup="auto") -> None:
                         help="saguaro's backup on a miss (auto: the batch-aware rule)")
 
 
-def add_common_args(parser) -> None:
-    """The flags every script spells the same way, each checked as it is parsed."""
+def add_common_args(parser, tp: bool = False) -> None:
+    """The flags every script spells the same way, each checked as it is parsed. `tp`: the
+    script runs a tensor-parallel target (tp.py); elsewhere --tp N > 1 is refused."""
     parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N",
                         type=checked(str, kernels.resolve_device))
@@ -143,3 +144,46 @@ def add_common_args(parser) -> None:
     parser.add_argument("--top-p", type=checked(float, lambda p: kernels.check_sampling(0, top_p=p)))
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=_tp_flag if tp else _not_yet(parser.prog), default="1",
+                        help="tensor-parallel ranks for the target (launch with torchrun "
+                             "--nproc-per-node N)")
+
+
+def _tp_flag(text):
+    """argparse type of --tp: N >= 1, and a launch that can run it (torchrun, N processes)."""
+    import os
+
+    import tp
+    n = positive_int(text)
+    try:
+        tp.check_world(n, os.environ)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return n
+
+
+def _not_yet(prog):
+    def check(text):  # saguaro.py: its draft process must first talk to rank 0 (see tp.py)
+        if text.strip() != "1":
+            raise argparse.ArgumentTypeError(f"tensor parallelism is not yet supported by {prog} "
+                                             "(autoregressive.py, speculative.py, ssd.py and "
+                                             "bench.py run it)")
+        return 1
+    return check
+
+
+def load_models(args, draft_name=None):
+    """(target, draft) for a CLI: the target split over --tp ranks (tp.py; ranks > 0 then print
+    nothing), the draft named `draft_name` (drafts.load_draft; None: no draft) whole on every
+    rank. drafts.py's own drafts (default, ngram, its candidates, self) are made from the whole
+    target: it is loaded whole, then cut; otherwise each rank reads only its shard of it."""
+    import drafts
+    import tp
+    device = tp.init(args.tp, args.device)
+    whole = args.tp == 1 or draft_name in drafts.DRAFT_NAMES + tuple(drafts.CANDIDATES)
+    load = kernels.load_model if whole else tp.load_model
+    target = load(args.model, str(device), args.dtype, args.threads)
+    draft = drafts.load_draft(draft_name, target) if draft_name else None
+    if args.tp > 1 and whole:
+        tp.shard(target)
+    return target, draft
