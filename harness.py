@@ -36,6 +36,27 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
     return need + room
 
 
+def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0.0, top_k=None,
+                top_p=None, fan_out="geometric", saguaro_c=1.0, backup="auto", budget=None,
+                **_):
+    """What saguaro.generate refuses (ValueError), checked before its draft process starts."""
+    kernels.check_sampling(temperature, top_k, top_p)
+    if not isinstance(k, int) or k < 1 or not isinstance(f, int) or f < 1:
+        raise ValueError(f"k and f must be integers >= 1, got k={k!r}, f={f!r}.")
+    if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
+        raise ValueError(f"fan_out is geometric|uniform and backup auto|jit|fast; got "
+                         f"{fan_out!r}, {backup!r}.")
+    if not 0 <= saguaro_c <= 1:
+        raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {saguaro_c}.")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
+    B = budget or (k + 1) * f
+    if B >= target.cfg.vocab_size:
+        raise ValueError(f"the cache budget B = {B} must stay below the vocabulary "
+                         f"({target.cfg.vocab_size} tokens): lower f or --budget.")
+    check_request(target, as_batch(prompt_ids), max_new_tokens, room=k)
+
+
 def as_batch(prompt_ids) -> list:
     """A single prompt (list of ints) or a batch (list of lists) -> a batch."""
     if len(prompt_ids) and isinstance(prompt_ids[0], int):
