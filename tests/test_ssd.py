@@ -65,6 +65,31 @@ def test_tree_drafting_at_temperature_0_equals_greedy_decoding_per_branch():
         assert torch.all(S.probs[0, n].sum(-1) == 1)
 
 
+def test_outcome_prediction_with_a_fan_out_per_row_equals_each_row_alone():
+    """saguaro's draft side gives each row its own schedule (after a hit, after a miss): the
+    keys of a batch with per-row fan-outs are each row's keys predicted alone."""
+    logits = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(0))  # (B, K+1, V)
+    x = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    fans = [[2, 1, 0, 1], [0, 0, 1, 3], [2, 1, 0, 1]]                   # each sums to N = 4
+    keys = ssd.predict_outcomes(logits, x, fans)
+    assert keys.shape == (3, 4, 2)
+    for b in range(3):
+        assert torch.equal(keys[b], ssd.predict_outcomes(logits[b:b + 1], x[b:b + 1], fans[b])[0])
+
+
+def test_the_same_seed_gives_the_same_tokens_at_temperature_1():
+    """Every coin comes from the generator seeded by `seed` (the draft's tree included), none
+    from torch's global one: two runs with one seed agree, and the global RNG state is moot."""
+    target = tiny_model(seed=3, vocab_size=32)
+    draft = perturbed(tiny_model(seed=3, vocab_size=32), 5, 0.5)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(ssd.generate(target, [[1, 2, 3], [4]], 12, draft=draft, k=2, f=2,
+                                 temperature=1.0, seed=7)[0])
+    assert runs[0] == runs[1]
+
+
 def test_outcome_prediction_takes_top_f_by_logits_and_never_the_drafted_token():
     # row 0, position k: logits rank tokens 0 > 1 > 2 > ...; x_{k+1} = 1 must be skipped for k < K
     logits = torch.arange(8, 0, -1).float().repeat(1, 3, 1)           # (1, K+1=3, V=8)
