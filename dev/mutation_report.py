@@ -18,8 +18,11 @@ RULES = [  # (regex over the mutant's +line, reason it is equivalent)
     (r"device=None|generator=generator, \)|dtype=torch.float64, generator",
      "equivalent on the CPU, the default device (on CUDA, tests/test_gpu.py runs the same code: "
      "a CPU tensor beside a CUDA generator or tensor raises there)"),
-    (r"shape\[\+1\]|cumprod\(\+1\)|sum\(\+1|softmax\(\+1\)|scatter\(\+1",
+    (r"shape\[\+1\]|cumprod\(\+1\)|sum\(\+1|softmax\(\+1\)|scatter\(\+1|dim=\+1",
      "equivalent: the tensor is 2-D there, so dimension +1 is its last (-1)"),
+    (r"default=1\)", "equivalent: K >= 1, so fanout[:K] is never empty and max's default unused"),
+    (r"if k <= K:", "equivalent: at k = K the slice spec_tokens[:, K:K+1] is empty: the scatter "
+     "changes nothing"),
     (r"F\.pad\(draft_probs, \(0, 0, 0, 2\)\)",
      "equivalent: one more zero row of q after position K+1 is never read"),
     (r"residual \* mass|clamp_min\(1\.0\)",
