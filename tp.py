@@ -104,6 +104,18 @@ def init(n: int, device: str = "auto") -> torch.device:
     return dev
 
 
+def draft_device(args, target):
+    """saguaro's draft device: --draft-device if given; with --tp N on GPUs, the GPU after the
+    N target GPUs (the paper's 5th H100 beside 4); else None (the target's device)."""
+    if args.draft_device or args.tp == 1 or target.device.type != "cuda":
+        return args.draft_device
+    if torch.cuda.device_count() <= args.tp:
+        raise ValueError(f"--tp {args.tp}: the draft process goes on cuda:{args.tp}, after the "
+                         f"target's {args.tp} GPUs, but there are {torch.cuda.device_count()}: "
+                         "give --draft-device.")
+    return f"cuda:{args.tp}"
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

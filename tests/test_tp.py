@@ -386,8 +386,8 @@ def test_bad_tp_requests_are_clear_errors(monkeypatch):
         tp.init(2, "cpu")
 
 
-def test_scripts_without_tp_refuse_it_and_bench_refuses_what_tp_does_not_run(monkeypatch,
-                                                                             capsys):
+def test_launches_tp_cannot_run_are_refused_and_bench_refuses_what_tp_does_not_run(monkeypatch,
+                                                                                  capsys):
     import bench
     import saguaro
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
@@ -399,11 +399,10 @@ def test_scripts_without_tp_refuse_it_and_bench_refuses_what_tp_does_not_run(mon
         assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
 
     refused(saguaro.main, ["--prompt", "hi", "--tp", "2"],
-            "tensor parallelism is not yet supported by saguaro.py")
+            "torchrun --nproc-per-node 2 saguaro.py --tp 2")
     refused(bench.main, ["--tp", "2"], "torchrun --nproc-per-node 2 bench.py --tp 2")
     monkeypatch.setenv("WORLD_SIZE", "2")                   # as if torchrun started 2 processes
     refused(bench.main, ["--methods", "ar"], "torchrun started 2 processes but --tp is 1")
-    refused(bench.main, ["--tp", "2", "--methods", "ar,saguaro"],
-            "method 'saguaro' is not yet supported on a tensor-parallel target")
+    refused(saguaro.main, ["--prompt", "hi"], "torchrun started 2 processes but --tp is 1")
     refused(bench.main, ["--tp", "2", "--methods", "hf"], "method 'hf' is not yet supported")
     refused(bench.main, ["--tp", "2", "--sweep", "k=2,3"], "--sweep is not yet supported")
