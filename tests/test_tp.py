@@ -222,7 +222,8 @@ def saguaro_pair():
 
 def case_saguaro():
     """Rank 0 leads (tp.led) two generations on one draft process: the second loses it (SIGKILL
-    before its 3rd round) and finishes on the target alone; rank 1 follows."""
+    before its 3rd round) and finishes on the target alone; rank 1 follows. Then a call that
+    rank 0 refuses (f=0): every rank raises."""
     import signal
     import warnings
 
@@ -246,7 +247,12 @@ def case_saguaro():
             return [(tokens, {k: stats[k] for k in ("cache_hits", "cache_misses", "draft_lost",
                                                      "acceptance_rate", "backup_used")})
                     for tokens, stats in runs]
-    return {"want": want, "runs": tp.led(run, target)}
+    result = {"want": want, "runs": tp.led(run, target)}
+    try:
+        tp.led(lambda t: saguaro.generate(t, RAGGED, 30, draft=draft, k=3, f=0), target)
+    except (ValueError, RuntimeError) as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
 
 
 def case_follower_death():
@@ -352,6 +358,8 @@ def test_greedy_saguaro_on_a_tp2_target_equals_tp1_and_survives_losing_its_draft
     assert lost_tokens == outs[0]["want"] and lost["draft_lost"], lost     # exited or reset
     assert lost["backup_used"]["fast"] > 0, lost            # the target finished alone
     assert outs[1]["runs"] == outs[0]["runs"]               # every rank returns rank 0's result
+    assert outs[0]["error"].startswith("ValueError: k and f"), outs[0]["error"]
+    assert "rank 0 failed (ValueError: k and f" in outs[1]["error"], outs[1]["error"]
 
 
 def test_a_follower_that_dies_is_a_clear_error_on_rank_0_within_a_bound(tmp_path):
