@@ -360,20 +360,17 @@ def _to(kw, device):
 
 
 def _tell(message, device):
-    """Rank 0: one pickled message to every other rank (its length, then its bytes)."""
-    data = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
-    comm = device if device.type == "cuda" else torch.device("cpu")  # NCCL: GPU tensors only
-    size = torch.tensor([len(data)], device=comm)
-    from0 = lambda t: dist.broadcast(t, 0)  # noqa: E731
-    _collective(from0, size, "a broadcast from rank 0")
-    _collective(from0, data.to(comm), "a broadcast from rank 0")
+    """Rank 0: one pickled message to every other rank (its length, then its bytes), through
+    `device` (NCCL sends GPU tensors only)."""
+    data = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8).to(device)
+    for x in (torch.tensor([len(data)], device=device), data):
+        _collective(lambda t: dist.broadcast(t, 0), x, "a broadcast from rank 0")
 
 
 def _hear(device):
     """Ranks > 0: rank 0's next message (_tell)."""
-    comm = device if device.type == "cuda" else torch.device("cpu")
     from0 = lambda t: dist.broadcast(t, 0)  # noqa: E731
-    size = _collective(from0, torch.zeros(1, dtype=torch.long, device=comm), "waiting for rank 0")
-    data = _collective(from0, torch.zeros(int(size), dtype=torch.uint8, device=comm),
+    size = _collective(from0, torch.zeros(1, dtype=torch.long, device=device), "waiting for rank 0")
+    data = _collective(from0, torch.zeros(int(size), dtype=torch.uint8, device=device),
                        "waiting for rank 0")
     return pickle.loads(data.cpu().numpy().tobytes())
