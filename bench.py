@@ -30,9 +30,10 @@ import harness
 import kernels
 import kernels_cpu
 import prompts as prompt_sets
+import tp
 
 METHODS = ("ar", "hf", "sd", "hf-assisted", "ssd", "saguaro")
-TP_METHODS = ("ar", "sd", "ssd")  # the rows that run on a tensor-parallel target (--tp)
+TP_METHODS = ("ar", "sd", "ssd", "saguaro")  # the rows that run on a tensor-parallel target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,13 +112,16 @@ def build_rows(args, target, draft):
             import saguaro
             # the draft process gets its own cores: half of --threads each (1 + 1 on 2 cores)
             half, draft_threads = saguaro.draft_process.split_threads(args.threads)
-            worker = saguaro.DraftWorker(args.draft, target, threads=draft_threads)
-            args.cleanup.append(worker.close)
-            rows["saguaro"] = ours(saguaro, target, args, half, draft=worker,
-                                   k=args.saguaro_k or args.k, f=args.f,
-                                   fan_out=args.fan_out, saguaro_c=args.saguaro_c,
-                                   backup=args.backup, target_threads=half,
-                                   budget=args.budget)
+            # --tp: rank 0 alone runs the loop, beside the draft process; the others follow
+            worker = (saguaro.DraftWorker(args.draft, target, threads=draft_threads,
+                                          device=tp.draft_device(args, target))
+                      if tp.rank() == 0 else None)
+            args.cleanup.append(worker.close if worker else lambda: None)
+            kw = dict(draft=worker, k=args.saguaro_k or args.k, f=args.f, fan_out=args.fan_out,
+                      saguaro_c=args.saguaro_c, backup=args.backup, target_threads=half,
+                      budget=args.budget)
+            rows["saguaro"] = lambda batch, kw=kw: tp.led(
+                lambda t: ours(saguaro, t, args, half, **kw)(batch), target)
             if args.accounting and half != args.threads:
                 # the paper's accounting: AR and SD on the target's cores only, the draft's
                 # device on top (its 5th H100); equal cores: AR and SD get every core
@@ -376,7 +380,7 @@ def main(argv=None):
     for m in args.methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
-        if args.tp > 1 and m not in TP_METHODS:  # hf: transformers' own model; saguaro: later
+        if args.tp > 1 and m not in TP_METHODS:  # hf: transformers' own model
             ap.error(f"--tp: method {m!r} is not yet supported on a tensor-parallel target; "
                      f"choose from {', '.join(TP_METHODS)}")
     if args.tp > 1 and args.sweep:

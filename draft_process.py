@@ -1,7 +1,9 @@
 """draft_process.py: the mechanism behind saguaro.py's draft process. No ideas here, only plumbing.
 
-saguaro.py runs the draft in a second process beside the target, joined by torch.distributed
-(gloo on CPUs and on one GPU, NCCL between two GPUs). This file starts and stops that process,
+saguaro.py runs the draft in a second process beside the target, joined by a private
+torch.distributed process group of two (`Link`: gloo on CPUs and on one GPU, NCCL between two
+GPUs), never the default group: under torchrun that one belongs to the target's tensor-parallel
+ranks (tp.py), and rank 0 alone talks to the draft. This file starts and stops that process,
 decides who gets which CPU cores, carries messages both ways, and turns every way of losing the
 draft (it died, it hangs, it never started) into one state of the worker: `worker.lost`.
 
@@ -98,9 +100,29 @@ class DraftLost(RuntimeError):
     """The draft process died or did not answer in time."""
 
 
-def send(msg, dst, comm, timeout_s=None):
-    """One record to rank `dst`: its tensors travel as they are (on `comm`, the device the
-    backend talks through), everything else pickled in a header whose length goes first."""
+class Link:
+    """The two processes' own channel: a process group of two built on the worker's store (a
+    PrefixStore keeps its keys apart), with no default group involved. rank: 0 the target, 1
+    the draft; `device`: where tensors travel (the GPU for NCCL, else the CPU); `timeout`: what
+    a wait without its own bound waits for."""
+
+    def __init__(self, store, rank, backend, device, timeout):
+        store = dist.PrefixStore("link", store)
+        if backend == "nccl":  # between two GPUs (not run on this project's CPU machines)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.group = dist.ProcessGroupNCCL(store, rank, 2, options)
+        else:
+            self.group = dist.ProcessGroupGloo(store, rank, 2, timeout)
+        self.peer, self.device = 1 - rank, torch.device(device)
+
+    def close(self):
+        self.group.shutdown()
+
+
+def send(msg, link, timeout_s=None):
+    """One record to the peer: its tensors travel as they are (on link.device), everything
+    else pickled in a header whose length goes first."""
     fields, tensors = {}, []
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
@@ -112,28 +134,28 @@ def send(msg, dst, comm, timeout_s=None):
     header = torch.frombuffer(bytearray(pickle.dumps((type(msg).__name__, fields))),
                               dtype=torch.uint8)
     for x in [torch.tensor([len(header)]), header] + tensors:
-        _wait(dist.isend, x.to(comm).contiguous(), dst, timeout_s)
+        _wait(link, "send", x.to(link.device).contiguous(), timeout_s)
 
 
-def recv(src, comm, timeout_s=None):
-    """The next record from rank `src` (timeout_s None: wait as long as it takes)."""
-    size = torch.zeros(1, dtype=torch.long, device=comm)
-    _wait(dist.irecv, size, src, timeout_s)
-    header = torch.zeros(int(size), dtype=torch.uint8, device=comm)
-    _wait(dist.irecv, header, src, timeout_s)
+def recv(link, timeout_s=None):
+    """The next record from the peer (timeout_s None: the link's own timeout)."""
+    size = torch.zeros(1, dtype=torch.long, device=link.device)
+    _wait(link, "recv", size, timeout_s)
+    header = torch.zeros(int(size), dtype=torch.uint8, device=link.device)
+    _wait(link, "recv", header, timeout_s)
     name, fields = pickle.loads(header.cpu().numpy().tobytes())
     for key, value in fields.items():
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
-            x = torch.zeros(value[0], dtype=value[1], device=comm)
-            _wait(dist.irecv, x, src, timeout_s)
+            x = torch.zeros(value[0], dtype=value[1], device=link.device)
+            _wait(link, "recv", x, timeout_s)
             fields[key] = x
     return globals()[name](**fields)
 
 
-def _wait(isend_or_irecv, tensor, peer, timeout_s):
+def _wait(link, send_or_recv, tensor, timeout_s):
     """One point-to-point transfer, waited for; a timeout or a peer gone becomes DraftLost."""
     try:
-        work = isend_or_irecv(tensor, peer)
+        work = getattr(link.group, send_or_recv)([tensor], link.peer, 0)  # tag 0: in order
         if timeout_s is None:
             work.wait()
         else:
@@ -172,7 +194,6 @@ def _free_port() -> int:
 # 3) the worker, seen from the target
 
 _LIVE = set()                           # started workers, closed at exit
-_OURS = {"group": False}                # whether torch.distributed's default group is ours
 
 
 class DraftWorker:
@@ -199,16 +220,6 @@ class DraftWorker:
                              "cache. It serves as the fast backup (--backup fast) instead.")
         self.timeout_s = check_seconds("timeout_s (--timeout)", timeout_s)
         load_timeout_s = check_seconds("load_timeout_s", load_timeout_s)
-        if any(w.alive for w in _LIVE):
-            raise RuntimeError("a DraftWorker is already running in this process (torch."
-                               "distributed has one default group): close() it first.")
-        for stale in list(_LIVE):  # lost workers: their process is gone, free their group
-            stale.close()
-        _leave_process_group()
-        if dist.is_initialized():
-            raise RuntimeError("torch.distributed is already initialized in this process (not "
-                               "by saguaro): the draft process needs the default group; start "
-                               "saguaro in a process of its own.")
         tdev = target.device
         ddev = kernels.resolve_device(device) if device else tdev
         if tdev.type != ddev.type:
@@ -217,8 +228,8 @@ class DraftWorker:
         # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): one GPU talks via gloo
         two_gpus = tdev.type == "cuda" and (tdev.index or 0) != (ddev.index or 0)
         self.backend = "nccl" if two_gpus else "gloo"
-        self.comm = tdev if two_gpus else torch.device("cpu")
-        self.rounds, self.process, self.in_session, self.lost = 0, None, False, None
+        self.rounds, self.process, self.link = 0, None, None
+        self.in_session, self.lost = False, None
         self.estimates = {}  # what the loop learned, per setting, kept across its calls
         # on a CPU each process gets its own cores, pinned: left free, the two processes (which
         # wake each other every round) get placed on one core by the scheduler, half speed each
@@ -242,10 +253,8 @@ class DraftWorker:
         try:
             deadline = time.monotonic() + load_timeout_s
             self._await("joined", deadline, "connect")
-            dist.init_process_group(self.backend, store=self.store, rank=0, world_size=2,
-                                    timeout=datetime.timedelta(seconds=60),
-                                    device_id=tdev if two_gpus else None)
-            _OURS["group"] = True
+            self.link = Link(self.store, 0, self.backend, tdev if two_gpus else "cpu",
+                             datetime.timedelta(seconds=60))
             self._await("ready", deadline, "load its draft")  # maybe after a kernel build
             self.vocab_size = int(self.store.get("ready"))
             if self.vocab_size < 0:
@@ -295,11 +304,11 @@ class DraftWorker:
         if self.lost is not None:
             return None
         try:
-            send(msg, 1, self.comm, self.timeout_s)
+            send(msg, self.link, self.timeout_s)
             self.in_session = not isinstance(msg, End)
             if isinstance(msg, Round):
                 self.rounds += 1
-                return recv(1, self.comm, self.timeout_s)
+                return recv(self.link, self.timeout_s)
         except DraftLost as e:
             self._lose(f"stopped answering ({e})")
         return None
@@ -310,14 +319,15 @@ class DraftWorker:
         self.close()
 
     def close(self):
-        """Stop the draft process (politely, then by force) and leave torch.distributed. Never
-        raises and always unregisters, so a new DraftWorker can start after any failure."""
+        """Stop the draft process (politely, then by force) and close the link. Never raises
+        and always unregisters, so a new DraftWorker can start after any failure."""
         p, self.process = self.process, None
+        link, self.link = self.link, None
         try:
             if p is not None:
-                if p.is_alive() and dist.is_initialized() and not self.in_session:
+                if p.is_alive() and link is not None and not self.in_session:
                     try:
-                        send(Shutdown(), 1, self.comm, 1.0)
+                        send(Shutdown(), link, 1.0)
                     except DraftLost:
                         pass
                     p.join(2.0)
@@ -329,7 +339,7 @@ class DraftWorker:
                     warnings.warn(f"saguaro: the draft process {p.pid} survived SIGKILL for 5 s; "
                                   "left behind.", RuntimeWarning, stacklevel=2)
         finally:
-            _leave_process_group()
+            _close_link(link)
             _LIVE.discard(self)
 
     def __enter__(self):
@@ -344,17 +354,15 @@ def _warn(reason):
                   "output is unchanged; only speed drops).", RuntimeWarning, stacklevel=4)
 
 
-def _leave_process_group():
-    """destroy_process_group for the group a DraftWorker made (never a group of the caller's),
-    which can raise after the peer was lost mid-message (gloo's pending work): warn and go on;
-    a group still there is tried again by the next DraftWorker."""
-    if dist.is_initialized() and _OURS["group"]:
+def _close_link(link):
+    """Close the link, which can raise after the peer was lost mid-message (gloo's pending
+    work): warn and go on; the worker is gone either way."""
+    if link is not None:
         try:
-            dist.destroy_process_group()
+            link.close()
         except Exception as e:  # noqa: BLE001 -- any teardown error leaves the same state
-            warnings.warn(f"saguaro: leaving torch.distributed raised {type(e).__name__}: {e}",
+            warnings.warn(f"saguaro: closing the draft link raised {type(e).__name__}: {e}",
                           RuntimeWarning, stacklevel=3)
-        _OURS["group"] = dist.is_initialized()
 
 
 @atexit.register
@@ -436,10 +444,8 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
         torch.cuda.set_device(dev)
     store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=60))
     store.set("joined", "1")
-    dist.init_process_group(backend, store=store, rank=1, world_size=2,
-                            timeout=datetime.timedelta(days=7),  # idle between runs is fine
-                            device_id=dev if backend == "nccl" else None)
-    comm = dev if backend == "nccl" else torch.device("cpu")
+    link = Link(store, 1, backend, dev if backend == "nccl" else "cpu",
+                datetime.timedelta(days=7))  # idle between runs is fine
     try:
         draft = load_draft(spec, target_ref, dev)
         store.set("ready", str(draft.cfg.vocab_size))
@@ -449,7 +455,7 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
         return
     state = None
     with torch.inference_mode():
-        while not isinstance(msg := recv(0, comm), Shutdown):
+        while not isinstance(msg := recv(link), Shutdown):
             if isinstance(msg, Start):
                 state = side(draft, msg)
             elif isinstance(msg, End):
@@ -457,6 +463,6 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
             else:
                 reply = state.on(msg)  # answer at once: the target is waiting
                 if reply is not None:
-                    send(reply, 0, comm)
+                    send(reply, link)
                 state.work()           # then the next cache, while the target verifies
-    dist.destroy_process_group()
+    link.close()

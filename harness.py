@@ -149,6 +149,9 @@ def add_saguaro_args(parser, budget=None, backup="auto") -> None:
     parser.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     parser.add_argument("--backup", default=backup, choices=["auto", "jit", "fast"],
                         help="saguaro's backup on a miss (auto: the batch-aware rule)")
+    parser.add_argument("--draft-device", default=None,
+                        help="saguaro's draft process: default the target's device; with --tp N "
+                             "on GPUs, cuda:N (after the target's)")
 
 
 def add_common_args(parser, tp: bool = False) -> None:
@@ -184,11 +187,11 @@ def _tp_flag(text):
 
 
 def _not_yet(prog):
-    def check(text):  # saguaro.py: its draft process must first talk to rank 0 (see tp.py)
+    def check(text):  # draft_lab.py: its drafts are trained on one device
         if text.strip() != "1":
             raise argparse.ArgumentTypeError(f"tensor parallelism is not yet supported by {prog} "
-                                             "(autoregressive.py, speculative.py, ssd.py and "
-                                             "bench.py run it)")
+                                             "(autoregressive.py, speculative.py, ssd.py, "
+                                             "saguaro.py and bench.py run it)")
         return 1
     return check
 

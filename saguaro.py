@@ -30,6 +30,7 @@ fan-out, B budget per row, C Saguaro factor, r miss-curve exponent, a acceptance
     python saguaro.py --prompt "Write a haiku about cacti." --draft default --k 4 --f 3 \\
         --fan-out geometric --saguaro-c 1.0 --backup auto --target-device cpu --draft-device cpu
     python saguaro.py --prompt "Write a haiku about cacti." --k 1 --f 1   # a 2-core CPU
+    torchrun --nproc-per-node 4 saguaro.py --tp 4 --prompt "..."   # target on GPUs 0-3, draft on 4
 """
 import argparse
 import math
@@ -42,6 +43,7 @@ import drafts
 import harness
 import kernels
 import ssd
+import tp
 from draft_process import Answer, Backup, End, Round, Start
 from speculative import emit, one_hot, pad_vocab, verify
 
@@ -534,14 +536,13 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_common_args(ap)
+    harness.add_common_args(ap, tp=True)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=harness.positive_int, default=3,
                     help="guesses per k; budget B = (K+1) f")
     harness.add_saguaro_args(ap)
     ap.add_argument("--target-device", default=None, help="default: --device")
-    ap.add_argument("--draft-device", default=None, help="default: the target's device")
     ap.add_argument("--draft-threads", type=harness.positive_int, default=None,
                     help="CPU threads of the draft")
     ap.add_argument("--timeout", default=10.0, type=harness.checked(
@@ -549,17 +550,20 @@ def main():
         help="seconds to wait for the draft (1 ms to 1 day)")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
-    target_threads, draft_threads = draft_process.split_threads(args.threads)
-    target = kernels.load_model(args.model, args.target_device or args.device, args.dtype,
-                                target_threads)
+    args.threads, draft_threads = draft_process.split_threads(args.threads)
+    args.device = args.target_device or args.device
+    target, _ = harness.load_models(args)  # --tp N: this rank's shard (tp.py)
     ids = kernels.encode_prompt(target, args.prompt)
-    with DraftWorker(args.draft, target, device=args.draft_device,
-                     threads=args.draft_threads or draft_threads, timeout_s=args.timeout) as worker:
-        tokens, stats = harness.after_warm_up(lambda n: generate(
-            target, ids, n, draft=worker, k=args.k, f=args.f, fan_out=args.fan_out,
-            saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget),
-            args.max_new_tokens)
+
+    def run(target):  # --tp N: on rank 0, beside the draft process, while the others follow
+        with DraftWorker(args.draft, target, device=tp.draft_device(args, target),
+                         threads=args.draft_threads or draft_threads, timeout_s=args.timeout) as w:
+            return harness.after_warm_up(lambda n: generate(
+                target, ids, n, draft=w, k=args.k, f=args.f, fan_out=args.fan_out,
+                saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget),
+                args.max_new_tokens)
+    tokens, stats = tp.led(run, target)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s, "
           f"tau {stats['tau']:.2f}, cache hit rate {stats['hit_rate'] or 0:.2f}, a "

@@ -18,6 +18,10 @@ Every rank runs the same loop on the same inputs with the same seed and must mak
 The head's input is broadcast from rank 0 (`FromRank0`, one (B, T, C) message per forward), so the
 logits, and everything sampled from them, agree bit for bit by construction, not by trusting that
 an all-reduce rounds alike on every rank. The draft, small, runs replicated on every rank.
+Saguaro's loop cannot run on every rank: rank 0 alone talks to the draft process (on a device
+of its own, beside the N target ranks, as in the official code). There rank 0 leads (`led`):
+it runs the loop with a `Leader` target that announces each forward to the other ranks, which
+`follow` (run the same forward on their shard) until rank 0 stops.
 
 Launch with torchrun (`init` reads its RANK / WORLD_SIZE / LOCAL_RANK): gloo on CPUs, NCCL on GPUs,
 one GPU per rank; ranks > 0 print nothing. Every collective is bounded by TIMEOUT_S: a rank that
@@ -25,14 +29,17 @@ dies closes its sockets and the others fail at once with `RankLost`; one that ha
 The CPU's fused layer stack (kernels_cpu.Stack) cannot run an all-reduce between its layers, so a
 sharded model runs layer by layer with kernels_cpu's fused steps and packed linears.
 
-    torchrun --nproc-per-node 2 bench.py --tp 2 --methods ar,sd
+    torchrun --nproc-per-node 2 bench.py --tp 2 --methods ar,sd,saguaro
+    torchrun --nproc-per-node 2 saguaro.py --tp 2 --prompt "Write a haiku about cacti."
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import os
+import pickle
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -95,6 +102,18 @@ def init(n: int, device: str = "auto") -> torch.device:
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 prints; errors (stderr) show from every rank
     return dev
+
+
+def draft_device(args, target):
+    """saguaro's draft device: --draft-device if given; with --tp N on GPUs, the GPU after the
+    N target GPUs (the paper's 5th H100 beside 4); else None (the target's device)."""
+    if args.draft_device or args.tp == 1 or target.device.type != "cuda":
+        return args.draft_device
+    if torch.cuda.device_count() <= args.tp:
+        raise ValueError(f"--tp {args.tp}: the draft process goes on cuda:{args.tp}, after the "
+                         f"target's {args.tp} GPUs, but there are {torch.cuda.device_count()}: "
+                         "give --draft-device.")
+    return f"cuda:{args.tp}"
 
 
 def rank() -> int:
@@ -251,3 +270,107 @@ def load_model(name: str, device, dtype: str = "float32", threads=None) -> kerne
     """kernels.load_model reading only this rank's shard of each split tensor, then wrapped."""
     model = kernels.load_model(name, str(device), dtype, threads, read=read_shard)
     return wrap(model, model.cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4) one rank leads: a loop that runs on rank 0 alone (saguaro.py)
+
+class Leader:
+    """Rank 0's view of a sharded target, for a loop that runs on rank 0 only: saguaro's, where
+    rank 0 alone talks to the draft process and samples, so no draw has to agree across ranks.
+    Each forward first tells the other ranks (`follow`) what to run, then runs rank 0's shard:
+    every rank computes every forward (the all-reduces need them all), one rank runs the loop.
+    A loop may change cache.lengths between forwards (rollback): they travel with each call.
+    Anything else (cfg, device, tokenizer, path) is the model's."""
+
+    def __init__(self, model: kernels.Model):
+        self.model, self.caches, self.count = model, weakref.WeakValueDictionary(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def new_cache(self, batch_size: int, max_len: int) -> kernels.KVCache:
+        cache, self.count = self.model.new_cache(batch_size, max_len), self.count + 1
+        cache.tp_key = self.count  # the followers' cache for the same rows: freed with this one
+        _tell(("new_cache", cache.tp_key, (batch_size, max_len), list(self.caches)), self.device)
+        self.caches[cache.tp_key] = cache
+        return cache
+
+    def __call__(self, tokens, cache, **kw):
+        _tell(("forward", cache.tp_key, cache.lengths.cpu(), tokens.cpu(), _to(kw, "cpu")),
+              self.device)
+        return self.model(tokens, cache, **kw)
+
+    def prefill(self, prompts, cache):
+        _tell(("prefill", cache.tp_key, cache.lengths.cpu(), prompts, {}), self.device)
+        return self.model.prefill(prompts, cache)
+
+    def close(self, result=None):
+        """Release the followers, handing them rank 0's result (what `led` returns everywhere)."""
+        _tell(("stop", result), self.device)
+
+
+@torch.inference_mode()
+def follow(model: kernels.Model):
+    """Ranks > 0 while rank 0 leads: run each forward rank 0 announces on this rank's shard,
+    with caches of its own that mirror rank 0's, until rank 0 stops; -> rank 0's result."""
+    caches = {}
+    while True:
+        op, *rest = _hear(model.device)
+        if op == "stop":
+            return rest[0]
+        if op == "new_cache":
+            key, shape, alive = rest
+            caches = {k: c for k, c in caches.items() if k in alive}  # rank 0's are gone
+            caches[key] = model.new_cache(*shape)
+            continue
+        key, lengths, x, kw = rest
+        cache = caches[key]
+        cache.lengths.copy_(lengths)
+        if op == "prefill":
+            model.prefill(x, cache)
+        else:
+            model(x.to(model.device), cache, **_to(kw, model.device))
+
+
+def led(run, model):
+    """run(target) -> result on rank 0 with Leader(model) while the other ranks follow; every
+    rank returns rank 0's result. --tp 1: run(model). If rank 0 raises, the followers raise too."""
+    if not getattr(model, "tp", None):
+        return run(model)
+    if rank() > 0:
+        result, error = follow(model)
+        if error:
+            raise RuntimeError(f"tensor parallelism: rank 0 failed ({error}); see its error.")
+        return result
+    leader = Leader(model)
+    try:
+        result = run(leader)
+    except RankLost:
+        raise                                # the followers are gone or out of step
+    except BaseException as e:
+        leader.close((None, f"{type(e).__name__}: {e}"))
+        raise
+    leader.close((result, None))
+    return result
+
+
+def _to(kw, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+
+
+def _tell(message, device):
+    """Rank 0: one pickled message to every other rank (its length, then its bytes), through
+    `device` (NCCL sends GPU tensors only)."""
+    data = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8).to(device)
+    for x in (torch.tensor([len(data)], device=device), data):
+        _collective(lambda t: dist.broadcast(t, 0), x, "a broadcast from rank 0")
+
+
+def _hear(device):
+    """Ranks > 0: rank 0's next message (_tell)."""
+    from0 = lambda t: dist.broadcast(t, 0)  # noqa: E731
+    size = _collective(from0, torch.zeros(1, dtype=torch.long, device=device), "waiting for rank 0")
+    data = _collective(from0, torch.zeros(int(size), dtype=torch.uint8, device=device),
+                       "waiting for rank 0")
+    return pickle.loads(data.cpu().numpy().tobytes())

@@ -340,7 +340,7 @@ def skip_without_gpus(placement):
 
 @pytest.fixture(scope="module")
 def saguaro_workers():
-    """One draft process at a time (torch.distributed: one default group per process)."""
+    """One draft process at a time (each start costs a process and a CUDA context)."""
     running = {}
 
     def start(placement):

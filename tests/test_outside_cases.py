@@ -496,7 +496,7 @@ def test_ctrl_c_while_the_draft_process_loads_stops_at_once_and_leaves_no_proces
     assert not saguaro.draft_process.dist.is_initialized()
 
 
-def test_close_unregisters_even_when_leaving_torch_distributed_raises(monkeypatch):
+def test_close_unregisters_even_when_closing_the_link_raises(monkeypatch):
     target = tiny_model(0, vocab_size=64)
     draft = functools.partial(tiny_model, 0, vocab_size=64)
     worker = saguaro.DraftWorker(draft, target, threads=1)
@@ -504,12 +504,12 @@ def test_close_unregisters_even_when_leaving_torch_distributed_raises(monkeypatc
 
     def broken_teardown(*a, **k):
         raise RuntimeError("gloo teardown failed")
-    real = saguaro.draft_process.dist.destroy_process_group
-    monkeypatch.setattr(saguaro.draft_process.dist, "destroy_process_group", broken_teardown)
+    real = saguaro.draft_process.Link.close
+    monkeypatch.setattr(saguaro.draft_process.Link, "close", broken_teardown)
     with pytest.warns(RuntimeWarning, match="gloo teardown failed"):
         worker.close()                             # must not raise
     assert not saguaro.draft_process._LIVE
-    monkeypatch.setattr(saguaro.draft_process.dist, "destroy_process_group", real)
+    monkeypatch.setattr(saguaro.draft_process.Link, "close", real)
     with saguaro.DraftWorker(draft, target, threads=1) as fresh:
         assert fresh.alive
 

@@ -339,7 +339,7 @@ _RUNNING = {}
 
 
 def worker_for(name, draft, target):
-    """One draft process at a time (torch.distributed: one default group per process): reuse
+    """One draft process at a time (each start costs seconds on 2 cores): reuse
     the running one if it serves `name`, else close it and start this one. What the worker
     learned in earlier tests is dropped, so no test's outcome depends on the order they ran.
     Its timeout is long: these tests are not about losing the draft, and a round of a law test

@@ -211,6 +211,82 @@ def case_hang():
     return case_death(hang=True)
 
 
+def saguaro_pair():
+    """The target (its whole copy) and a draft factory for the draft process: test_saguaro's
+    tiny pair, whose greedy runs see both hits and misses."""
+    import functools
+    from test_saguaro import noisy_model
+    return (tiny_model(0, vocab_size=64, scale=3.0),
+            functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0))
+
+
+def case_saguaro():
+    """Rank 0 leads (tp.led) two generations on one draft process: the second loses it (SIGKILL
+    before its 3rd round) and finishes on the target alone; rank 1 follows. Then a call that
+    rank 0 refuses (f=0): every rank raises."""
+    import signal
+    import warnings
+
+    import autoregressive
+    import saguaro
+    from conftest import before_round
+    join()
+    target, draft = saguaro_pair()
+    want = autoregressive.generate(target, RAGGED, 30)[0]          # TP = 1
+    tp.shard(target)
+
+    def run(leader):
+        with saguaro.DraftWorker(draft, leader, threads=1, timeout_s=30.0) as worker:
+            runs = [saguaro.generate(leader, RAGGED, 30, draft=worker, k=3, f=2, backup="jit")]
+            before_round(worker, worker.rounds + 2, lambda: os.kill(worker.process.pid,
+                                                                    signal.SIGKILL))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                runs.append(saguaro.generate(leader, RAGGED, 30, draft=worker, k=3, f=2,
+                                             backup="jit"))
+            return [(tokens, {k: stats[k] for k in ("cache_hits", "cache_misses", "draft_lost",
+                                                     "acceptance_rate", "backup_used")})
+                    for tokens, stats in runs]
+    result = {"want": want, "runs": tp.led(run, target)}
+    try:
+        tp.led(lambda t: saguaro.generate(t, RAGGED, 30, draft=draft, k=3, f=0), target)
+    except (ValueError, RuntimeError) as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
+
+
+def case_follower_death():
+    """Rank 1 dies in its 6th forward, mid-generation: rank 0 fails with tp.RankLost, and its
+    draft process is stopped."""
+    import saguaro
+    rank = join()
+    target, draft = saguaro_pair()
+    tp.shard(target)
+    if rank == 1:
+        real, calls = target.forward, []
+
+        def dies(*a, **kw):
+            calls.append(1)
+            if len(calls) == 6:
+                os._exit(3)
+            return real(*a, **kw)
+        target.forward = dies
+    worker, t0 = [], time.perf_counter()
+
+    def run(leader):
+        worker.append(saguaro.DraftWorker(draft, leader, threads=1, timeout_s=30.0))
+        t0 = time.perf_counter()
+        try:
+            saguaro.generate(leader, RAGGED, 30, draft=worker[0], k=3, f=2, backup="jit")
+        finally:
+            worker.append(time.perf_counter() - t0)
+    try:
+        tp.led(run, target)
+    except tp.RankLost as e:
+        return {"error": str(e), "seconds": worker[1], "draft_alive": worker[0].alive}
+    return {"error": None, "seconds": time.perf_counter() - t0}
+
+
 if __name__ == "__main__":
     case, folder = sys.argv[1], sys.argv[2]
     out = globals()[f"case_{case}"]()
@@ -272,6 +348,30 @@ def test_a_rank_that_hangs_is_a_clear_error_on_the_other_after_the_timeout(tmp_p
     assert 2 < outs[0]["seconds"] < 20
 
 
+def test_greedy_saguaro_on_a_tp2_target_equals_tp1_and_survives_losing_its_draft(tmp_path):
+    """The draft process beside 2 target ranks: rank 0 talks to it; rank 1 follows rank 0."""
+    outs = ran("saguaro", tmp_path)
+    (tokens, stats), (lost_tokens, lost) = outs[0]["runs"]
+    assert tokens == outs[0]["want"]                        # TP = 2 saguaro == TP = 1 AR
+    assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0, stats   # both paths ran
+    assert 0 < stats["acceptance_rate"] < 1 and stats["draft_lost"] is None, stats
+    assert lost_tokens == outs[0]["want"] and lost["draft_lost"], lost     # exited or reset
+    assert lost["backup_used"]["fast"] > 0, lost            # the target finished alone
+    assert outs[1]["runs"] == outs[0]["runs"]               # every rank returns rank 0's result
+    assert outs[0]["error"].startswith("ValueError: k and f"), outs[0]["error"]
+    assert "rank 0 failed (ValueError: k and f" in outs[1]["error"], outs[1]["error"]
+
+
+def test_a_follower_that_dies_is_a_clear_error_on_rank_0_within_a_bound(tmp_path):
+    outs, codes, errs = launch("follower_death", tmp_path)
+    assert codes[1] == 3 and codes[0] == 0, errs
+    assert outs[0]["error"] and "lost its peers" in outs[0]["error"], outs[0]
+    assert not outs[0]["draft_alive"]                      # the draft process was stopped
+    # time is the property: gloo sees the closed socket at once (30 s: generous room, far
+    # below the 60 s timeout that bounds a rank that hangs instead)
+    assert outs[0]["seconds"] < 30
+
+
 def test_bad_tp_requests_are_clear_errors(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
@@ -294,8 +394,8 @@ def test_bad_tp_requests_are_clear_errors(monkeypatch):
         tp.init(2, "cpu")
 
 
-def test_scripts_without_tp_refuse_it_and_bench_refuses_what_tp_does_not_run(monkeypatch,
-                                                                             capsys):
+def test_launches_tp_cannot_run_are_refused_and_bench_refuses_what_tp_does_not_run(monkeypatch,
+                                                                                  capsys):
     import bench
     import saguaro
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
@@ -307,11 +407,10 @@ def test_scripts_without_tp_refuse_it_and_bench_refuses_what_tp_does_not_run(mon
         assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
 
     refused(saguaro.main, ["--prompt", "hi", "--tp", "2"],
-            "tensor parallelism is not yet supported by saguaro.py")
+            "torchrun --nproc-per-node 2 saguaro.py --tp 2")
     refused(bench.main, ["--tp", "2"], "torchrun --nproc-per-node 2 bench.py --tp 2")
     monkeypatch.setenv("WORLD_SIZE", "2")                   # as if torchrun started 2 processes
     refused(bench.main, ["--methods", "ar"], "torchrun started 2 processes but --tp is 1")
-    refused(bench.main, ["--tp", "2", "--methods", "ar,saguaro"],
-            "method 'saguaro' is not yet supported on a tensor-parallel target")
+    refused(saguaro.main, ["--prompt", "hi"], "torchrun started 2 processes but --tp is 1")
     refused(bench.main, ["--tp", "2", "--methods", "hf"], "method 'hf' is not yet supported")
     refused(bench.main, ["--tp", "2", "--sweep", "k=2,3"], "--sweep is not yet supported")
