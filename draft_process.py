@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kernels
+import timeline
 from speculative import check_draft
 
 
@@ -55,6 +56,7 @@ class Start:
     top_p: float | None
     c: float               # Saguaro's C
     seed: int
+    trace: bool = False    # record the draft's spans (timeline.py): set by exchange()
 
 
 @dataclasses.dataclass
@@ -77,6 +79,7 @@ class Answer:
     jit_s: float
     glue_s: float
     forwards: int          # draft forwards run for this answer and the build before it
+    spans: list = None     # the draft's timeline since its last answer, when recording
 
 
 @dataclasses.dataclass
@@ -294,12 +297,16 @@ class DraftWorker:
             _warn(f"was not running (lost earlier: {self.lost})")
         if self.lost is not None:
             return None
+        if isinstance(msg, Start):
+            msg.trace = timeline.recording()  # the draft records when this process does
         try:
             send(msg, 1, self.comm, self.timeout_s)
             self.in_session = not isinstance(msg, End)
             if isinstance(msg, Round):
                 self.rounds += 1
-                return recv(1, self.comm, self.timeout_s)
+                answer = recv(1, self.comm, self.timeout_s)
+                timeline.extend(answer.spans)  # one clock: they line up with this process's
+                return answer
         except DraftLost as e:
             self._lose(f"stopped answering ({e})")
         return None
@@ -447,16 +454,23 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
         traceback.print_exc()
         store.set("ready", "-1")
         return
-    state = None
+    state, idle = None, time.perf_counter()
     with torch.inference_mode():
         while not isinstance(msg := recv(0, comm), Shutdown):
+            tick = time.perf_counter()
             if isinstance(msg, Start):
+                timeline.start() if msg.trace else timeline.stop()
                 state = side(draft, msg)
+                timeline.span("prefill", tick, "draft")
             elif isinstance(msg, End):
                 state = None
             else:
+                timeline.span("wait for target", idle, "draft")
                 reply = state.on(msg)  # answer at once: the target is waiting
                 if reply is not None:
+                    reply.spans = timeline.take()
                     send(reply, 0, comm)
+                    timeline.span("answer", tick, "draft")  # lookup, JIT, send: in the next
                 state.work()           # then the next cache, while the target verifies
+            idle = time.perf_counter()
     dist.destroy_process_group()
