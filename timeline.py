@@ -122,6 +122,8 @@ def show(events, rounds=6, width=100, console=None):
                         key=lambda e: -e.get("dur", 0)):        # long spans first: nested on top
             a = int((e["ts"] - t0) / scale)
             b = max(a + 1, round((e["ts"] + e.get("dur", 0) - t0) / scale))
+            if b <= 0 or a >= width:
+                continue
             if e["ph"] == "i":                                  # a lookup: all hit, or a miss
                 miss = e["args"].get("misses", 0) > 0
                 char, style = ("M", "bold white on red") if miss else ("H", "bold white on green")
@@ -133,8 +135,10 @@ def show(events, rounds=6, width=100, console=None):
                 cells[c] = (char, style)
         if names:
             console.print(Text(f"{lane:>7} |").append_text(Text.assemble(*cells)).append("|"))
-            legend.append(f"{lane}: " + ", ".join(f"{c} {n}" for c, n in names.items()))
-    console.print(f"{'':>7}  one column = {scale / 1e3:.2f} ms. " + "; ".join(legend),
+            shown = {ch for ch, _ in cells}
+            legend.append(f"{lane:>7}: " + ", ".join(f"{c} {n}" for c, n in names.items()
+                                                       if shown & set(c.split("/"))))
+    console.print("\n".join(legend) + f"\n{'':>7}  one column = {scale / 1e3:.2f} ms",
                   highlight=False)
     return console
 
