@@ -192,8 +192,10 @@ def summarize(results, args):
             for key in ("predicted_speedup", "measured_speedup", "p_hit", "a", "r"):
                 vals = [r[key] for r in runs if r.get(key) is not None]
                 row[key] = statistics.median(vals) if vals else None
-            row["verify_ms"] = 1e3 * sum(r["verify_s"] for r in runs) / sum(
-                r["target_calls"] for r in runs)  # a verify beside the draft process
+            per_round = lambda key: 1e3 * sum(r[key] for r in runs) / sum(
+                r["target_calls"] for r in runs)
+            row["verify_ms"] = per_round("verify_s")        # a verify beside the draft process
+            row["round_ms"], row["wait_ms"] = per_round("decode_s"), per_round("draft_wait_s")
             used = {b: sum(r["backup_used"][b] for r in runs) for b in runs[0]["backup_used"]}
             row["backup"] = ", ".join(f"{b} {n}" for b, n in used.items())
             row["backup_why"] = runs[-1]["backup_why"]
@@ -271,6 +273,11 @@ def speed_of_light(table, target, prompts, args):
     sol = row["tau"] / tk
     return {"k": K, "target_threads": threads, "tau": row["tau"], "step_ms": 1e3 * t1,
             "verify_ms": 1e3 * tk, "verify_beside_draft_ms": row["verify_ms"],
+            "round_ms": row["round_ms"], "losses_ms": {  # what a round costs beyond tk
+                "verify beside the draft": row["verify_ms"] - 1e3 * tk,
+                "waiting for the draft": row["wait_ms"],
+                "the rest (accept, fast backup, Python)": row["round_ms"] - row["verify_ms"]
+                - row["wait_ms"]},
             "speed_of_light_vs_ar": row["tau"] * t1 / tk, "speed_of_light_tokens_per_s": sol,
             "efficiency": row["decode_tokens_per_s"] / sol,
             "predicted_speedup": row["predicted_speedup"],
@@ -349,6 +356,9 @@ def print_table(table, cond, acc=None, sol=None):
             f"verify time: speed model (Thm. 7) {f2(sol['predicted_speedup'])}x, measured "
             f"{f2(sol['measured_speedup'])}x, speed of light {sol['tau']:.2f}x; a verify beside "
             f"the draft took {sol['verify_beside_draft_ms']:.1f} ms")
+        console.print(f"saguaro's mean round: {sol['round_ms']:.1f} ms = a verify alone "
+                      f"{sol['verify_ms']:.1f} ms + " + " + ".join(
+                          f"{name} {ms:.1f} ms" for name, ms in sol["losses_ms"].items()))
 
 
 # ----------------------------------------------------------------------------------------------

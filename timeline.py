@@ -115,6 +115,9 @@ def show(events, rounds=6, width=100, console=None):
     stop_at = rounds_[rounds] if len(rounds_) > rounds else max(
         e["ts"] + e.get("dur", 0) for e in events)
     scale = max(stop_at - t0, 1.0) / width                      # microseconds per column
+    run = max(e["ts"] + e.get("dur", 0) for e in events) - t0   # the whole decode, for shares
+    share = lambda tid, name: sum(e["dur"] for e in spans if e["tid"] == tid and e["ts"] >= t0
+                                  and e["name"] == name) / max(run, 1.0)
     legend = []
     for lane, tid in LANES.items():
         cells, names = [(" ", "")] * width, {}
@@ -136,9 +139,11 @@ def show(events, rounds=6, width=100, console=None):
         if names:
             console.print(Text(f"{lane:>7} |").append_text(Text.assemble(*cells)).append("|"))
             shown = {ch for ch, _ in cells}
-            legend.append(f"{lane:>7}: " + ", ".join(f"{c} {n}" for c, n in names.items()
-                                                       if shown & set(c.split("/"))))
-    console.print("\n".join(legend) + f"\n{'':>7}  one column = {scale / 1e3:.2f} ms",
+            legend.append(f"{lane:>7}: " + ", ".join(
+                f"{c} {n}" + ("" if c == "H/M" else f" {share(tid, n):.0%}")
+                for c, n in names.items() if shown & set(c.split("/"))))
+    console.print("\n".join(legend) + f"\n{'':>7}  one column = {scale / 1e3:.2f} ms; % = share "
+                  f"of the whole decode ({run / 1e3:.0f} ms; glue is part of build)",
                   highlight=False)
     return console
 

@@ -175,8 +175,10 @@ def test_speed_of_light_is_tau_over_a_verify_alone_and_efficiency_the_measured_s
     monkeypatch.setattr(bench, "step_times", lambda *a, **k: (0.030, 0.036))
     args = type("Args", (), {"saguaro_k": 3, "k": 4, "saguaro_cores": (1, None)})()
     table = {"saguaro": {"tau": 3.6, "decode_tokens_per_s": 80.0, "verify_ms": 40.0,
-                         "predicted_speedup": 3.0, "measured_speedup": 2.9}}
+                         "round_ms": 45.0, "wait_ms": 3.0, "predicted_speedup": 3.0,
+                         "measured_speedup": 2.9}}
     sol = bench.speed_of_light(table, None, [("alpaca", [1, 2, 3])], args)
     assert sol["speed_of_light_tokens_per_s"] == pytest.approx(3.6 / 0.036)   # 100 tok/s
     assert sol["speed_of_light_vs_ar"] == pytest.approx(3.6 * 0.030 / 0.036)
     assert sol["efficiency"] == pytest.approx(0.8)
+    assert sum(sol["losses_ms"].values()) == pytest.approx(45.0 - 36.0)   # a round = tk + losses
