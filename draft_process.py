@@ -10,6 +10,7 @@ What crosses, as small typed records (one `send`/`recv` pair packs and unpacks t
     target -> draft   Start    the prompts and the sampling settings: the draft prefills its cache
     target -> draft   Round    the outcome (k, t) per row, the backup and fan-outs to use
     draft  -> target  Answer   per row: where the next speculation came from, y_1..y_K, q'
+                               (and the draft's timeline, when recording: timeline.py)
     target -> draft   Backup   the fast backup's tokens, for the rows that needed it
     target -> draft   End      the generation is over;  Shutdown: the process exits
 
@@ -470,7 +471,7 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
                 if reply is not None:
                     reply.spans = timeline.take()
                     send(reply, 0, comm)
-                    timeline.span("answer", tick, "draft")  # lookup, JIT, send: in the next
+                    timeline.span("answer", tick, "draft")  # shipped with the next answer
                 state.work()           # then the next cache, while the target verifies
             idle = time.perf_counter()
     dist.destroy_process_group()

@@ -171,7 +171,7 @@ def test_bench_runs_the_prompt_lookup_peer_by_default_and_it_matches_ar(tmp_path
 
 
 def test_speed_of_light_is_tau_over_a_verify_alone_and_efficiency_the_measured_share(
-        monkeypatch):
+        monkeypatch, capsys):
     monkeypatch.setattr(bench, "step_times", lambda *a, **k: (0.030, 0.036))
     args = type("Args", (), {"saguaro_k": 3, "k": 4, "saguaro_cores": (1, None)})()
     table = {"saguaro": {"tau": 3.6, "decode_tokens_per_s": 80.0, "verify_ms": 40.0,
@@ -182,3 +182,6 @@ def test_speed_of_light_is_tau_over_a_verify_alone_and_efficiency_the_measured_s
     assert sol["speed_of_light_vs_ar"] == pytest.approx(3.6 * 0.030 / 0.036)
     assert sol["efficiency"] == pytest.approx(0.8)
     assert sum(sol["losses_ms"].values()) == pytest.approx(45.0 - 36.0)   # a round = tk + losses
+    bench.print_table({}, {"dtype": "float32"}, sol=sol)
+    out = capsys.readouterr().out
+    assert "efficiency 0.80" in out and "mean round: 45.0 ms = a verify alone 36.0 ms" in out
