@@ -72,10 +72,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_common_args(ap)
+    harness.add_common_args(ap, tp=True)
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
-    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
+    target, _ = harness.load_models(args)
     ids = kernels.encode_prompt(target, args.prompt)
     tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -36,6 +36,7 @@ import prompts as prompt_sets
 import timeline
 
 METHODS = ("ar", "hf", "sd", "hf-assisted", "hf-prompt-lookup", "ssd", "saguaro")
+TP_METHODS = ("ar", "sd", "ssd")  # the rows that run on a tensor-parallel target (--tp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +297,7 @@ def conditions(args, target, draft, prompts):
     if kernels.resolve_device(args.device).type == "cuda":
         cpu = torch.cuda.get_device_name()
     return {"hardware": cpu, "device": str(target.device), "threads": args.threads,
+            "tp": args.tp,
             "attention": kernels.ATTENTION, "model": target.name,
             "cpu_kernels": (kernels_cpu.CPU_KERNELS if target.device.type == "cpu" else None),
             "draft": args.draft if "sd" in args.methods or "ssd" in args.methods else None,
@@ -424,7 +426,7 @@ def sweep(args, target, draft, prompts):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_common_args(ap)
+    harness.add_common_args(ap, tp=True)
     ap.set_defaults(threads=None)
     ap.add_argument("--draft", default="default",
                     help=drafts.DRAFT_HELP)
@@ -433,8 +435,8 @@ def main(argv=None):
     ap.add_argument("--k", type=harness.positive_int, default=4, help="speculation length K")
     ap.add_argument("--f", type=harness.positive_int, default=1,
                     help="SSD fan-out per outcome position")
-    ap.add_argument("--methods", default="ar,hf,sd,hf-assisted,hf-prompt-lookup,ssd,saguaro",
-                    help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} "
+                    f"(default: all; with --tp: {','.join(TP_METHODS)})")
     ap.add_argument("--dataset", default="alpaca",
                     help="humaneval | alpaca | gsm8k | ultrafeedback | all")
     ap.add_argument("--num-prompts", type=harness.positive_int, default=4,
@@ -454,16 +456,21 @@ def main(argv=None):
                     help="grid, e.g. 'k=2,4,6;f=1,3;batch=1,4;temperature=0,1' (no HF rows)")
     ap.add_argument("--out", default="results/sweep", help="sweep output prefix (.json, .csv)")
     args = ap.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods or ",".join(METHODS if args.tp == 1 else TP_METHODS)
+    args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     for m in args.methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+        if args.tp > 1 and m not in TP_METHODS:  # hf: transformers' own model; saguaro: later
+            ap.error(f"--tp: method {m!r} is not yet supported on a tensor-parallel target; "
+                     f"choose from {', '.join(TP_METHODS)}")
+    if args.tp > 1 and args.sweep:
+        ap.error("--sweep is not yet supported with --tp")
     if args.threads is None:
         args.threads = torch.get_num_threads()
 
-    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
-    draft = drafts.load_draft(args.draft, target) if {"sd", "hf-assisted", "ssd", "saguaro"} & \
-        set(args.methods) else None
+    needs_draft = {"sd", "hf-assisted", "ssd", "saguaro"} & set(args.methods)
+    target, draft = harness.load_models(args, args.draft if needs_draft else None)
     prompts = [(d, kernels.encode_prompt(target, text))
                for d, text in prompt_sets.load(args.dataset, args.num_prompts)]
     if args.sweep:
@@ -485,7 +492,7 @@ def main(argv=None):
     acc = accountings(results, args)
     print_table(table, cond, acc, sol)
     record = {"conditions": cond, "rows": table, "accounting": acc, "speed_of_light": sol}
-    if args.json:
+    if args.json and getattr(target, "tp", (0,))[0] == 0:  # tensor-parallel: rank 0 writes
         with open(args.json, "w") as f:
             json.dump({**record, "runs": results}, f, indent=1)
     print(json.dumps(record))

@@ -79,7 +79,7 @@ class Answer:
     build_s: float         # seconds: the build that made this round's cache, the JIT, the glue
     jit_s: float
     glue_s: float
-    forwards: int          # draft forwards run for this answer and the build before it
+    forwards: int          # draft forwards of this round: the answer's, the build's after it
     spans: list = None     # the draft's timeline since its last answer, when recording
 
 

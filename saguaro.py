@@ -249,7 +249,6 @@ class DraftSide:
         self.S = self.spec = self.glue = self.prefix = self.next = None
         self.waiting = False
         self.build_s = self.glue_s = 0.0
-        self.forwards = 0
 
     def on(self, msg):
         """A Round: the Answer; a Backup: the fast backup's tokens for the rows that asked."""
@@ -277,7 +276,7 @@ class DraftSide:
         dev, B, K = self.draft.device, len(msg.k), self.K
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
-        forwards, self.forwards, jit_s, self.prefix = self.forwards, 0, 0.0, None
+        forwards, jit_s, self.prefix = 1 + K, 0.0, None  # the build after this answer: glue + K
         steps = torch.arange(K, device=dev)
         hit = torch.zeros(B, dtype=torch.bool, device=dev)
         y = torch.zeros(B, K, dtype=torch.long, device=dev)
@@ -351,7 +350,6 @@ class DraftSide:
         self.S = ssd.build_speculation_cache(self.draft, self.cache, self.glue, y, fanouts,
                                              saguaro_q(self.sampling, self.c, fan_hit), self.gen,
                                              vocab=self.V)
-        self.forwards += 1 + self.K
         self.build_s = timeline.span("build", tick, "draft")
 
 
@@ -380,27 +378,6 @@ class DraftWorker(draft_process.DraftWorker):
     side = DraftSide
 
 
-def check_settings(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0.0, top_k=None,
-                   top_p=None, fan_out="geometric", saguaro_c=1.0, backup="auto", budget=None,
-                   **_):
-    """What generate() refuses (ValueError), checked before a draft process starts."""
-    kernels.check_sampling(temperature, top_k, top_p)
-    if not isinstance(k, int) or k < 1 or not isinstance(f, int) or f < 1:
-        raise ValueError(f"k and f must be integers >= 1, got k={k!r}, f={f!r}.")
-    if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
-        raise ValueError(f"fan_out is geometric|uniform and backup auto|jit|fast; got "
-                         f"{fan_out!r}, {backup!r}.")
-    if not 0 <= saguaro_c <= 1:
-        raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {saguaro_c}.")
-    if budget is not None and (not isinstance(budget, int) or budget < 1):
-        raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
-    B = budget or (k + 1) * f
-    if B >= target.cfg.vocab_size:
-        raise ValueError(f"the cache budget B = {B} must stay below the vocabulary "
-                         f"({target.cfg.vocab_size} tokens): lower f or --budget.")
-    harness.check_request(target, harness.as_batch(prompt_ids), max_new_tokens, room=k)
-
-
 def lost_answer(B, K):
     """What stands in for the draft's answer once it is lost: every row needs the fast backup."""
     return Answer(torch.full((B,), NEED_FAST), torch.full((B,), -1),
@@ -410,7 +387,7 @@ def lost_answer(B, K):
 # ----------------------------------------------------------------------------------------------
 # The loop: ssd.py's round, with the draft's half running in the draft process
 
-@draft_process.beside(DraftWorker, check=check_settings)
+@draft_process.beside(DraftWorker, check=harness.check_saguaro)
 @torch.inference_mode()
 def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temperature=0.0,
              top_k=None, top_p=None, seed=0, eos=True, fan_out="geometric", saguaro_c=1.0,
@@ -423,7 +400,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why,
     b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7), measured_speedup
     (tokens per row per target verify), draft_wait_s and draft_lost (why, if lost)."""
-    prompts = harness.as_batch(prompt_ids)  # checked (check_settings) before the draft started
+    prompts = harness.as_batch(prompt_ids)  # checked (harness.check_saguaro) before the draft started
     K, budget = k, budget or (k + 1) * f
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size

@@ -238,13 +238,12 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
 def main():
     import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_common_args(ap)
+    harness.add_common_args(ap, tp=True)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
-    target = kernels.load_model(args.model, args.device, args.dtype, args.threads)
-    draft = drafts.load_draft(args.draft, target)
+    target, draft = harness.load_models(args, args.draft)
     ids = kernels.encode_prompt(target, args.prompt)
     tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, temperature=args.temperature, top_k=args.top_k,

@@ -592,8 +592,6 @@ def test_draft_equal_to_target_hits_every_time_at_temperature_0(self_pair):
     assert est.rank_counts.sum() == sum(stats["lookups_by_k"]) and est.rank_counts[0] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="saguaro's draft process resets its forward count "
-                   "before it reports the build's glue and tree steps (left for the library)")
 def test_draft_calls_count_every_draft_forward(self_pair):
     """draft_calls: the cold start's JIT (K forwards), then per round the glue and K tree
     steps, plus K for every JIT backup."""

@@ -95,6 +95,16 @@ def test_temperature_divides_the_logits():
     assert kernels.probs_from_logits(logits, 0.0)[0].tolist() == [0.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38])
+def test_a_near_zero_temperature_is_greedy_not_nan(temperature):
+    """logits / T overflows for T near 0: only the gaps to the largest logit may be divided
+    (they are <= 0, so they go to -inf, never to +inf), which leaves the argmax with all mass."""
+    logits = torch.tensor([[5.0, 1.0, 4.999], [-3.0, 2.0, 40.0]])
+    probs = kernels.probs_from_logits(logits, temperature)
+    assert torch.equal(probs, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert kernels.sample(probs).tolist() == [0, 2]
+
+
 def test_top_k_keeps_exactly_the_k_largest():
     logits = random_logits(200, 12, seed=3).float()
     full = kernels.probs_from_logits(logits, 0.7)

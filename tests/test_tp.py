@@ -1,0 +1,317 @@
+"""tp.py: a target split over 2 ranks (gloo, CPU) computes what the whole model computes.
+
+Each test starts 2 rank processes as torchrun would (this file, run as a script, with RANK,
+WORLD_SIZE, LOCAL_RANK and a free MASTER_PORT), every wait bounded; each rank builds the same tiny
+model (same seed), keeps a whole copy as the reference, shards the other and saves what it saw.
+  - logits: TP=2 equals TP=1 within float32 rounding for a ragged prefill, a decode step, a
+    (K+1)-token verify and a tree-masked step, in every supported family, with KV heads split
+    and with one KV head replicated on both ranks;
+  - greedy AR, SD and SSD on the TP=2 target emit the TP=1 tokens; both ranks emit the same;
+  - SD on the TP=2 target at temperature 1 samples the target's exact law (tests/exact.py);
+  - the default model: reading only a rank's shard (safetensors get_slice) gives the weights
+    cutting the whole model gives, and greedy AR and SD with the shipped draft match TP=1;
+  - a rank that dies makes the other fail with tp.RankLost within a bound, not hang;
+  - bad input (--tp without torchrun, N not dividing the heads, more ranks than devices).
+"""
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import kernels  # noqa: E402
+import tp  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+
+RAGGED = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
+FAMILIES = {  # name: (config changes, (query heads, KV heads) on rank 0 and on rank 1)
+    "llama": ({}, [(2, 1), (2, 1)]), "mistral": ({}, [(2, 1), (2, 1)]),
+    "qwen2": ({}, [(2, 1), (2, 1)]), "qwen3": ({}, [(2, 1), (2, 1)]),
+    "llama-kv-replicated": ({"num_key_value_heads": 1}, [(2, 1), (2, 1)]),  # 1 KV head, 2 ranks
+    "llama-uneven": ({"num_attention_heads": 6, "num_key_value_heads": 3,  # as SmolLM2: 3 groups
+                      "intermediate_size": 63}, [(2, 1), (4, 2)])}        # MLP 31 + 32
+
+
+# ----------------------------------------------------------------------------------------------
+# the launcher: 2 rank processes, as torchrun starts them
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(case, tmp_path, world=2, timeout=120, tp_timeout=60, hung=()):
+    """Run `case` on `world` ranks; -> (per-rank results, return codes, stderr texts). Each rank
+    gets `timeout` seconds (a bound, not a timing: a correct run takes a few seconds); the ranks
+    in `hung` are killed once the others have finished."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+               SSD_TP_TIMEOUT=str(tp_timeout))
+    procs = [subprocess.Popen([sys.executable, __file__, case, str(tmp_path)], text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(world)]
+    errs = [""] * world
+    for r in sorted(range(world), key=lambda r: r in hung):
+        if r in hung:
+            procs[r].kill()
+        try:
+            errs[r] = procs[r].communicate(timeout=timeout)[1]
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"tensor-parallel case {case!r} did not finish within {timeout} s")
+    codes = [p.returncode for p in procs]
+    outs = [torch.load(tmp_path / f"rank{r}.pt") if os.path.exists(tmp_path / f"rank{r}.pt")
+            else None for r in range(world)]
+    return outs, codes, errs
+
+
+def ran(case, tmp_path, **kw):
+    outs, codes, errs = launch(case, tmp_path, **kw)
+    assert codes == [0] * len(codes), "\n".join(errs)
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# what each rank runs
+
+def join():
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    tp.init(int(os.environ["WORLD_SIZE"]), "cpu")
+    return dist.get_rank()
+
+
+def explicit_tree_step(model, cache):
+    """A tree-masked step after prefill: 3 tokens per row at positions L, L+1, L+1 (a root and
+    two children, each child seeing the root), in scratch slots L, L+1, L+2."""
+    L = cache.lengths.clone()
+    tokens = torch.tensor([[4, 6, 2]] * len(L))
+    positions = L[:, None] + torch.tensor([0, 1, 1])
+    slots = L[:, None] + torch.arange(3)
+    S = torch.arange(cache.max_len)
+    mask = (S < L[:, None, None]) | (S == slots[:, :, None])
+    mask[:, 1:, :] |= (S == L[:, None, None])        # the children see the root
+    return model(tokens, cache, positions=positions, slots=slots, mask=mask)
+
+
+@torch.inference_mode()
+def logits_on(model):
+    cache = model.new_cache(len(RAGGED), 32)
+    out = [model.prefill(RAGGED, cache)]                                   # ragged prefill
+    out.append(model(torch.tensor([[3], [4], [5]]), cache))                # decode
+    out.append(model(torch.tensor([[1, 2, 3, 4, 5]] * 3), cache))          # K+1 = 5 verify
+    cache.lengths -= 2                                                     # per-row rollback
+    out.append(explicit_tree_step(model, cache))                           # tree-masked
+    return out
+
+
+def case_logits():
+    rank, result = join(), {}
+    for name, (over, _) in FAMILIES.items():
+        whole = tiny_model(0, name.split("-")[0], vocab_size=64, **over)
+        sharded = tp.shard(copy.deepcopy(whole))
+        want, got = logits_on(whole), logits_on(sharded)
+        c, block = sharded.cfg, sharded.layers[0]
+        result[name] = (max(float((w - g).abs().max()) for w, g in zip(want, got)),
+                        max(float(w.abs().max()) for w in want), (c.num_heads, c.num_kv_heads),
+                        block.wqkv.weight.shape[0] == (c.num_heads + 2 * c.num_kv_heads) * 8
+                        and block.w2.linear.weight.shape[1] == c.intermediate_size)
+    return result
+
+
+def noisy_copy(model, noise, seed=1):
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise)
+    return draft
+
+
+def case_greedy():
+    import autoregressive
+    import speculative
+    import ssd
+    join()
+    result = {}
+    for family in ("llama", "qwen3"):
+        whole = tiny_model(0, family, vocab_size=64)
+        draft = noisy_copy(whole, 0.02)
+        runs = {"ar": (autoregressive, {}), "sd": (speculative, {"draft": draft, "k": 3}),
+                "ssd": (ssd, {"draft": draft, "k": 3, "f": 2})}
+        want = {m: mod.generate(whole, RAGGED, 30, **kw)[0] for m, (mod, kw) in runs.items()}
+        tp.shard(whole)
+        for m, (mod, kw) in runs.items():
+            got, stats = mod.generate(whole, RAGGED, 30, **kw)
+            result[(family, m)] = (want[m], got, stats["acceptance_rate"])
+    return result
+
+
+def case_law():
+    import exact
+    import speculative
+    from test_speculative import PROMPT, SAMPLES, WINDOW, tiny4
+    join()
+    target = tiny4(0)                        # 2 query heads, 1 KV head: 1 + 1 on two ranks
+    draft = noisy_copy(target, 0.5)
+    n = WINDOW[4]
+    law = exact.exact_distribution(target, PROMPT, n, temperature=1.0)
+    tp.shard(target)
+    counts = exact.sample_sequences(speculative.generate, target, PROMPT, n, SAMPLES,
+                                    draft=draft, k=2, temperature=1.0)
+    return {"law": law, "counts": counts}
+
+
+def case_default():
+    import autoregressive
+    import drafts
+    import speculative
+    join()
+    whole = kernels.load_model("default", "cpu", "float32")
+    shard_read = tp.load_model("default", "cpu", "float32")       # get_slice: this rank's only
+    draft = drafts.load_draft("default", whole)
+    prompts = [kernels.encode_prompt(whole, "What is the capital of France?")]
+    want = autoregressive.generate(whole, prompts, 24)[0]
+    tp.shard(whole)
+    got = [autoregressive.generate(whole, prompts, 24)[0],
+           speculative.generate(whole, prompts, 24, draft=draft, k=4)[0]]
+    a, b = whole.state_dict(), shard_read.state_dict()
+    same = sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    return {"want": want, "got": got, "same_weights": same}
+
+
+def case_death(hang=False):
+    import autoregressive
+    rank = join()
+    target = tp.shard(tiny_model(0, vocab_size=64))
+    autoregressive.generate(target, RAGGED, 5)   # both ranks in step
+    if rank == 1:
+        if hang:
+            time.sleep(600)                      # silent, sockets open (the test kills it)
+        os._exit(3)                              # dies between two generations
+    t0 = time.perf_counter()
+    try:
+        autoregressive.generate(target, RAGGED, 5)
+    except tp.RankLost as e:
+        return {"error": str(e), "seconds": time.perf_counter() - t0}
+    return {"error": None}
+
+
+def case_hang():
+    return case_death(hang=True)
+
+
+if __name__ == "__main__":
+    case, folder = sys.argv[1], sys.argv[2]
+    out = globals()[f"case_{case}"]()
+    torch.save(out, os.path.join(folder, f"rank{os.environ['RANK']}.pt"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the tests
+
+def test_tp2_logits_equal_tp1_for_prefill_decode_verify_and_tree_steps(tmp_path):
+    outs = ran("logits", tmp_path)
+    for rank, result in enumerate(outs):
+        assert result.keys() == FAMILIES.keys()
+        for family, (diff, scale, heads, cut) in result.items():
+            assert diff <= 1e-5 * max(1.0, scale), (rank, family, diff)   # float32 rounding
+            assert heads == FAMILIES[family][1][rank], family
+            assert cut, family                              # this rank's rows and columns only
+
+
+def test_greedy_ar_sd_ssd_on_a_tp2_target_equal_tp1(tmp_path):
+    outs = ran("greedy", tmp_path)
+    for key, (want, got, acceptance) in outs[0].items():
+        assert got == want, key
+        assert outs[1][key][1] == got, key                  # both ranks emitted the same
+        if key[1] != "ar":
+            assert 0 < acceptance < 1, key                  # rollbacks happened
+
+
+def test_sd_on_a_tp2_target_samples_the_exact_law(tmp_path):
+    import exact
+    outs = ran("law", tmp_path)
+    assert outs[0]["counts"] == outs[1]["counts"]           # one draw per round, on every rank
+    passed, worst, shown = exact.window_test(outs[0]["counts"], outs[0]["law"], 1e-3)
+    assert passed, shown
+
+
+def test_default_model_shard_read_and_greedy_ar_sd_equal_tp1(tmp_path):
+    outs = ran("default", tmp_path, timeout=300)
+    for result in outs:
+        assert result["same_weights"]                      # get_slice read == cut in place
+        assert result["got"] == [result["want"]] * 2        # ar, sd on TP=2 == ar on TP=1
+    assert outs[0]["got"] == outs[1]["got"]
+
+
+def test_a_rank_that_dies_is_a_clear_error_on_the_other_within_a_bound(tmp_path):
+    outs, codes, errs = launch("death", tmp_path)
+    assert codes[1] == 3 and codes[0] == 0, errs
+    assert outs[0]["error"] and "lost its peers" in outs[0]["error"], outs[0]
+    # time is the property: gloo sees the closed socket at once; 30 s is generous room, far
+    # below the 60 s timeout that bounds a rank that hangs instead
+    assert outs[0]["seconds"] < 30
+
+
+def test_a_rank_that_hangs_is_a_clear_error_on_the_other_after_the_timeout(tmp_path):
+    outs, codes, errs = launch("hang", tmp_path, tp_timeout=3, hung=(1,))
+    assert codes[0] == 0, errs
+    assert outs[0]["error"] and "bounded by SSD_TP_TIMEOUT = 3 s" in outs[0]["error"], outs[0]
+    # time is the property: given up after the 3 s timeout, not never (20 s: generous room)
+    assert 2 < outs[0]["seconds"] < 20
+
+
+def test_bad_tp_requests_are_clear_errors(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
+        tp.check_world(2, {}, cpu, cores=8, gpus=0)
+    tp.check_world(1, {}, cpu, cores=1, gpus=0)                     # no torchrun, --tp 1: fine
+    with pytest.raises(ValueError, match="started 4 processes but --tp is 2"):
+        tp.check_world(2, {"WORLD_SIZE": "4"}, cpu, cores=8, gpus=0)
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        tp.check_world(4, {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, gpu, cores=8, gpus=2)
+    with pytest.raises(ValueError, match="only 2 CPU core"):
+        tp.check_world(4, {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, cpu, cores=2, gpus=0)
+    cfg = tiny_model(0).cfg                                 # 4 query heads, 2 KV heads, 64 MLP
+    with pytest.raises(ValueError, match="cannot split this model's 4 query heads in 2 KV"):
+        tp.plan(cfg, 0, 3)                                  # 3 ranks, 2 KV heads
+    with pytest.raises(ValueError, match="cannot split"):
+        tp.plan(cfg, 0, 8)                                  # 8 ranks, 4 query heads
+    assert tp.plan(cfg, 3, 4).kv == (8, 16)                 # 4 ranks: KV head 1 on ranks 2, 3
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        tp.init(2, "cpu")
+
+
+def test_scripts_without_tp_refuse_it_and_bench_refuses_what_tp_does_not_run(monkeypatch,
+                                                                             capsys):
+    import bench
+    import saguaro
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+
+    def refused(main, argv, message):
+        monkeypatch.setattr(sys, "argv", [main.__module__ + ".py"] + argv)
+        with pytest.raises(SystemExit) as exit_:
+            main(argv) if main is bench.main else main()
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+
+    refused(saguaro.main, ["--prompt", "hi", "--tp", "2"],
+            "tensor parallelism is not yet supported by saguaro.py")
+    refused(bench.main, ["--tp", "2"], "torchrun --nproc-per-node 2 bench.py --tp 2")
+    monkeypatch.setenv("WORLD_SIZE", "2")                   # as if torchrun started 2 processes
+    refused(bench.main, ["--methods", "ar"], "torchrun started 2 processes but --tp is 1")
+    refused(bench.main, ["--tp", "2", "--methods", "ar,saguaro"],
+            "method 'saguaro' is not yet supported on a tensor-parallel target")
+    refused(bench.main, ["--tp", "2", "--methods", "hf"], "method 'hf' is not yet supported")
+    refused(bench.main, ["--tp", "2", "--sweep", "k=2,3"], "--sweep is not yet supported")
