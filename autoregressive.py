@@ -21,6 +21,7 @@ import torch
 
 import harness
 import kernels
+import timeline
 
 
 @torch.inference_mode()
@@ -45,7 +46,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
     cache = target.new_cache(B, max_len)
     token = kernels.next_token(target.prefill(prompts, cache), temperature, top_k, top_p, gen)
     kernels.sync(dev)
-    stats["prefill_s"] = time.perf_counter() - t0
+    stats["prefill_s"] = timeline.span("prefill", t0)
 
     # 2) decode: one target forward per token, every row in one batch
     t0 = time.perf_counter()
@@ -55,10 +56,12 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
         done |= torch.isin(token, eos_ids)
         if i == max_new_tokens - 1 or bool(done.all()):
             break
+        tick = time.perf_counter()
         stats["target_calls"] += 1
         stats["rows_verified"] += int((~done).sum())
         logits = target(token[:, None], cache)                            # (B, 1, V)
         token = kernels.next_token(logits[:, -1], temperature, top_k, top_p, gen)  # (B,)
+        timeline.span("step", tick)
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0
 
@@ -76,7 +79,7 @@ def main():
     ids = kernels.encode_prompt(target, args.prompt)
     tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed), args.max_new_tokens)
+        seed=args.seed), args.max_new_tokens, trace=args.trace)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
           f"decode {stats['decode_tokens_per_s']:.1f} tokens/s]")

@@ -4,14 +4,17 @@
     python bench.py --model Qwen/Qwen3-32B --draft Qwen/Qwen3-0.6B --device cuda --dtype bfloat16
 
 Rows: ar (autoregressive.py), hf (transformers `generate`), sd (speculative.py), hf-assisted
-(transformers assisted generation with the same draft and K), ssd (ssd.py), saguaro (saguaro.py).
+(transformers assisted generation with the same draft and K), hf-prompt-lookup (transformers'
+prompt-lookup decoding with the same K: the model-free peer of `--draft ngram`), ssd (ssd.py),
+saguaro (saguaro.py), with its distance from its speed of light (speed_of_light below).
 Each method is warmed up first; prompts run in turn through every method (so drift hits all rows
 alike); the table reports medians over prompts. Decode tokens/s = (new tokens - 1) / (time after
 the first token): the first token comes out of prefill, which is reported apart. For the HF rows
 prefill is timed as `generate(max_new_tokens=1)` on the same prompt. `Match` says whether a row's
 greedy tokens equal ar's, token for token: a claim in float32 only (in bfloat16/float16 forwards of
 different lengths round differently, see autoregressive.py), so there it reads e.g. `False (not
-claimed in bfloat16)`. The last stdout line is JSON with every figure.
+claimed in bfloat16)`. The last stdout line is JSON with every figure. `--trace t.json` writes the
+timeline of each of our rows' last measured run (timeline.py) to t.ar.json, t.sd.json, ...
 """
 import argparse
 import json
@@ -30,9 +33,10 @@ import harness
 import kernels
 import kernels_cpu
 import prompts as prompt_sets
+import timeline
 import tp
 
-METHODS = ("ar", "hf", "sd", "hf-assisted", "ssd", "saguaro")
+METHODS = ("ar", "hf", "sd", "hf-assisted", "hf-prompt-lookup", "ssd", "saguaro")
 TP_METHODS = ("ar", "sd", "ssd", "saguaro")  # the rows that run on a tensor-parallel target
 
 
@@ -47,9 +51,11 @@ def ours(module, target, args, threads, **kw):
     return run
 
 
-def hf_runner(hf, args, threads, assistant=None):
+def hf_runner(hf, args, threads, assistant=None, prompt_lookup=False):
     """transformers' generate, timed the same way: prefill = generate(max_new_tokens=1)."""
     kw = {"do_sample": args.temperature > 0, "pad_token_id": hf.config.eos_token_id}
+    if prompt_lookup:  # K tokens copied from the prompt after its last matching n-gram
+        kw["prompt_lookup_num_tokens"] = args.k
     if args.temperature > 0:
         kw.update(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0)
     if assistant is not None:
@@ -105,6 +111,9 @@ def build_rows(args, target, draft):
             hf = load_hf(target.path, args.device, args.dtype)
             rows["hf-assisted"] = hf_runner(hf, args, args.threads,
                                             assistant=load_hf(path, args.device, args.dtype))
+        elif m == "hf-prompt-lookup":
+            rows[m] = hf_runner(load_hf(target.path, args.device, args.dtype), args, args.threads,
+                                prompt_lookup=True)
         elif m == "ssd":
             import ssd
             rows["ssd"] = ours(ssd, target, args, args.threads, draft=draft, k=args.k, f=args.f)
@@ -117,6 +126,7 @@ def build_rows(args, target, draft):
                                           device=tp.draft_device(args, target))
                       if tp.rank() == 0 else None)
             args.cleanup.append(worker.close if worker else lambda: None)
+            args.saguaro_cores = (half, worker.target_cpus if worker else None)  # speed of light
             kw = dict(draft=worker, k=args.saguaro_k or args.k, f=args.f, fan_out=args.fan_out,
                       saguaro_c=args.saguaro_c, backup=args.backup, target_threads=half,
                       budget=args.budget)
@@ -149,10 +159,16 @@ def measure(rows, prompts, args):
         args.max_new_tokens = saved
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=len(batches) * len(rows))
-        for batch in batches:
+        for i, batch in enumerate(batches):
             for name, run in rows.items():
                 bar.update(task, description=f"{name} on {batch[0][0]}")
+                if args.trace and i == len(batches) - 1:
+                    timeline.start()  # the last run of each row: its timeline
                 tokens, stats = run([ids for _, ids in batch])
+                if timeline.recording() and (events := timeline.stop()):  # HF rows: none
+                    stem, ext = os.path.splitext(args.trace)
+                    timeline.write(f"{stem}.{name}{ext or '.json'}", events, method=name,
+                                   command=" ".join(sys.argv))
                 results[name].append({"dataset": batch[0][0], "tokens": tokens, **stats})
                 bar.advance(task)
     return results
@@ -181,6 +197,10 @@ def summarize(results, args):
             for key in ("predicted_speedup", "measured_speedup", "p_hit", "a", "r"):
                 vals = [r[key] for r in runs if r.get(key) is not None]
                 row[key] = statistics.median(vals) if vals else None
+            per_round = lambda key: 1e3 * sum(r[key] for r in runs) / sum(
+                r["target_calls"] for r in runs)
+            row["verify_ms"] = per_round("verify_s")        # a verify beside the draft process
+            row["round_ms"], row["wait_ms"] = per_round("decode_s"), per_round("draft_wait_s")
             used = {b: sum(r["backup_used"][b] for r in runs) for b in runs[0]["backup_used"]}
             row["backup"] = ", ".join(f"{b} {n}" for b, n in used.items())
             row["backup_why"] = runs[-1]["backup_why"]
@@ -218,6 +238,57 @@ def accountings(results, args):
     return out
 
 
+@torch.inference_mode()
+def step_times(target, ids, K, threads, cpus=None, reps=12):
+    """Median seconds of one 1-token step and of one (K+1)-token verify, each alone, on `threads`
+    threads (pinned to `cpus`), over a cache holding the prompt `ids`."""
+    saved = os.sched_getaffinity(0)
+    try:
+        kernels.set_threads(threads)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        cache = target.new_cache(1, len(ids) + K + 1)
+        target.prefill([ids], cache)
+        n = cache.lengths.clone()
+        tokens = torch.tensor([(ids * (K + 1))[-K - 1:]], device=target.device)  # (1, K+1)
+        times = {1: [], K + 1: []}
+        for _ in range(reps + 2):  # alternated, so drift hits both; the first two warm up
+            for m in times:
+                cache.lengths.copy_(n)
+                t0 = time.perf_counter()
+                target(tokens[:, :m], cache)
+                kernels.sync(target.device)
+                times[m].append(time.perf_counter() - t0)
+        return [statistics.median(t[2:]) for t in times.values()]
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def speed_of_light(table, target, prompts, args):
+    """If drafting were fully hidden, a saguaro round would cost one (K+1)-token verify and emit
+    tau tokens: speed of light = tau / t(verify) tokens/s, tau x t(step) / t(verify) over AR, both
+    clocks read alone (the draft process idle) on the target's cores. efficiency = measured speed
+    / speed of light: what the losses (a slower verify beside the draft, misses, glue, messages)
+    leave of the idea."""
+    row = table.get("saguaro")
+    if not row or not row.get("tau"):
+        return None
+    K, (threads, cpus) = args.saguaro_k or args.k, args.saguaro_cores
+    t1, tk = step_times(target, prompts[-1][1], K, threads, cpus)
+    sol = row["tau"] / tk
+    return {"k": K, "target_threads": threads, "tau": row["tau"], "step_ms": 1e3 * t1,
+            "verify_ms": 1e3 * tk, "verify_beside_draft_ms": row["verify_ms"],
+            "round_ms": row["round_ms"], "losses_ms": {  # what a round costs beyond tk
+                "verify beside the draft": row["verify_ms"] - 1e3 * tk,
+                "waiting for the draft": row["wait_ms"],
+                "the rest (accept, fast backup, Python)": row["round_ms"] - row["verify_ms"]
+                - row["wait_ms"]},
+            "speed_of_light_vs_ar": row["tau"] * t1 / tk, "speed_of_light_tokens_per_s": sol,
+            "efficiency": row["decode_tokens_per_s"] / sol,
+            "predicted_speedup": row["predicted_speedup"],
+            "measured_speedup": row["measured_speedup"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # 3) the report
 
@@ -243,7 +314,7 @@ def conditions(args, target, draft, prompts):
             "torch": torch.__version__}
 
 
-def print_table(table, cond, acc=None):
+def print_table(table, cond, acc=None, sol=None):
     from rich.console import Console
     from rich.table import Table
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -280,6 +351,20 @@ def print_table(table, cond, acc=None):
         console.print(f"saguaro, {label.replace('_', ' ')} accounting (ar/sd on "
                       f"{a['ar_threads']} thread(s), saguaro target+draft on {a['split']}): "
                       f"{fmt_x(a['saguaro_vs_sd'])} sd, {fmt_x(a['saguaro_vs_ar'])} ar")
+    if sol:
+        f2 = lambda v: "-" if v is None else f"{v:.2f}"
+        console.print(
+            f"saguaro speed of light (K={sol['k']}, alone on the target's {sol['target_threads']} "
+            f"thread(s)): tau {sol['tau']:.2f} x step {sol['step_ms']:.1f} ms / verify "
+            f"{sol['verify_ms']:.1f} ms = {sol['speed_of_light_vs_ar']:.2f}x ar = "
+            f"{sol['speed_of_light_tokens_per_s']:.1f} tok/s; [bold]efficiency "
+            f"{sol['efficiency']:.2f}[/bold] (measured / speed of light). In tokens per "
+            f"verify time: speed model (Thm. 7) {f2(sol['predicted_speedup'])}x, measured "
+            f"{f2(sol['measured_speedup'])}x, speed of light {sol['tau']:.2f}x; a verify beside "
+            f"the draft took {sol['verify_beside_draft_ms']:.1f} ms")
+        console.print(f"saguaro's mean round: {sol['round_ms']:.1f} ms = a verify alone "
+                      f"{sol['verify_ms']:.1f} ms + " + " + ".join(
+                          f"{name} {ms:.1f} ms" for name, ms in sol["losses_ms"].items()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,14 +487,15 @@ def main(argv=None):
     try:
         rows = build_rows(args, target, draft)
         results = measure(rows, prompts, args)
+        table = summarize(results, args)
+        sol = speed_of_light(table, target, prompts, args)  # while the draft process idles
     finally:
         for close in args.cleanup:
             close()
-    table = summarize(results, args)
     cond = conditions(args, target, draft, prompts)
     acc = accountings(results, args)
-    print_table(table, cond, acc)
-    record = {"conditions": cond, "rows": table, "accounting": acc}
+    print_table(table, cond, acc, sol)
+    record = {"conditions": cond, "rows": table, "accounting": acc, "speed_of_light": sol}
     if args.json and getattr(target, "tp", (0,))[0] == 0:  # tensor-parallel: rank 0 writes
         with open(args.json, "w") as f:
             json.dump({**record, "runs": results}, f, indent=1)

@@ -12,6 +12,7 @@ What crosses, as small typed records (one `send`/`recv` pair packs and unpacks t
     target -> draft   Start    the prompts and the sampling settings: the draft prefills its cache
     target -> draft   Round    the outcome (k, t) per row, the backup and fan-outs to use
     draft  -> target  Answer   per row: where the next speculation came from, y_1..y_K, q'
+                               (and the draft's timeline, when recording: timeline.py)
     target -> draft   Backup   the fast backup's tokens, for the rows that needed it
     target -> draft   End      the generation is over;  Shutdown: the process exits
 
@@ -40,6 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kernels
+import timeline
 from speculative import check_draft
 
 
@@ -57,6 +59,7 @@ class Start:
     top_p: float | None
     c: float               # Saguaro's C
     seed: int
+    trace: bool = False    # record the draft's spans (timeline.py): set by exchange()
 
 
 @dataclasses.dataclass
@@ -79,6 +82,7 @@ class Answer:
     jit_s: float
     glue_s: float
     forwards: int          # draft forwards of this round: the answer's, the build's after it
+    spans: list = None     # the draft's timeline since its last answer, when recording
 
 
 @dataclasses.dataclass
@@ -303,12 +307,16 @@ class DraftWorker:
             _warn(f"was not running (lost earlier: {self.lost})")
         if self.lost is not None:
             return None
+        if isinstance(msg, Start):
+            msg.trace = timeline.recording()  # the draft records when this process does
         try:
             send(msg, self.link, self.timeout_s)
             self.in_session = not isinstance(msg, End)
             if isinstance(msg, Round):
                 self.rounds += 1
-                return recv(self.link, self.timeout_s)
+                answer = recv(self.link, self.timeout_s)
+                timeline.extend(answer.spans)  # one clock: they line up with this process's
+                return answer
         except DraftLost as e:
             self._lose(f"stopped answering ({e})")
         return None
@@ -453,16 +461,23 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
         traceback.print_exc()
         store.set("ready", "-1")
         return
-    state = None
+    state, idle = None, time.perf_counter()
     with torch.inference_mode():
         while not isinstance(msg := recv(link), Shutdown):
+            tick = time.perf_counter()
             if isinstance(msg, Start):
+                timeline.start() if msg.trace else timeline.stop()
                 state = side(draft, msg)
+                timeline.span("prefill", tick, "draft")
             elif isinstance(msg, End):
                 state = None
             else:
+                timeline.span("wait for target", idle, "draft")
                 reply = state.on(msg)  # answer at once: the target is waiting
                 if reply is not None:
+                    reply.spans = timeline.take()
                     send(reply, link)
+                    timeline.span("answer", tick, "draft")  # shipped with the next answer
                 state.work()           # then the next cache, while the target verifies
+            idle = time.perf_counter()
     link.close()

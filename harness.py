@@ -5,8 +5,10 @@ flags every script spells the same way (each checked as it is parsed)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import kernels
+import timeline
 
 
 def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room: int = 0) -> int:
@@ -86,11 +88,21 @@ def finish_stats(stats: dict, tokens: list) -> dict:
     return stats
 
 
-def after_warm_up(run, max_new_tokens: int, warm_up: int = 8):
+def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
     """What a CLI times: run(n) -> (tokens, stats), called first for a few tokens, whose first
-    calls pack the weights and build the fused layer for each step length, then for real."""
+    calls pack the weights and build the fused layer for each step length, then for real.
+    trace: a file for the timed run's timeline (timeline.py), whose first rounds are printed."""
     run(min(warm_up, max_new_tokens))
-    return run(max_new_tokens)
+    if trace:
+        timeline.start()
+    try:
+        return run(max_new_tokens)
+    finally:
+        if trace:
+            events = timeline.stop()
+            timeline.write(trace, events, command=" ".join(sys.argv))
+            timeline.show(events)
+            print(f"[timeline: {trace}, open it in https://ui.perfetto.dev or chrome://tracing]\n")
 
 
 def positive_int(text: str) -> int:
@@ -168,6 +180,8 @@ def add_common_args(parser, tp: bool = False) -> None:
     parser.add_argument("--top-p", type=checked(float, lambda p: kernels.check_sampling(0, top_p=p)))
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", default=None, metavar="FILE.json",
+                        help="write the timed run's timeline (Chrome trace format) and print it")
     parser.add_argument("--tp", type=_tp_flag if tp else _not_yet(parser.prog), default="1",
                         help="tensor-parallel ranks for the target (launch with torchrun "
                              "--nproc-per-node N)")

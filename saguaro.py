@@ -43,6 +43,7 @@ import drafts
 import harness
 import kernels
 import ssd
+import timeline
 import tp
 from draft_process import Answer, Backup, End, Round, Start
 from speculative import emit, one_hot, pad_vocab, verify
@@ -285,6 +286,7 @@ class DraftSide:
         rank = torch.full((B,), -1, device=dev)
         if self.S is not None:
             hit, y, q = self.S.lookup(k, t)
+            timeline.lookup(int((hit & live).sum()), int(live.sum()))
             rank = self.rank(k, t)
             if bool(hit.all()):
                 branch = self.S.find(k, t)[1]                           # (B,) the branch hit
@@ -298,7 +300,7 @@ class DraftSide:
             y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss)
             y = torch.where(hit[:, None], y, y_jit)
             q = torch.where(hit[:, None, None], q, q_jit)
-            jit_s, forwards = time.perf_counter() - tick, forwards + K
+            jit_s, forwards = timeline.span("jit", tick, "draft"), forwards + K
             in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
             self.prefix = (in_place, logits) if not bool(hit.any()) else None
         return Answer(source.cpu(), rank.cpu(), y.cpu(), None if self.sampling[0] == 0 else q,
@@ -345,12 +347,12 @@ class DraftSide:
             glue_in = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
             glue = self.draft(glue_in, self.cache)                           # (B, K+1, V_draft)
         self.glue, self.spec = glue[..., : self.V], y
-        self.glue_s = time.perf_counter() - tick
+        self.glue_s = timeline.span("glue", tick, "draft")
         fanouts = [fan_hit if s == HIT else fan_miss for s in source.tolist()]
         self.S = ssd.build_speculation_cache(self.draft, self.cache, self.glue, y, fanouts,
                                              saguaro_q(self.sampling, self.c, fan_hit), self.gen,
                                              vocab=self.V)
-        self.build_s = time.perf_counter() - tick
+        self.build_s = timeline.span("build", tick, "draft")
 
 
 def reuse_branch(draft, cache, slots, logits, y):
@@ -429,7 +431,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     for b in range(B):
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
     kernels.sync(dev)
-    stats["prefill_s"] = time.perf_counter() - t0
+    stats["prefill_s"] = timeline.span("prefill", t0)
 
     # 2) decode: per round, the target verifies a speculation while the draft prepares the next
     t0 = time.perf_counter()
@@ -449,7 +451,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         fan_hit, fan_miss = est.fan_outs(choice)
         answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss))
         if answer is not None:
-            stats["draft_wait_s"] += time.perf_counter() - tick
+            stats["draft_wait_s"] += timeline.span("wait for draft", tick)
             est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
         answer = answer or lost_answer(B, K)
         source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)
@@ -466,7 +468,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             fast_probs[ask] = pad_vocab(q.to(dev).float(), Vt)
             draft_tokens[need_fast] = x.to(dev)[need_fast[ask]]
             draft_probs[need_fast] = fast_probs[need_fast]
-            est.time("fast", time.perf_counter() - tick)
+            est.time("fast", timeline.span("fast backup", tick))
         stats["fast_backup_s"] += time.perf_counter() - tick
         if not draft.lost and bool(need_fast.any()):
             draft.exchange(Backup(draft_tokens.cpu()))  # the draft builds over these
@@ -490,14 +492,16 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen)
         stats["target_calls"] += 1
         kernels.sync(dev)
+        verify_s = timeline.span("verify", tick)
         if outcome.min() >= 0:  # not a call's first round: it may pack weights on first use,
-            est.time("verify", time.perf_counter() - tick)  # a one-off kept out of the means
-        stats["verify_s"] += time.perf_counter() - tick
+            est.time("verify", verify_s)  # a one-off kept out of the means
+        stats["verify_s"] += verify_s
 
         # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
         # max_new_tokens) and rolls the target cache back to keep KV through x_k; the draft
         # process rolls its own back when the outcome reaches it. NEW: the rules learn the hit
         # rates and the acceptance of the draft and of the fast backup.
+        tick = time.perf_counter()
         hit = (source == HIT).tolist()
         for b in range(B):
             if done[b]:
@@ -515,6 +519,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
         est.learn_acceptance(p, draft_probs, live & ~need_fast, need_fast, shadow, fast_probs)
         outcome, made = n_accepted.cpu(), source.clone()
+        timeline.span("accept", tick)
     draft.exchange(End())
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0
@@ -562,7 +567,7 @@ def main():
                 target, ids, n, draft=w, k=args.k, f=args.f, fan_out=args.fan_out,
                 saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget),
-                args.max_new_tokens)
+                args.max_new_tokens, trace=args.trace)
     tokens, stats = tp.led(run, target)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s, "

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import harness
 import kernels
+import timeline
 
 
 def verify(target_probs, draft_probs, draft_tokens, generator):
@@ -158,7 +159,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
     for b in range(B):
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
     kernels.sync(dev)
-    stats["prefill_s"] = time.perf_counter() - t0
+    stats["prefill_s"] = timeline.span("prefill", t0)
 
     # 2) decode: per round, the draft proposes K tokens, the target verifies K+1 positions
     t0 = time.perf_counter()
@@ -169,6 +170,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
         # second to last token costs nothing (memory-bound) and is how the draft receives x_K
         # after a round that accepted all K: x_K was sampled, never fed, so without this its
         # cache would lack one token for the rest of the generation and acceptance would decay.
+        tick = time.perf_counter()
         if neural:
             Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
             draft_cache.lengths.copy_(torch.tensor([len(r) - 2 for r in rows]))
@@ -193,9 +195,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
                                  f"expected ({B}, {K}) and ({B}, {K}, {Vd}).")
             draft_tokens, draft_probs = draft_tokens.to(dev), draft_probs.to(dev).float()
             stats["draft_calls"] += 1
+        timeline.span("draft", tick, "draft")
 
         # 2b) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
         # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in
+        tick = time.perf_counter()
         last = torch.tensor([r[-1] for r in rows], device=dev)
         tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
@@ -203,10 +207,12 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
         V = max(Vt, draft_probs.shape[-1])
         n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(draft_probs, V), draft_tokens, gen)
         stats["target_calls"] += 1
+        timeline.span("verify", tick)
 
         # 2c) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
         # max_new_tokens), then rolls its target cache back to keep KV through x_k: t is fed
         # next round. Finished rows keep their length and ride along unchanged.
+        tick = time.perf_counter()
         n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), draft_tokens.tolist()
         for b in range(B):
             if done[b]:
@@ -218,6 +224,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
             room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
             done[b] = emit(rows[b], x[b][:n] + [bonus[b]], room, eos_ids)
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
+        timeline.span("accept", tick)
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0
     if stats["rows_verified"]:
@@ -240,7 +247,7 @@ def main():
     ids = kernels.encode_prompt(target, args.prompt)
     tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed), args.max_new_tokens)
+        top_p=args.top_p, seed=args.seed), args.max_new_tokens, trace=args.trace)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
           f"decode {stats['decode_tokens_per_s']:.1f} tokens/s, tau {stats['tau']:.2f}, "

@@ -39,6 +39,7 @@ import torch
 
 import harness
 import kernels
+import timeline
 from speculative import check_draft, emit, one_hot, pad_vocab, verify
 
 
@@ -194,7 +195,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
     stats["cold_starts"] = done.count(False)  # their first speculation has no cache to come from
     kernels.sync(dev)
-    stats["prefill_s"] = time.perf_counter() - t0
+    stats["prefill_s"] = timeline.span("prefill", t0)
 
     # 2) decode: per round, the target verifies a speculation while the draft prepares the next
     t0 = time.perf_counter()
@@ -218,7 +219,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             draft_tokens[jit], draft_probs[jit] = y[jit, 0], q[jit, 0]      # (B, 1, K) -> (K,)
             stats["draft_calls"] += K
         kernels.sync(dev)
-        jit_s, tick = time.perf_counter() - tick, time.perf_counter()
+        jit_s = timeline.span("jit", tick, "draft") if bool(jit.any()) else 0.0
+        tick = time.perf_counter()
 
         # 2b) NEW: the draft bets on the outcomes of this verification and drafts the next
         # speculation for each: glue forward over [t0, x] (its KV joins the trunk), outcome
@@ -226,11 +228,12 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # verifies (2c).
         glue_in = torch.cat((last[:, None], draft_tokens), 1).clamp_max(Vd - 1)  # (B, K+1)
         glue = draft(glue_in, draft_cache)[..., :Vc]                      # (B, K+1, Vc)
+        timeline.span("glue", tick, "draft")
         S = build_speculation_cache(draft, draft_cache, glue, draft_tokens, fanout, draft_q,
                                     gen, vocab=Vc)
         stats["draft_calls"] += K + 1
         kernels.sync(dev)
-        build_s, tick = time.perf_counter() - tick, time.perf_counter()
+        build_s, tick = timeline.span("build", tick, "draft"), time.perf_counter()
 
         # 2c) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
         # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in.
@@ -244,7 +247,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(draft_probs, V), draft_tokens, gen)
         stats["target_calls"] += 1
         kernels.sync(dev)
-        verify_s = time.perf_counter() - tick
+        verify_s = timeline.span("verify", tick)
         stats["jit_draft_s"] += jit_s
         stats["cache_build_s"] += build_s
         stats["verify_s"] += verify_s
@@ -253,6 +256,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
         # max_new_tokens), then rolls both caches back to keep KV through x_k: t is fed
         # next round. The outcome (k, t) is looked up in S: a hit is next round's speculation.
+        tick = time.perf_counter()
         hit, next_tokens, next_probs = S.lookup(n_accepted, bonus)
         n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), draft_tokens.tolist()
         from_cache, in_cache = cached.tolist(), hit.tolist()
@@ -274,6 +278,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         draft_cache.lengths.copy_(cache.lengths)  # the glue wrote x_1..x_K: keep through x_k
         cached = hit & ~torch.tensor(done, device=dev)
         draft_tokens[cached], draft_probs[cached] = next_tokens[cached], next_probs[cached]
+        timeline.lookup(int(cached.sum()), done.count(False))  # hits, of these live rows
+        timeline.span("accept", tick)
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0
     if stats["rows_verified"]:
@@ -303,7 +309,8 @@ def main():
     ids = kernels.encode_prompt(target, args.prompt)
     tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, f=args.f, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed), args.max_new_tokens)
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed), args.max_new_tokens,
+        trace=args.trace)
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
     print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
           f"decode {stats['decode_tokens_per_s']:.1f} tokens/s (one device), tau "

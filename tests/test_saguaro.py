@@ -29,6 +29,7 @@ import exact
 import kernels
 import saguaro
 import speculative
+import timeline
 from conftest import before_round, tiny_model
 
 V = 4                    # the law tests' vocabulary: 4^6 = 4096 sequences at most
@@ -519,6 +520,7 @@ def test_a_cold_first_verify_stays_out_of_the_latency_means(tiny_pair, monkeypat
     worker.estimates.clear()
     clock = VirtualClock(target, lambda call: 100.0 if call == 1 else 1.0)
     monkeypatch.setattr(saguaro, "time", clock)
+    monkeypatch.setattr(timeline, "time", clock)  # a span's end: the loop's latencies are spans
     try:
         _, stats = saguaro.generate(target, RAGGED[:1], 8, draft=worker, k=2, f=1, backup="jit")
     finally:
