@@ -15,7 +15,7 @@ STAGES = ("sampling", "verify", "ssd", "saguaro")
 RULES = [  # (regex over the mutant's +line, reason it is equivalent)
     (r"topk\([^)]*, \)", "equivalent: `torch.topk`'s `dim` defaults to -1, the dimension named"),
     (r'"-INF"|"XX', "equivalent: `float()` reads 'inf' in any case / the string is never compared"),
-    (r"device=None|generator=generator, \)|dtype=torch.float64, generator",
+    (r"device=None|generator=generator, \)|dtype=torch.float64, generator|fanout\], \)",
      "equivalent on the CPU, the default device (on CUDA, tests/test_gpu.py runs the same code: "
      "a CPU tensor beside a CUDA generator or tensor raises there)"),
     (r"shape\[\+1\]|cumprod\(\+1\)|sum\(\+1|softmax\(\+1\)|scatter\(\+1|dim=\+1",
