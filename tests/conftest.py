@@ -1,4 +1,5 @@
 """Shared fixtures: the default model (loaded once per session) and tiny random models."""
+import copy
 import os
 import sys
 
@@ -40,6 +41,30 @@ def tiny_model(seed=0, model_type="llama", vocab_size=64, scale=1.0, **over) -> 
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         model.head.weight.mul_(scale)
     return model.eval().requires_grad_(False)
+
+
+def noisy_copy(model, noise, seed=1):
+    """The target with Gaussian noise on every weight: a draft that agrees with it partly."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise)
+    return draft
+
+
+class FakeTokenizer:
+    """n token ids, no text: what check_draft compares (its vocabulary and its length); `salt`
+    makes a tokenizer of the same size with other token strings."""
+
+    def __init__(self, n, salt=""):
+        self.vocab = {f"tok{i}{salt}": i for i in range(n)}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __len__(self):
+        return len(self.vocab)
 
 
 def before_round(worker, n, action):

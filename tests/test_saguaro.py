@@ -30,7 +30,7 @@ import kernels
 import saguaro
 import speculative
 import timeline
-from conftest import before_round, tiny_model
+from conftest import FakeTokenizer, before_round, tiny_model
 
 V = 4                    # the law tests' vocabulary: 4^6 = 4096 sequences at most
 PROMPT, N_TOKENS, SAMPLES = [1, 2, 0], 6, 5_000
@@ -408,17 +408,6 @@ def test_same_seed_same_tokens_at_temperature_above_0(tiny_pair):
     runs = [saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
                              temperature=1.0, saguaro_c=0.5, seed=s)[0] for s in (4, 4, 5)]
     assert runs[0] == runs[1] != runs[2]
-
-
-class FakeTokenizer:
-    def __init__(self, n):
-        self.vocab = {f"tok{i}": i for i in range(n)}
-
-    def get_vocab(self):
-        return dict(self.vocab)
-
-    def __len__(self):
-        return len(self.vocab)
 
 
 @pytest.mark.parametrize("draft_vocab", [7, 10])
@@ -889,7 +878,7 @@ CTRL_C_SCRIPT = textwrap.dedent("""
     import functools, sys
     sys.path[:0] = [{tests!r}, {root!r}]
     import saguaro
-    from conftest import tiny_model
+    from conftest import FakeTokenizer, tiny_model
     if __name__ == "__main__":
         target = tiny_model(0, vocab_size=64)
         with saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=64), target,

@@ -21,7 +21,7 @@ import autoregressive
 import exact
 import kernels
 import speculative
-from conftest import tiny_model
+from conftest import FakeTokenizer, noisy_copy, tiny_model
 
 ALPHA = 1e-3
 V = 8                 # vocabulary of the verify tests and the short-window law cases
@@ -33,16 +33,6 @@ RAGGED = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
 
 # ----------------------------------------------------------------------------------------------
 # drafts for the tests
-
-def noisy_copy(model, noise, seed=1):
-    """The target with Gaussian noise on every weight: a draft that agrees with it partly."""
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * noise)
-    return draft
-
 
 def negated_head(model):
     """A draft that prefers what the target avoids: near-disjoint q and p (disjoint at top_k=2)."""
@@ -119,17 +109,6 @@ class GreedyDraftWithSoftmaxQ:
             for r, t in zip(rows, x.tolist()):
                 r.append(t)
         return torch.stack(xs, 1), torch.stack(qs, 1)
-
-
-class FakeTokenizer:
-    def __init__(self, n, salt=""):
-        self.vocab = {f"tok{i}{salt}": i for i in range(n)}
-
-    def get_vocab(self):
-        return dict(self.vocab)
-
-    def __len__(self):
-        return len(self.vocab)
 
 
 def with_tokenizer(model, tokenizer):

@@ -10,7 +10,7 @@ import autoregressive
 import exact
 import kernels
 import ssd
-from conftest import tiny_model
+from conftest import FakeTokenizer, tiny_model
 
 
 def build(model, cache, t0, x, fanout, temperature, generator=None):
@@ -246,17 +246,6 @@ def test_top_k_1_at_temperature_above_0_is_greedy():
                                      temperature=1.0, top_k=1, seed=3)
         assert tokens == ref
     assert stats["acceptance_rate"] == 1.0 and stats["hit_rate"] == 1.0
-
-
-class FakeTokenizer:
-    def __init__(self, n):
-        self.vocab = {f"tok{i}": i for i in range(n)}
-
-    def get_vocab(self):
-        return dict(self.vocab)
-
-    def __len__(self):
-        return len(self.vocab)
 
 
 @pytest.mark.parametrize("draft_vocab", [7, 10])

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import kernels  # noqa: E402
 import tp  # noqa: E402
-from conftest import tiny_model  # noqa: E402
+from conftest import noisy_copy, tiny_model  # noqa: E402
 
 RAGGED = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12]]
 FAMILIES = {  # name: (config changes, (query heads, KV heads) on rank 0 and on rank 1)
@@ -127,15 +127,6 @@ def case_logits():
                         block.wqkv.weight.shape[0] == (c.num_heads + 2 * c.num_kv_heads) * 8
                         and block.w2.linear.weight.shape[1] == c.intermediate_size)
     return result
-
-
-def noisy_copy(model, noise, seed=1):
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * noise)
-    return draft
 
 
 def case_greedy():
