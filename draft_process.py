@@ -124,35 +124,54 @@ class Link:
         self.group.shutdown()
 
 
+HEADER = 4096    # bytes of a record's first transfer: every Round and greedy Answer fits in it
+RAW = 4096       # a tensor of more elements travels as it is, after the header (q' rows)
+
+
+@dataclasses.dataclass
+class _Raw:             # in a header: "this field's tensor follows as a transfer of its own"
+    shape: tuple
+    dtype: torch.dtype
+
+
 def send(msg, link, timeout_s=None):
-    """One record to the peer: its tensors travel as they are (on link.device), everything
-    else pickled in a header whose length goes first."""
+    """One record to the peer in as few transfers as possible, since each costs the waiting
+    peer a wake-up: the record pickled into one fixed-size transfer (length first; a longer
+    pickle's rest follows), then each tensor of more than RAW elements as it is, on
+    link.device (small ones ride in the pickle, on the CPU)."""
     fields, tensors = {}, []
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
-        if isinstance(value, torch.Tensor):
-            fields[f.name] = (tuple(value.shape), value.dtype)   # where recv allocates it
-            tensors.append(value)
+        if isinstance(value, torch.Tensor) and value.numel() > RAW:
+            fields[f.name] = _Raw(tuple(value.shape), value.dtype)
+            tensors.append(value.to(link.device).contiguous())
         else:
-            fields[f.name] = value
-    header = torch.frombuffer(bytearray(pickle.dumps((type(msg).__name__, fields))),
-                              dtype=torch.uint8)
-    for x in [torch.tensor([len(header)]), header] + tensors:
-        _wait(link, "send", x.to(link.device).contiguous(), timeout_s)
+            fields[f.name] = value.cpu() if isinstance(value, torch.Tensor) else value
+    data = pickle.dumps((type(msg).__name__, fields))
+    data = len(data).to_bytes(8, "little") + data
+    head = torch.zeros(HEADER, dtype=torch.uint8)
+    head[: min(len(data), HEADER)] = torch.frombuffer(bytearray(data[:HEADER]), dtype=torch.uint8)
+    if len(data) > HEADER:  # a long record (a Start with long prompts): the rest follows
+        tensors.insert(0, torch.frombuffer(bytearray(data[HEADER:]), dtype=torch.uint8))
+    for x in [head] + tensors:
+        _wait(link, "send", x.to(link.device), timeout_s)
 
 
 def recv(link, timeout_s=None):
     """The next record from the peer (timeout_s None: the link's own timeout)."""
-    size = torch.zeros(1, dtype=torch.long, device=link.device)
-    _wait(link, "recv", size, timeout_s)
-    header = torch.zeros(int(size), dtype=torch.uint8, device=link.device)
-    _wait(link, "recv", header, timeout_s)
-    name, fields = pickle.loads(header.cpu().numpy().tobytes())
+    head = torch.zeros(HEADER, dtype=torch.uint8, device=link.device)
+    _wait(link, "recv", head, timeout_s)
+    data = head.cpu().numpy().tobytes()
+    size = int.from_bytes(data[:8], "little") + 8
+    if size > HEADER:
+        rest = torch.zeros(size - HEADER, dtype=torch.uint8, device=link.device)
+        _wait(link, "recv", rest, timeout_s)
+        data += rest.cpu().numpy().tobytes()
+    name, fields = pickle.loads(data[8:size])
     for key, value in fields.items():
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
-            x = torch.zeros(value[0], dtype=value[1], device=link.device)
-            _wait(link, "recv", x, timeout_s)
-            fields[key] = x
+        if isinstance(value, _Raw):
+            fields[key] = torch.zeros(value.shape, dtype=value.dtype, device=link.device)
+            _wait(link, "recv", fields[key], timeout_s)
     return globals()[name](**fields)
 
 

@@ -1,35 +1,30 @@
 """saguaro.py: Saguaro, the optimized SSD: the draft really runs beside the target.
 
-ssd.py shows the idea step by step on one device: while the target verifies speculation s, the
-draft prepares the next speculation for the outcomes v = (k, t) it predicts, so a cache hit
-costs no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
+ssd.py shows the idea on one device, step by step: while the target verifies speculation s, the
+draft prepares the next speculation for the outcomes v = (k, t) it predicts, so a cache hit costs
+no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
 
-1. The async draft stream. The draft runs in a process of its own (the plumbing: draft_process.py).
-   Each round the target sends the outcome (k, t) per row; the draft answers at once from its
-   speculation cache (hit: K tokens and the q rows to verify them) or with a backup, then builds
-   the next cache WHILE the target verifies. Only tokens and q rows cross, never KV. After a
-   hit the glue costs one token, not K + 1: the hit branch already computed the rest
-   (reuse_branch). On a CPU it pays only if the build fits in one verify: keep the tree small.
-2. Geometric fan-out (Thm. 12). With acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
+1. The async draft. The draft runs in a process of its own (the plumbing: draft_process.py). Each
+   round the target sends the outcome (k, t) per row; the draft answers at once from its cache
+   (hit: K tokens and their q rows) or with a backup, then builds the next cache WHILE the target
+   verifies. Only tokens and q rows cross, never KV. After a hit the glue costs one token, not
+   K + 1: the hit branch already computed the rest (reuse_branch).
+2. Geometric fan-out (Thm. 12): with acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
-   F_k ~ P(k)^(1/(1+r)). a and r are measured online; one schedule after a hit, one after a miss.
-3. Saguaro sampling (Def. 14). The draft samples from q', its q with the top-(F+1) tokens scaled
-   by C in [0, 1] and renormalized: the residual max(0, p - q') then lands on the tokens the
-   cache bet on more often. Exact, because verification divides by the same q'.
-4. Batch-aware fallback (Sec. 4.3). A miss is served by the JIT backup (the draft decodes K
-   tokens now: good acceptance, costs time) or the fast backup (n-gram lookup: ~free, weaker).
-   A batch waits if any row misses, P(all hit) = p_hit^b, so past a critical batch size b* the
-   fast backup wins. 5. The speed model (Thm. 7) decides, in units of one target verify:
-   speedup = [p_hit E_hit + (1-p_hit) E_miss] / [p_hit max(1, T_p) + (1-p_hit)(1 + T_b)].
-6. Faults: if the draft process dies or stops answering, the target finishes alone with the
-   fast backup, after a warning; no token is lost or repeated (the target owns all state).
+   F_k ~ P(k)^(1/(1+r)). a and r are measured online.
+3. Saguaro sampling (Def. 14): the draft samples from q', its q with the top-(F+1) tokens scaled
+   by C in [0, 1]: the residual max(0, p - q') then lands on the tokens the cache bet on more
+   often. Exact, because verification divides by the same q'.
+4. Batch-aware fallback (Sec. 4.3): a miss is served by the JIT backup (the draft decodes K tokens
+   now) or the fast backup (n-gram lookup: ~free, weaker). A batch waits if any row misses, so
+   past a critical batch size b* the fast backup wins; 5. the speed model (Thm. 7) decides.
+6. Faults: if the draft process dies or stops answering, the target finishes alone with the fast
+   backup, after a warning; no token is lost or repeated (the target owns all state).
 
 Notation (README glossary): p target, q draft, K draft tokens per round, (k, t) outcome, F_k
 fan-out, B budget per row, C Saguaro factor, r miss-curve exponent, a acceptance, b batch.
 
-    python saguaro.py --prompt "Write a haiku about cacti." --draft default --k 4 --f 3 \\
-        --fan-out geometric --saguaro-c 1.0 --backup auto --target-device cpu --draft-device cpu
-    python saguaro.py --prompt "Write a haiku about cacti." --k 1 --f 1   # a 2-core CPU
+    python saguaro.py --prompt "Write a haiku about cacti." --k 3 --budget 1 --backup jit
     torchrun --nproc-per-node 4 saguaro.py --tp 4 --prompt "..."   # target on GPUs 0-3, draft on 4
 """
 import argparse
@@ -115,52 +110,45 @@ def expected_tokens(a: float, K: int) -> float:
 
 
 def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
-    """Thm. 7 over AR, times in units of one target verify (= one AR step, memory-bound).
-    A hit round costs max(1, T_p): verify and cache build overlap; a miss round 1 + T_b.
-    With b rows the batch waits when any row misses: P(all hit) = p_hit^b (Sec. 4.3)."""
+    """Thm. 7 over AR, times in units of one target verify (= one AR step, memory-bound):
+    [p_hit E_hit + (1 - p_hit) E_miss] / [P max(1, T_p) + (1 - P)(1 + T_b)]: a hit round's verify
+    and cache build (T_p) overlap, a miss adds the backup (T_b); with b rows the batch waits when
+    any row misses, so P = P(all hit) = p_hit^b (Sec. 4.3)."""
     all_hit = p_hit ** batch
     return (p_hit * e_hit + (1 - p_hit) * e_miss) / (all_hit * max(1.0, t_p)
                                                      + (1 - all_hit) * (1 + t_b))
 
 
 class Estimates:
-    """What the rules above run on, measured online from the rounds (priors count as two
-    observations): acceptance a of the draft (cache and JIT speculations: one network, one q')
-    and of the fast backup, the miss-curve exponent r, the hit rates of caches built over the
-    draft's and over the fast backup's speculations, latencies in seconds."""
-    PRIOR_N = 2.0
+    """What the rules run on, measured online (each prior: two observations of 0.5): acceptance a
+    of the draft (cache and JIT speculations: one network, one q') and of the fast backup, the hit
+    rates of caches built over each one's speculations, the ranks of the true bonus among the
+    draft's guesses (for r), and latencies in seconds (running means: verify, build, step, jit,
+    fast)."""
 
     def __init__(self, K, budget, fan_out, backup):
         self.K, self.budget, self.fan_out, self.backup = K, budget, fan_out, backup
-        self.acc = {"draft": [1.0, self.PRIOR_N], "fast": [1.0, self.PRIOR_N]}  # sum, count: a=0.5
-        self.hits = {"draft": [1.0, self.PRIOR_N], "fast": [1.0, self.PRIOR_N]}  # by who made
-        # the speculation the cache was built over: hits, lookups
-        self.rank_counts = torch.zeros(65)   # ranks of the true bonus among the draft's guesses
-        self.secs = {}                       # running means: verify, build, step, jit, fast
+        self.acc = {"draft": [1.0, 2.0], "fast": [1.0, 2.0]}    # [sum, count] per proposer
+        self.hits = {"draft": [1.0, 2.0], "fast": [1.0, 2.0]}   # [hits, lookups] per proposer
+        self.rank_counts, self.secs = torch.zeros(65), {}
 
     def a(self, who):
-        total, n = self.acc[who]
-        return total / n
+        return self.acc[who][0] / self.acc[who][1]
 
     def r(self) -> float:
         """Fit 1 - p_hit(F) = F^-r through the origin in log-log, F = 2..64, on the measured
         ranks plus one prior observation that follows F^-1. Capped to [0.05, 8]."""
-        n = self.rank_counts.sum()
         F = torch.arange(2, 65, dtype=torch.float64)
         at_least = self.rank_counts.flip(0).cumsum(0).flip(0).double()[2:]  # ranks >= F
-        miss = (at_least + F ** -1.0) / (n + 1)
-        x, y = F.log(), miss.log()
+        x, y = F.log(), ((at_least + F ** -1.0) / (self.rank_counts.sum() + 1)).log()
         return float((-(x * y).sum() / (x * x).sum()).clamp(0.05, 8.0))
 
     def p_hit(self, backup="jit"):
-        """The long-run hit rate under this backup. JIT: every speculation is the draft's, p_d.
-        Fast: a miss makes the next speculation a fast one, whose cache hits at p_f; lookups
-        then follow a two-state chain whose stationary hit share is p_f / (1 - p_d + p_f)."""
-        p_d = self.hits["draft"][0] / self.hits["draft"][1]
-        if backup != "fast":
-            return p_d
-        p_f = self.hits["fast"][0] / self.hits["fast"][1]
-        return p_f / (1 - p_d + p_f)
+        """The long-run hit rate. JIT: every speculation is the draft's, p_d. Fast: a miss makes
+        the next speculation a fast one, whose cache hits at p_f; the stationary hit share of
+        that two-state chain is p_f / (1 - p_d + p_f)."""
+        p_d, p_f = (self.hits[who][0] / self.hits[who][1] for who in ("draft", "fast"))
+        return p_d if backup != "fast" else p_f / (1 - p_d + p_f)
 
     def learn_from_draft(self, answer, live, first_round):
         """The draft process's answer: ranks of the true bonus (for r), its latencies."""
@@ -174,47 +162,42 @@ class Estimates:
 
     def learn_acceptance(self, p, q, from_draft, from_fast, shadow, q_shadow):
         """Acceptance at position i is sum_x min(p_i(x), q_i(x)): exact in expectation, and of
-        lower variance than counting accepted tokens. The shadow proposals of the fast backup
-        share the target's context at their first position only."""
-        K = q.shape[1]
-        overlap = torch.minimum(p[:, :K], q).sum(-1).cpu()                  # (B, K)
+        lower variance than counting accepted tokens. The fast backup's shadow proposals share
+        the target's context at their first position only."""
+        overlap = torch.minimum(p[:, : q.shape[1]], q).sum(-1).cpu()            # (B, K)
         for who, rows in (("draft", from_draft), ("fast", from_fast)):
             self.acc[who][0] += float(overlap[rows].sum())
-            self.acc[who][1] += K * int(rows.sum())
-        if bool(shadow.any()):
-            self.acc["fast"][0] += float(torch.minimum(p[shadow, 0], q_shadow[shadow, 0]).sum())
-            self.acc["fast"][1] += int(shadow.sum())
+            self.acc[who][1] += q.shape[1] * int(rows.sum())
+        self.acc["fast"][0] += float(torch.minimum(p[shadow, 0], q_shadow[shadow, 0]).sum())
+        self.acc["fast"][1] += int(shadow.sum())
 
     def learn_hit(self, hit, made_by_fast):
         """One lookup of a cache built over a speculation made by the draft or the fast backup."""
         counts = self.hits["fast" if made_by_fast else "draft"]
-        counts[0] += hit
-        counts[1] += 1
+        counts[0], counts[1] = counts[0] + hit, counts[1] + 1
 
     def time(self, name, seconds):
-        old = self.secs.get(name)
-        self.secs[name] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.secs[name] = 0.8 * self.secs.get(name, seconds) + 0.2 * seconds
 
     def fan_outs(self, backup):
         """(after a hit, after a miss): the cache built over a speculation bets on ITS outcome
         law, so the acceptance of whoever made that speculation sets the schedule."""
         if self.fan_out == "uniform":
             return uniform_fan_out(self.budget, self.K), uniform_fan_out(self.budget, self.K)
-        a_miss = self.a("fast" if backup == "fast" else "draft")
-        r = self.r()
+        a_miss, r = self.a("fast" if backup == "fast" else "draft"), self.r()
         return (geometric_fan_out(self.budget, self.K, self.a("draft"), r),
                 geometric_fan_out(self.budget, self.K, a_miss, r))
 
     def speed(self, backup, batch):
+        """Thm. 7's prediction with these estimates (until the JIT backup has run, K draft steps,
+        one step ~ the glue forward, stand in for its latency)."""
         verify = self.secs.get("verify", 1.0)
         build = self.secs.get("build", verify)
-        # until the JIT backup has run, K draft steps (one step ~ the glue forward) stand in
-        t_b = {"jit": self.secs.get("jit", self.K * self.secs.get("step", build / (self.K + 1))),
-               "fast": self.secs.get("fast", 0.0)}
-        e_hit = expected_tokens(self.a("draft"), self.K)
+        t_b = (self.secs.get("jit", self.K * self.secs.get("step", build / (self.K + 1)))
+               if backup == "jit" else self.secs.get("fast", 0.0))
         e_miss = expected_tokens(self.a("fast" if backup == "fast" else "draft"), self.K)
-        return predicted_speedup(self.p_hit(backup), e_hit, e_miss, build / verify,
-                                 t_b[backup] / verify, batch)
+        return predicted_speedup(self.p_hit(backup), expected_tokens(self.a("draft"), self.K),
+                                 e_miss, build / verify, t_b / verify, batch)
 
     def choose_backup(self, batch):
         """The batch-aware rule: the backup with the higher predicted speed at this batch size."""
@@ -255,12 +238,11 @@ class DraftSide:
     def on(self, msg):
         """A Round: the Answer; a Backup: the fast backup's tokens for the rows that asked."""
         if isinstance(msg, Backup):
-            t, y, source, fan_hit, fan_miss = self.next
-            y = torch.where((source == NEED_FAST)[:, None], msg.tokens.to(y.device), y)
-            self.next, self.waiting = (t, y, source, fan_hit, fan_miss), False
+            fast = (self.next[2] == NEED_FAST)[:, None]
+            self.next[1], self.waiting = torch.where(fast, msg.tokens, self.next[1]), False
             return None
         answer = self.answer(msg)
-        self.next = (msg.t, answer.tokens, answer.source, msg.fan_hit, msg.fan_miss)
+        self.next = [msg.t, answer.tokens, answer.source, msg.fan_hit, msg.fan_miss]
         self.waiting = bool((msg.live & (answer.source == NEED_FAST)).any())  # for a Backup
         return answer
 
@@ -272,34 +254,29 @@ class DraftSide:
     def answer(self, msg: Round) -> Answer:
         """1) keep t0, x_1..x_k of the last glue (nothing of it before the first round, k = -1);
         2) look (k, t) up; 3) the JIT backup for misses; 4) note where the draft already holds
-        the KV and logits of the answer's t, y_1..y_{K-1} (the hit branches' scratch slots, or
+        the KV and logits of the answer's t, y_1..y_{K-1} (the hit branch's scratch slots, or
         the trunk the JIT decoded into): the glue reuses them (reuse_branch). Not for a mixed
         batch: the JIT overwrites the branches' slots."""
         dev, B, K = self.draft.device, len(msg.k), self.K
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
         forwards, jit_s, self.prefix = 1 + K, 0.0, None  # the build after this answer: glue + K
-        steps = torch.arange(K, device=dev)
-        hit = torch.zeros(B, dtype=torch.bool, device=dev)
+        steps, rows = torch.arange(K, device=dev), torch.arange(B, device=dev)
+        hit, rank = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), -1, device=dev)
         y = torch.zeros(B, K, dtype=torch.long, device=dev)
         q = torch.zeros(B, K, self.V, device=dev)
-        rank = torch.full((B,), -1, device=dev)
         if self.S is not None:
-            hit, y, q = self.S.lookup(k, t)
+            (hit, y, q), rank = self.S.lookup(k, t), self.rank(k, t)
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
-            rank = self.rank(k, t)
-            if bool(hit.all()):
-                branch = self.S.find(k, t)[1]                           # (B,) the branch hit
-                N = self.S.keys.shape[1]
-                base = self.trunk + K + 1                               # the scratch's start
-                slots = base[:, None].long() + steps * N + branch[:, None]  # step j's slot
-                self.prefix = slots, self.S.logits[torch.arange(B, device=dev), branch]
+            if bool(hit.all()):  # ssd's tree keeps branch n's step-j KV at base + j N + n
+                branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
+                slots = base[:, None].long() + steps * N + branch[:, None]     # (B, K)
+                self.prefix = slots, self.S.logits[rows, branch]
         source = torch.where(hit, HIT, JIT if msg.backup == "jit" else NEED_FAST)
         if msg.backup == "jit" and bool((live & ~hit).any()):
             tick = time.perf_counter()
             y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss)
-            y = torch.where(hit[:, None], y, y_jit)
-            q = torch.where(hit[:, None, None], q, q_jit)
+            y, q = torch.where(hit[:, None], y, y_jit), torch.where(hit[:, None, None], q, q_jit)
             jit_s, forwards = timeline.span("jit", tick, "draft"), forwards + K
             in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
             self.prefix = (in_place, logits) if not bool(hit.any()) else None
@@ -318,19 +295,13 @@ class DraftSide:
         return torch.where((k >= 0) & (t < self.V), rank, -1)
 
     def jit_draft(self, t, fanout):
-        """The JIT backup: decode K tokens now from trunk + t, one forward each; the length is
-        then rolled back (the KV of t, y_1..y_{K-1} stays where the glue would write it).
-        Returns y (B, K), their q' (B, K, V) and the logits they were drawn from."""
-        length = self.cache.lengths.clone()
-        q_fn = saguaro_q(self.sampling, self.c, fanout)
-        inp, ys, qs, ls = t.clamp_max(self.draft.cfg.vocab_size - 1), [], [], []
-        for j in range(self.K):
-            ls.append(self.draft(inp[:, None], self.cache)[:, -1, : self.V])  # (B, V)
-            qs.append(q_fn(ls[-1], j))                                        # (B, V)
-            inp = kernels.sample(qs[-1], self.gen)
-            ys.append(inp)
-        self.cache.lengths.copy_(length)
-        return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(ls, 1)
+        """The JIT backup: ssd's tree with one branch per row, forked at the trunk's end: its
+        scratch slots are then the trunk's next K slots, so the KV of t, y_1..y_{K-1} lands where
+        the glue will want it. Returns y (B, K), their q' (B, K, V) and the logits behind q'."""
+        fork, q_fn = self.cache.lengths[:, None].long(), saguaro_q(self.sampling, self.c, fanout)
+        y, q, logits = ssd.draft_branches(self.draft, self.cache, fork, t[:, None], self.K, q_fn,
+                                          self.gen, self.V)
+        return y[:, 0], q[:, 0], logits[:, 0]
 
     def build(self, t, y, source, fan_hit, fan_miss):
         """ssd.py's step 2b over the next speculation s = (t, y_1..y_K): the glue (a forward
@@ -386,6 +357,17 @@ def lost_answer(B, K):
                   torch.zeros(B, K, dtype=torch.long), None, 0.0, 0.0, 0.0, 0)
 
 
+def fast_proposals(fast, rows, ask, K, temperature, gen, V):
+    """The fast backup (Sec. 4.3) on the rows in `ask` (B,) bool: their tokens (B, K) and the q
+    (B, K, V) they were drawn from (zeros in the other rows)."""
+    idx = torch.nonzero(ask)[:, 0].tolist()
+    tokens, q = torch.zeros(len(rows), K, dtype=torch.long), torch.zeros(len(rows), K, V)
+    if idx:
+        x, qx = fast.propose([rows[b] for b in idx], K, temperature, gen)
+        tokens[idx], q[idx] = x.cpu(), pad_vocab(qx.cpu().float(), V)
+    return tokens, q
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop: ssd.py's round, with the draft's half running in the draft process
 
@@ -395,14 +377,14 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
              top_k=None, top_p=None, seed=0, eos=True, fan_out="geometric", saguaro_c=1.0,
              backup="auto", budget=None, fast_backup=None):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
-    DraftWorker, or what DraftWorker takes (then one is started for this call; process options:
+    DraftWorker, or what it takes (then one is started for this call; process options:
     draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f);
     saguaro_c: C; backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
     (default drafts.fast_backup). seed: both processes' coins (reused worker: DraftWorker.reset).
     Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why,
     b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7), measured_speedup
     (tokens per row per target verify), draft_wait_s and draft_lost (why, if lost)."""
-    prompts = harness.as_batch(prompt_ids)  # checked (harness.check_saguaro) before the draft started
+    prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, budget or (k + 1) * f
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
@@ -435,10 +417,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 
     # 2) decode: per round, the target verifies a speculation while the draft prepares the next
     t0 = time.perf_counter()
-    accepted = 0
+    accepted, fan_hit, fan_miss = 0, *est.fan_outs(backup)
     outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
     made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
-    fan_hit, fan_miss = est.fan_outs(backup)
     while not all(done):
         # 2a) NEW: the speculation x_1..x_K with q_1..q_K comes from the draft process. The
         # outcome (k, t) goes there; it answers at once from the cache it built during the last
@@ -454,24 +435,23 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             stats["draft_wait_s"] += timeline.span("wait for draft", tick)
             est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
         answer = answer or lost_answer(B, K)
-        source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)
+        source, draft_tokens = answer.source, answer.tokens                # (B,), (B, K)
         draft_probs = pad_vocab(one_hot(draft_tokens, Vc) if answer.probs is None  # greedy
-                                else answer.probs.to(dev), Vt)             # (B, K, Vt) their q
+                                else answer.probs.cpu(), Vt)               # (B, K, Vt) their q
         # the fast backup serves the rows that need it; in auto mode it also runs on a few
         # more rows as a shadow that measures its acceptance and latency for the rule
         need_fast = live & (source == NEED_FAST)
         shadow = live & ~need_fast & (live.cumsum(0) <= 4) & (backup == "auto")
-        ask, tick = torch.nonzero(need_fast | shadow)[:, 0].tolist(), time.perf_counter()
-        fast_probs = torch.zeros(B, K, Vt, device=dev)                     # (B, K, Vt)
-        if ask:
-            x, q = fast.propose([rows[b] for b in ask], K, temperature, gen)
-            fast_probs[ask] = pad_vocab(q.to(dev).float(), Vt)
-            draft_tokens[need_fast] = x.to(dev)[need_fast[ask]]
-            draft_probs[need_fast] = fast_probs[need_fast]
+        tick = time.perf_counter()
+        fast_tokens, fast_probs = fast_proposals(fast, rows, need_fast | shadow, K, temperature,
+                                                 gen, Vt)
+        draft_tokens[need_fast] = fast_tokens[need_fast]
+        draft_probs[need_fast] = fast_probs[need_fast]
+        if bool((need_fast | shadow).any()):
             est.time("fast", timeline.span("fast backup", tick))
         stats["fast_backup_s"] += time.perf_counter() - tick
         if not draft.lost and bool(need_fast.any()):
-            draft.exchange(Backup(draft_tokens.cpu()))  # the draft builds over these
+            draft.exchange(Backup(draft_tokens))  # the draft builds over these
         for name, code in (("jit", JIT), ("fast", NEED_FAST)):
             stats["backup_used"][name] += int((live & (source == code)).sum())
 
@@ -486,10 +466,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # Finished rows ride along unchanged: any q will do
         tick = time.perf_counter()
         draft_probs[~live] = one_hot(draft_tokens[~live], Vt)
-        tokens_in = torch.cat((last[:, None].to(dev), draft_tokens.clamp_max(Vt - 1)), 1)
+        tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1).to(dev)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
         p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
-        n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen)
+        n_accepted, bonus = verify(p, draft_probs.to(dev), draft_tokens.to(dev), gen)
         stats["target_calls"] += 1
         kernels.sync(dev)
         verify_s = timeline.span("verify", tick)
@@ -502,23 +482,24 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # process rolls its own back when the outcome reaches it. NEW: the rules learn the hit
         # rates and the acceptance of the draft and of the fast backup.
         tick = time.perf_counter()
-        hit = (source == HIT).tolist()
+        n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), draft_tokens.tolist()
+        hit, k_last = (source == HIT).tolist(), outcome.tolist()
         for b in range(B):
             if done[b]:
                 continue
-            n = int(n_accepted[b])
+            n = n_accepted[b]
             stats["accept_counts"][n] += 1
             stats["rows_verified"] += 1
             accepted += n
             room = max_new_tokens - (len(rows[b]) - len(prompts[b]))
-            done[b] = emit(rows[b], draft_tokens[b, :n].tolist() + [int(bonus[b])], room, eos_ids)
-            if not draft.lost and outcome[b] >= 0:  # the first round had no cache to hit
-                stats["lookups_by_k"][int(outcome[b])] += 1
-                stats["hits_by_k"][int(outcome[b])] += hit[b]
+            done[b] = emit(rows[b], x[b][:n] + [bonus[b]], room, eos_ids)
+            if not draft.lost and k_last[b] >= 0:  # the first round had no cache to hit
+                stats["lookups_by_k"][k_last[b]] += 1
+                stats["hits_by_k"][k_last[b]] += hit[b]
                 est.learn_hit(hit[b], made[b] == NEED_FAST)
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
-        est.learn_acceptance(p, draft_probs, live & ~need_fast, need_fast, shadow, fast_probs)
-        outcome, made = n_accepted.cpu(), source.clone()
+        est.learn_acceptance(p.cpu(), draft_probs, live & ~need_fast, need_fast, shadow, fast_probs)
+        outcome, made = torch.tensor(n_accepted), source.clone()
         timeline.span("accept", tick)
     draft.exchange(End())
     kernels.sync(dev)
@@ -533,8 +514,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
     stats = harness.finish_stats(stats, tokens)
-    per_row, verify_s = (stats["new_tokens"] - B) / B, est.secs.get("verify")
-    stats["measured_speedup"] = (per_row / (stats["decode_s"] / verify_s)
+    verify_s = est.secs.get("verify")  # measured: tokens per row per target verify
+    stats["measured_speedup"] = ((stats["new_tokens"] - B) / B / (stats["decode_s"] / verify_s)
                                  if verify_s and stats["decode_s"] > 0 else None)
     return tokens, stats
 
@@ -547,22 +528,18 @@ def main():
     ap.add_argument("--f", type=harness.positive_int, default=3,
                     help="guesses per k; budget B = (K+1) f")
     harness.add_saguaro_args(ap)
-    ap.add_argument("--target-device", default=None, help="default: --device")
-    ap.add_argument("--draft-threads", type=harness.positive_int, default=None,
-                    help="CPU threads of the draft")
-    ap.add_argument("--timeout", default=10.0, type=harness.checked(
-        float, lambda s: draft_process.check_seconds("--timeout", s)),
-        help="seconds to wait for the draft (1 ms to 1 day)")
+    ap.add_argument("--timeout", default=10.0, help="seconds to wait for the draft (1 ms to 1 day)",
+                    type=harness.checked(float, lambda s: draft_process.check_seconds("--timeout",
+                                                                                      s)))
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     args.threads, draft_threads = draft_process.split_threads(args.threads)
-    args.device = args.target_device or args.device
     target, _ = harness.load_models(args)  # --tp N: this rank's shard (tp.py)
     ids = kernels.encode_prompt(target, args.prompt)
 
     def run(target):  # --tp N: on rank 0, beside the draft process, while the others follow
         with DraftWorker(args.draft, target, device=tp.draft_device(args, target),
-                         threads=args.draft_threads or draft_threads, timeout_s=args.timeout) as w:
+                         threads=draft_threads, timeout_s=args.timeout) as w:
             return harness.after_warm_up(lambda n: generate(
                 target, ids, n, draft=w, k=args.k, f=args.f, fan_out=args.fan_out,
                 saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,

@@ -955,3 +955,50 @@ def test_reuse_branch_after_a_jit_backup_keeps_the_kv_the_jit_wrote():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(draft(torch.tensor([[11]]), cache),
                                draft(torch.tensor([[11]]), fresh), atol=1e-4, rtol=1e-4)
+
+
+def test_every_record_crosses_the_link_whole():
+    """draft_process.send/recv over a real two-rank gloo link: small tensors ride in the one
+    fixed-size header, a long pickle (a Start with long prompts) spills into a second transfer,
+    a q' larger than RAW elements travels raw; every field comes back equal, types included."""
+    import datetime
+    import pickle
+    import threading
+    dp = saguaro.draft_process
+    store = dp.dist.HashStore()
+    links = [None, None]
+
+    def connect(rank):
+        links[rank] = dp.Link(store, rank, "gloo", "cpu", datetime.timedelta(seconds=30))
+    threads = [threading.Thread(target=connect, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    long_prompts = [list(range(3000)), [5, 6]]   # pickles to more than HEADER bytes
+    probs = torch.rand(2, 3, dp.RAW)             # 2 * 3 * RAW elements: raw
+    records = [dp.Start(long_prompts, 3, 64, 999, 0.7, 5, 0.9, 0.5, 11),
+               dp.Round(torch.tensor([-1, 2]), torch.tensor([7, 8]), torch.tensor([True, False]),
+                        "jit", [0, 1, 2, 3], [1, 1, 1, 1]),
+               dp.Answer(torch.tensor([0, 2]), torch.tensor([-1, 4]), torch.tensor([[1, 2, 3]] * 2),
+                         probs, 0.25, 0.0, 0.125, 4, [{"name": "glue"}]),
+               dp.Answer(torch.tensor([1]), torch.tensor([0]), torch.tensor([[9, 9, 9]]), None,
+                         0.0, 0.5, 0.0, 7), dp.Backup(torch.tensor([[4, 5, 6]])), dp.End()]
+    assert len(pickle.dumps(long_prompts)) > dp.HEADER
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(dp.recv(links[1], 30) for _ in records))
+    reader.start()
+    for msg in records:
+        dp.send(msg, links[0], 30)
+    reader.join(60)
+    assert len(got) == len(records)
+    for sent, back in zip(records, got):
+        assert type(back) is type(sent)
+        for field in sent.__dataclass_fields__:
+            a, b = getattr(sent, field), getattr(back, field)
+            if isinstance(a, torch.Tensor):
+                assert b.dtype == a.dtype and torch.equal(a, b), field
+            else:
+                assert a == b, field
+    for link in links:
+        link.close()
