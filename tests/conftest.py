@@ -81,6 +81,13 @@ def before_round(worker, n, action):
     worker.exchange = exchange
 
 
+def draft_processes() -> list:
+    """The saguaro draft processes of this process still running (none once every worker is
+    closed: a failed start or a lost draft must leave nothing behind)."""
+    import multiprocessing
+    return [p for p in multiprocessing.active_children() if p.name == "saguaro-draft"]
+
+
 @pytest.fixture(scope="session")
 def default_model():
     return kernels.load_model("default", device="cpu", dtype="float32")

@@ -22,7 +22,7 @@ import kernels_cpu
 import saguaro
 import speculative
 import ssd
-from conftest import before_round, tiny_model
+from conftest import before_round, draft_processes, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPS = {"sd": (speculative.generate, dict(k=3)), "ssd": (ssd.generate, dict(k=2, f=2))}
@@ -450,7 +450,7 @@ def test_after_a_killed_and_a_hung_draft_process_a_new_worker_generates_correctl
             out, stats = saguaro.generate(target, [[1, 2, 3], [9, 8]], 20, draft=worker, k=2,
                                           f=1, backup="jit")
         assert out == ref and stats["draft_lost"], fault
-        assert not saguaro.draft_process._LIVE and not saguaro.draft_process.dist.is_initialized()
+        assert not saguaro.draft_process._LIVE and not draft_processes()
         with saguaro.DraftWorker(draft, target, threads=1) as fresh:
             out, stats = saguaro.generate(target, [[1, 2, 3], [9, 8]], 20, draft=fresh, k=2,
                                           f=1, backup="jit")
@@ -493,7 +493,7 @@ def test_ctrl_c_while_the_draft_process_loads_stops_at_once_and_leaves_no_proces
         saguaro.DraftWorker(slow_to_load_draft, target, threads=1)
     # generous: the bound only has to be far below the draft's 60 s of loading
     assert time.monotonic() - t0 < 40 and not saguaro.draft_process._LIVE
-    assert not saguaro.draft_process.dist.is_initialized()
+    assert not draft_processes()
 
 
 def test_close_unregisters_even_when_closing_the_link_raises(monkeypatch):

@@ -30,7 +30,7 @@ import kernels
 import saguaro
 import speculative
 import timeline
-from conftest import FakeTokenizer, before_round, tiny_model
+from conftest import FakeTokenizer, before_round, draft_processes, tiny_model
 
 V = 4                    # the law tests' vocabulary: 4^6 = 4096 sequences at most
 PROMPT, N_TOKENS, SAMPLES = [1, 2, 0], 6, 5_000
@@ -836,7 +836,7 @@ def test_killing_the_draft_process_mid_generation_loses_no_token():
     # time is the property here: a lost draft is noticed within its timeout (5 s), not never.
     # 30 s is 6x that, room for a busy machine; a hang would run until pytest is killed
     assert stats["backup_used"]["fast"] > 0 and seconds < 30
-    assert not worker.alive and proc_gone(pid) and not saguaro.draft_process.dist.is_initialized()
+    assert not worker.alive and proc_gone(pid) and not saguaro.draft_process._LIVE
 
 
 def test_a_draft_that_stops_answering_times_out_and_the_target_finishes():
@@ -871,7 +871,7 @@ def test_a_draft_process_that_dies_while_starting_is_reported_at_once():
     with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it could connect"):
         saguaro.DraftWorker(DiesWhenUnpacked(), target, threads=1)
     # time is the property: the death is seen at once, not after the 300 s load timeout
-    assert time.time() - t0 < 30 and not saguaro.draft_process.dist.is_initialized()
+    assert time.time() - t0 < 30 and not draft_processes()
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""
@@ -930,7 +930,7 @@ def test_bad_arguments_are_refused_with_clear_errors():
         saguaro.DraftWorker(tiny_model(1, vocab_size=80), target)
     with pytest.raises(ValueError, match="vocabularies of 64 and 80"):  # found in the process
         saguaro.DraftWorker(functools.partial(tiny_model, 1, vocab_size=80), target, threads=1)
-    assert not saguaro.draft_process.dist.is_initialized()
+    assert not draft_processes()
 
 
 def test_reuse_branch_after_a_jit_backup_keeps_the_kv_the_jit_wrote():
