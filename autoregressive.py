@@ -80,9 +80,7 @@ def main():
     tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed), args.max_new_tokens, trace=args.trace)
-    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
-    print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
-          f"decode {stats['decode_tokens_per_s']:.1f} tokens/s]")
+    harness.report(target, tokens, stats)
 
 
 if __name__ == "__main__":

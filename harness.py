@@ -105,6 +105,17 @@ def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
             print(f"[timeline: {trace}, open it in https://ui.perfetto.dev or chrome://tracing]\n")
 
 
+def report(target, tokens, stats, *names) -> None:
+    """What a loop's CLI prints after its timed run: row 0's text, then the tokens, prefill time
+    and decode speed, then the named stats keys with their values (floats to two places)."""
+    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
+    shown = [f"{stats['new_tokens']} tokens", f"prefill {stats['prefill_s'] * 1e3:.0f} ms",
+             f"decode {stats['decode_tokens_per_s']:.1f} tokens/s"]
+    shown += [f"{n} {stats[n]:.2f}" if isinstance(stats[n], float) else f"{n} {stats[n]}"
+              for n in names]
+    print(f"\n[{', '.join(shown)}]")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (k, f, budget, threads, token counts)."""
     try:

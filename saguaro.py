@@ -1,23 +1,21 @@
 """saguaro.py: Saguaro, the optimized SSD: the draft really runs beside the target.
 
-ssd.py shows the idea on one device, step by step: while the target verifies speculation s, the
-draft prepares the next speculation for the outcomes v = (k, t) it predicts, so a cache hit costs
-no drafting time. New in this file (Kumar, Dao, May 2026, Sec. 4):
+ssd.py shows the idea on one device, step by step. New here (Kumar, Dao, May 2026, Sec. 4):
 
-1. The async draft. The draft runs in a process of its own (the plumbing: draft_process.py). Each
-   round the target sends the outcome (k, t) per row; the draft answers at once from its cache
-   (hit: K tokens and their q rows) or with a backup, then builds the next cache WHILE the target
-   verifies. Only tokens and q rows cross, never KV. After a hit the glue costs one token, not
-   K + 1: the hit branch already computed the rest (reuse_branch).
+1. The async draft: a process of its own (the plumbing: draft_process.py). Each round the target
+   sends the outcome (k, t) per row; the draft answers at once from its cache (a hit: K tokens and
+   their q rows) or with a backup, then builds the next cache WHILE the target verifies. Only
+   tokens and q rows cross, never KV. After a hit the glue costs one token, not K + 1: the hit
+   branch already computed the rest (reuse_branch).
 2. Geometric fan-out (Thm. 12): with acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
-   F_k ~ P(k)^(1/(1+r)). a and r are measured online.
+   F_k ~ P(k)^(1/(1+r)); a and r are measured online.
 3. Saguaro sampling (Def. 14): the draft samples from q', its q with the top-(F+1) tokens scaled
    by C in [0, 1]: the residual max(0, p - q') then lands on the tokens the cache bet on more
    often. Exact, because verification divides by the same q'.
 4. Batch-aware fallback (Sec. 4.3): a miss is served by the JIT backup (the draft decodes K tokens
-   now) or the fast backup (n-gram lookup: ~free, weaker). A batch waits if any row misses, so
-   past a critical batch size b* the fast backup wins; 5. the speed model (Thm. 7) decides.
+   now) or the fast backup (n-gram lookup: ~free, weaker); a batch waits if any row misses, so
+   past a critical batch size b* the fast one wins. 5. The speed model (Thm. 7) decides.
 6. Faults: if the draft process dies or stops answering, the target finishes alone with the fast
    backup, after a warning; no token is lost or repeated (the target owns all state).
 
@@ -351,21 +349,17 @@ class DraftWorker(draft_process.DraftWorker):
     side = DraftSide
 
 
-def lost_answer(B, K):
-    """What stands in for the draft's answer once it is lost: every row needs the fast backup."""
-    return Answer(torch.full((B,), NEED_FAST), torch.full((B,), -1),
-                  torch.zeros(B, K, dtype=torch.long), None, 0.0, 0.0, 0.0, 0)
-
-
-def fast_proposals(fast, rows, ask, K, temperature, gen, V):
-    """The fast backup (Sec. 4.3) on the rows in `ask` (B,) bool: their tokens (B, K) and the q
-    (B, K, V) they were drawn from (zeros in the other rows)."""
-    idx = torch.nonzero(ask)[:, 0].tolist()
+def serve_fast(fast, rows, need, shadow, K, temperature, gen, V, est):
+    """The fast backup (Sec. 4.3) on the rows that need it (B,) bool, and on `shadow` rows, whose
+    proposals only measure its acceptance and latency for the rule. Returns tokens (B, K), the q
+    (B, K, V) they were drawn from (zeros in the other rows), and the seconds it took."""
+    tick, ask = time.perf_counter(), torch.nonzero(need | shadow)[:, 0].tolist()
     tokens, q = torch.zeros(len(rows), K, dtype=torch.long), torch.zeros(len(rows), K, V)
-    if idx:
-        x, qx = fast.propose([rows[b] for b in idx], K, temperature, gen)
-        tokens[idx], q[idx] = x.cpu(), pad_vocab(qx.cpu().float(), V)
-    return tokens, q
+    if ask:
+        x, qx = fast.propose([rows[b] for b in ask], K, temperature, gen)
+        tokens[ask], q[ask] = x.cpu(), pad_vocab(qx.cpu().float(), V)
+        est.time("fast", timeline.span("fast backup", tick))
+    return tokens, q, time.perf_counter() - tick
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +428,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         if answer is not None:
             stats["draft_wait_s"] += timeline.span("wait for draft", tick)
             est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
-        answer = answer or lost_answer(B, K)
+        answer = answer or Answer(torch.full((B,), NEED_FAST), torch.full((B,), -1),  # lost
+                                  torch.zeros(B, K, dtype=torch.long), None, 0.0, 0.0, 0.0, 0)
         source, draft_tokens = answer.source, answer.tokens                # (B,), (B, K)
         draft_probs = pad_vocab(one_hot(draft_tokens, Vc) if answer.probs is None  # greedy
                                 else answer.probs.cpu(), Vt)               # (B, K, Vt) their q
@@ -442,14 +437,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # more rows as a shadow that measures its acceptance and latency for the rule
         need_fast = live & (source == NEED_FAST)
         shadow = live & ~need_fast & (live.cumsum(0) <= 4) & (backup == "auto")
-        tick = time.perf_counter()
-        fast_tokens, fast_probs = fast_proposals(fast, rows, need_fast | shadow, K, temperature,
-                                                 gen, Vt)
+        fast_tokens, fast_probs, fast_s = serve_fast(fast, rows, need_fast, shadow, K,
+                                                     temperature, gen, Vt, est)
         draft_tokens[need_fast] = fast_tokens[need_fast]
         draft_probs[need_fast] = fast_probs[need_fast]
-        if bool((need_fast | shadow).any()):
-            est.time("fast", timeline.span("fast backup", tick))
-        stats["fast_backup_s"] += time.perf_counter() - tick
+        stats["fast_backup_s"] += fast_s
         if not draft.lost and bool(need_fast.any()):
             draft.exchange(Backup(draft_tokens))  # the draft builds over these
         for name, code in (("jit", JIT), ("fast", NEED_FAST)):
@@ -466,10 +458,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # Finished rows ride along unchanged: any q will do
         tick = time.perf_counter()
         draft_probs[~live] = one_hot(draft_tokens[~live], Vt)
-        tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1).to(dev)
+        draft_tokens, draft_probs = draft_tokens.to(dev), draft_probs.to(dev)
+        tokens_in = torch.cat((last[:, None].to(dev), draft_tokens.clamp_max(Vt - 1)), 1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
         p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
-        n_accepted, bonus = verify(p, draft_probs.to(dev), draft_tokens.to(dev), gen)
+        n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen)
         stats["target_calls"] += 1
         kernels.sync(dev)
         verify_s = timeline.span("verify", tick)
@@ -498,7 +491,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
                 stats["hits_by_k"][k_last[b]] += hit[b]
                 est.learn_hit(hit[b], made[b] == NEED_FAST)
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
-        est.learn_acceptance(p.cpu(), draft_probs, live & ~need_fast, need_fast, shadow, fast_probs)
+        est.learn_acceptance(p, draft_probs, live & ~need_fast, need_fast, shadow,
+                             fast_probs.to(dev))
         outcome, made = torch.tensor(n_accepted), source.clone()
         timeline.span("accept", tick)
     draft.exchange(End())
@@ -546,14 +540,9 @@ def main():
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget),
                 args.max_new_tokens, trace=args.trace)
     tokens, stats = tp.led(run, target)
-    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
-    print(f"\n[{stats['new_tokens']} tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s, "
-          f"tau {stats['tau']:.2f}, cache hit rate {stats['hit_rate'] or 0:.2f}, a "
-          f"{stats['a']:.2f}, r {stats['r']:.2f}, fan-out after a hit {stats['fan_out_hit']}, "
-          f"after a miss {stats['fan_out_miss']}; backups (row-rounds) {stats['backup_used']}, "
-          f"rule: {stats['backup_why']}; speedup predicted (Thm. 7) "
-          f"{stats['predicted_speedup']:.2f}x, measured {stats['measured_speedup'] or 0:.2f}x "
-          "(both in units of one target verify)]")
+    harness.report(target, tokens, stats, "tau", "hit_rate", "a", "r", "fan_out_hit",
+                   "fan_out_miss", "backup_used", "backup_why", "predicted_speedup",
+                   "measured_speedup")  # both speedups: tokens per row per target verify
 
 
 if __name__ == "__main__":

@@ -248,11 +248,7 @@ def main():
     tokens, stats = harness.after_warm_up(lambda n: generate(
         target, ids, n, draft=draft, k=args.k, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed), args.max_new_tokens, trace=args.trace)
-    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
-    print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
-          f"decode {stats['decode_tokens_per_s']:.1f} tokens/s, tau {stats['tau']:.2f}, "
-          f"acceptance {stats['acceptance_rate'] or 0:.2f}, accept_counts k=0..{args.k}: "
-          f"{stats['accept_counts']}]")
+    harness.report(target, tokens, stats, "tau", "acceptance_rate", "accept_counts")
 
 
 if __name__ == "__main__":

@@ -311,13 +311,8 @@ def main():
         target, ids, n, draft=draft, k=args.k, f=args.f, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed), args.max_new_tokens,
         trace=args.trace)
-    print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
-    print(f"\n[{stats['new_tokens']} tokens, prefill {stats['prefill_s']*1e3:.0f} ms, "
-          f"decode {stats['decode_tokens_per_s']:.1f} tokens/s (one device), tau "
-          f"{stats['tau']:.2f}, acceptance {stats['acceptance_rate'] or 0:.2f}, cache hit rate "
-          f"{stats['hit_rate'] or 0:.2f}, hits/lookups by k=0..{args.k}: {stats['hits_by_k']} / "
-          f"{stats['lookups_by_k']}, modelled two-device decode "
-          f"{stats['modelled_two_device_tokens_per_s']:.1f} tokens/s]")
+    harness.report(target, tokens, stats, "tau", "acceptance_rate", "hit_rate", "hits_by_k",
+                   "lookups_by_k", "modelled_two_device_tokens_per_s")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ sharded model runs layer by layer with kernels_cpu's fused steps and packed line
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -99,6 +100,9 @@ def init(n: int, device: str = "auto") -> torch.device:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S),
                                 device_id=dev if dev.type == "cuda" else None)
+        # left to the interpreter's exit, the group's C++ threads can outlive Python and abort
+        # the process (SIGABRT, "terminate called without an active exception"): close it first
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 prints; errors (stderr) show from every rank
     return dev
