@@ -1002,3 +1002,20 @@ def test_every_record_crosses_the_link_whole():
                 assert a == b, field
     for link in links:
         link.close()
+
+
+def test_two_workers_in_one_process_each_serve_their_own_calls():
+    """Each DraftWorker has its own link (a private process group on its own store), so two can
+    live in one process and take turns, each call exact."""
+    close_worker()
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    ref, _ = autoregressive.generate(target, RAGGED, 16)
+    draft = functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0)
+    with saguaro.DraftWorker(draft, target, threads=1) as one, \
+            saguaro.DraftWorker(draft, target, threads=1) as two:
+        assert one.process.pid != two.process.pid
+        for worker in (one, two, one):
+            out, stats = saguaro.generate(target, RAGGED, 16, draft=worker, k=3, f=1,
+                                          backup="jit")
+            assert out == ref and not stats["draft_lost"]
+    assert not draft_processes()
