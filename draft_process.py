@@ -226,8 +226,10 @@ class DraftWorker:
     device: the draft's (default: the target's). threads: the draft's CPU threads (default:
     split_threads' share); on a CPU the two processes are pinned to disjoint cores, and
     `target_cpus` says which are the target's. timeout_s bounds every wait for an answer,
-    load_timeout_s the start. Raises ValueError on a draft that cannot serve, RuntimeError or
-    TimeoutError when the process fails to start (and leaves nothing running)."""
+    load_timeout_s the start and the first answer after each Start (the draft reads the prompts
+    first: a long prompt's prefill can outlast timeout_s). Raises ValueError on a draft that
+    cannot serve, RuntimeError or TimeoutError when the process fails to start (and leaves
+    nothing running)."""
     side = None  # the draft side's class (saguaro.DraftSide), run inside the process
 
     def __init__(self, draft, target, *, device=None, threads=None, timeout_s=10.0,
@@ -242,7 +244,7 @@ class DraftWorker:
                              "name, or a factory): a model-free proposer cannot fill a speculation "
                              "cache. It serves as the fast backup (--backup fast) instead.")
         self.timeout_s = check_seconds("timeout_s (--timeout)", timeout_s)
-        load_timeout_s = check_seconds("load_timeout_s", load_timeout_s)
+        self.load_timeout_s = check_seconds("load_timeout_s", load_timeout_s)
         tdev = target.device
         ddev = kernels.resolve_device(device) if device else tdev
         if tdev.type != ddev.type:
@@ -251,7 +253,7 @@ class DraftWorker:
         # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): one GPU talks via gloo
         two_gpus = tdev.type == "cuda" and (tdev.index or 0) != (ddev.index or 0)
         self.backend = "nccl" if two_gpus else "gloo"
-        self.rounds, self.process, self.link = 0, None, None
+        self.rounds, self.process, self.link, self.prefilling = 0, None, None, False
         self.in_session, self.lost = False, None
         self.estimates = {}  # what the loop learned, per setting, kept across its calls
         # on a CPU each process gets its own cores, pinned: left free, the two processes (which
@@ -274,7 +276,7 @@ class DraftWorker:
         self.started = time.monotonic()
         _LIVE.add(self)
         try:
-            deadline = time.monotonic() + load_timeout_s
+            deadline = time.monotonic() + self.load_timeout_s
             self._await("joined", deadline, "connect")
             self.link = Link(self.store, 0, self.backend, tdev if two_gpus else "cpu",
                              datetime.timedelta(seconds=60))
@@ -318,8 +320,9 @@ class DraftWorker:
 
     def exchange(self, msg):
         """Send `msg`; for a Round, return the Answer. The one place where the draft is lost:
-        if it died or does not answer within timeout_s, warn once, stop it, set `lost` (why)
-        and return None; every later call returns None at once. The target goes on alone."""
+        if it died or does not answer within timeout_s (load_timeout_s after a Start), warn
+        once, stop it, set `lost` (why) and return None; every later call returns None at once.
+        The target goes on alone."""
         if self.lost is None and not self.alive:
             self._lose("was not running" if not self.in_session else "exited")
         elif self.lost is not None and isinstance(msg, Start):  # a lost worker passed again
@@ -328,12 +331,14 @@ class DraftWorker:
             return None
         if isinstance(msg, Start):
             msg.trace = timeline.recording()  # the draft records when this process does
+        # the first Round after a Start waits for the draft's prefill of the prompts too
+        wait = self.load_timeout_s if self.prefilling else self.timeout_s
         try:
-            send(msg, self.link, self.timeout_s)
-            self.in_session = not isinstance(msg, End)
+            send(msg, self.link, wait)
+            self.in_session, self.prefilling = not isinstance(msg, End), isinstance(msg, Start)
             if isinstance(msg, Round):
                 self.rounds += 1
-                answer = recv(self.link, self.timeout_s)
+                answer = recv(self.link, wait)
                 timeline.extend(answer.spans)  # one clock: they line up with this process's
                 return answer
         except DraftLost as e:

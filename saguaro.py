@@ -392,7 +392,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
                  cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,
-                 backup_used={"jit": 0, "fast": 0})
+                 backup_used={"jit": 0, "fast": 0}, backup_why=None)
     rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
     done = [False] * B
 
@@ -501,6 +501,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     if stats["rows_verified"]:
         stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
     choice, _ = est.choose_backup(B)
+    if draft.lost:  # the rule's last reason no longer holds: every row went to the fast backup
+        stats["backup_why"] = f"draft lost ({draft.lost}): fast backup"
     stats.update(a=est.a("draft"), a_fast=est.a("fast"), r=est.r(), p_hit=est.p_hit(choice),
                  b_star=est.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
                  predicted_speedup=est.speed(choice, B), draft_lost=draft.lost)

@@ -47,7 +47,7 @@ STAGES = {
                                "x_uniform_fan_out", "x_largest_remainder", "xǁEstimatesǁfan_outs",
                                "xǁEstimatesǁchoose_backup", "xǁDraftSideǁanswer",
                                "xǁDraftSideǁjit_draft", "xǁDraftSideǁbuild"],
-                ["tests/test_saguaro.py", "-k", SLOW]),
+                ["tests/test_saguaro.py", "tests/test_timeline.py", "-k", SLOW]),
 }
 DRAFT_SIDE = ("xǁDraftSideǁ", "x_reuse_branch", "x_saguaro_probs", "x_saguaro_q")  # run in the
 # draft process: linked to the tests that ran a generation (they all ask Estimates for a backup)
@@ -191,7 +191,8 @@ def main():
     ap.add_argument("--label", required=True, help="a name for this run (before, after, ...)")
     ap.add_argument("--rev", default=None, help="a git revision (default: the working tree)")
     ap.add_argument("--stages", default=",".join(STAGES))
-    ap.add_argument("--only", default="*", help="a glob over mutant names, e.g. '*x_sample*'")
+    ap.add_argument("--only", default="*", help="globs over mutant names, comma-separated, "
+                    "e.g. '*x_sample*'")
     ap.add_argument("--every", default="", help="fn=N,...: test every N-th mutant of fn only")
     ap.add_argument("--workdir", default="/tmp/ssd-mutation")
     ap.add_argument("--resume", action="store_true",
@@ -216,7 +217,8 @@ def main():
             prepare(stage, args.rev, workdir)
         file, functions, _ = STAGES[stage]
         names, messages = mutant_names(os.path.join(workdir, file), functions, every)
-        names = [n for n in names if fnmatch.fnmatch(n, args.only)]
+        globs = args.only.split(",")
+        names = [n for n in names if any(fnmatch.fnmatch(n, g) for g in globs)]
         todo = [n for n in names if n not in done]
         print(f"[{args.label}] {stage}: {len(names)} mutants of {file} ({len(messages)} more "
               f"only change an error message: not run); {len(todo)} to run", flush=True)
@@ -239,7 +241,8 @@ def main():
     total = sum(sum(c.values()) for r in summary.values() for c in r["by_function"].values())
     killed = sum(c.get(s, 0) for r in summary.values() for c in r["by_function"].values()
                  for s in ("killed", "timeout", "segfault"))
-    print(f"[{args.label}] killed {killed} of {total} mutants ({100 * killed / max(total, 1):.1f}%)")
+    print(f"[{args.label}] killed {killed} of {total} mutants "
+          f"({100 * killed / max(total, 1):.1f}%)")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,19 @@ def test_a_row_finished_at_prefill_rides_along_in_every_loop():
     assert out == ref, "saguaro"
 
 
+@pytest.mark.parametrize("module", ["autoregressive", "speculative", "ssd", "saguaro"])
+def test_every_cli_prints_its_summary_when_the_run_ends_at_prefill(module, monkeypatch, capsys,
+                                                                   default_model):
+    """--max-new-tokens 1: the one token comes from prefill and no round runs, yet every stat a
+    CLI's summary names must exist (saguaro's backup_why once did not: a KeyError)."""
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: default_model)
+    flags = ["--k", "2", "--f", "1"] if module in ("ssd", "saguaro") else []
+    monkeypatch.setattr(sys, "argv", [module, "--prompt", "Say hi.", "--max-new-tokens", "1"]
+                        + flags)
+    __import__(module).main()
+    assert re.search(r"\[1 tokens, prefill \d+ ms, decode", capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("name", ["sd", "ssd", "saguaro"])
 def test_sampling_with_rows_finished_at_prefill_does_not_crash(name):
     """The reported input: vocab 6 with EOS = 5, 200 rows, T = 0.8: many rows end at prefill.

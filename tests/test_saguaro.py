@@ -856,6 +856,30 @@ def test_a_draft_that_stops_answering_times_out_and_the_target_finishes():
     assert again == ref
 
 
+def slow_to_prefill(seconds, *args, **kwargs):
+    """noisy_model whose prefill first sleeps `seconds`: a long prompt, as the draft sees it."""
+    model = noisy_model(*args, **kwargs)
+    prefill = model.prefill
+
+    def slow(*a, **k):
+        time.sleep(seconds)
+        return prefill(*a, **k)
+    model.prefill = slow
+    return model
+
+
+def test_a_draft_still_reading_a_long_prompt_is_waited_for_not_lost():
+    """The first answer after a Start waits for the draft's prefill (bounded by load_timeout_s),
+    not for timeout_s: a 3 s prefill beside a 1 s answer timeout loses nothing."""
+    close_worker()
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    draft = functools.partial(slow_to_prefill, 3.0, 0, 64, 0.15, 7, scale=3.0)
+    with saguaro.DraftWorker(draft, target, threads=1, timeout_s=1.0) as worker:
+        out, ref, stats, caught, _, _ = fault_run(worker)
+        assert out == ref and stats["draft_lost"] is None and not caught, caught
+        assert stats["backup_used"]["fast"] == 0
+
+
 class DiesWhenUnpacked:
     """A draft spec whose unpickling in the new process exits it with code 3: a process that
     dies while starting, before it could connect (as one failing an import would)."""
@@ -1019,3 +1043,24 @@ def test_two_workers_in_one_process_each_serve_their_own_calls():
                                           backup="jit")
             assert out == ref and not stats["draft_lost"]
     assert not draft_processes()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_greedy_answers_carry_no_q_rows(temperature):
+    """At temperature 0 q is one-hot on each drafted token: the target builds it from the tokens,
+    so the answer leaves q out (a (B, K, V) transfer per round saved); above 0 every answer
+    carries the q' each token was drawn from (top_k = 5 set, so a rule that reads top_k for
+    the temperature shows)."""
+    draft, K = tiny_model(0, vocab_size=64, scale=3.0), 3
+    side = saguaro.DraftSide(draft, saguaro.Start([[1, 2, 3], [5, 6]], K, 64, 64, temperature, 5,
+                                                  None, 1.0, 0))
+    fan, live = [1, 1, 1, 1], torch.tensor([True, True])
+    for k, t in ((torch.full((2,), -1), torch.tensor([4, 7])), (torch.tensor([3, 0]),
+                                                                 torch.tensor([9, 9]))):
+        answer = side.on(saguaro.Round(k, t, live, "jit", fan, fan))
+        side.work()
+        if temperature == 0:
+            assert answer.probs is None
+        else:
+            assert answer.probs.shape == (2, K, 64)
+            assert torch.allclose(answer.probs.sum(-1), torch.ones(2, K))
