@@ -503,4 +503,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    harness.cli(main)

@@ -5,6 +5,7 @@ flags every script spells the same way (each checked as it is parsed)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import kernels
@@ -103,6 +104,17 @@ def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
             timeline.write(trace, events, command=" ".join(sys.argv))
             timeline.show(events)
             print(f"[timeline: {trace}, open it in https://ui.perfetto.dev or chrome://tracing]\n")
+
+
+def cli(main) -> None:
+    """Run a script's main(): bad input found after parsing (a ValueError: an impossible length,
+    a prompt past the context, a draft over another tokenizer) ends it as argparse ends a bad
+    flag, one line on stderr and exit code 2, not a traceback."""
+    try:
+        main()
+    except ValueError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def report(target, tokens, stats, *names) -> None:

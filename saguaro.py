@@ -548,4 +548,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    harness.cli(main)

@@ -74,6 +74,21 @@ def test_every_cli_prints_its_summary_when_the_run_ends_at_prefill(module, monke
     assert re.search(r"\[1 tokens, prefill \d+ ms, decode", capsys.readouterr().out)
 
 
+def test_bad_input_found_after_parsing_ends_a_cli_with_one_line_and_code_2(monkeypatch, capsys,
+                                                                            default_model):
+    """A prompt past the context is only known once tokenized: the CLI then ends as argparse
+    does for a bad flag, with the check's own message and no traceback."""
+    import harness
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: default_model)
+    monkeypatch.setattr(sys, "argv", ["autoregressive.py", "--prompt", " cat" * 9000,
+                                      "--max-new-tokens", "8"])
+    with pytest.raises(SystemExit) as exit_:
+        harness.cli(autoregressive.main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "exceeds the model's context" in err, err
+    assert err.startswith("autoregressive.py: error: ") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("name", ["sd", "ssd", "saguaro"])
 def test_sampling_with_rows_finished_at_prefill_does_not_crash(name):
     """The reported input: vocab 6 with EOS = 5, 200 rows, T = 0.8: many rows end at prefill.
