@@ -1,7 +1,7 @@
 """Write dev/mutation-report.md from two runs of dev/mutation.py (a developer tool, not CI).
 
     python dev/mutation_report.py --before /tmp/ssd-mutation/before \
-        --after /tmp/ssd-mutation/final --rerun /tmp/ssd-mutation/rerun
+        --after /tmp/ssd-mutation/final --rerun /tmp/ssd-mutation/rerun /tmp/ssd-mutation2/rerun
 
 Each survivor of the "after" run gets a verdict: the rules below name the edits that cannot
 change what any caller observes (equivalent mutants), each with its reason; any survivor no rule
@@ -71,14 +71,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", required=True)
     ap.add_argument("--after", required=True)
-    ap.add_argument("--rerun", default=None, help="survivors of --after run again (wider tests)")
+    ap.add_argument("--rerun", nargs="*", default=[],
+                    help="runs of --after's survivors again (wider or newer tests)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "mutation-report.md"))
     args = ap.parse_args()
     before, after = load(args.before), load(args.after)
     rerun_killed = {}   # stage -> survivors of after that the rerun killed
-    for stage, r in (load(args.rerun) if args.rerun else {}).items():
-        ran = json.load(open(os.path.join(args.rerun, stage, "verdicts.json")))
-        rerun_killed[stage] = {n for n in ran if n not in r["survivors"]}
+    for folder in args.rerun:
+        for stage, r in load(folder).items():
+            ran = json.load(open(os.path.join(folder, stage, "verdicts.json")))
+            rerun_killed.setdefault(stage, set()).update(n for n in ran if n not in r["survivors"])
     lines = ["# Mutation testing of the losslessness core (issue 18)", "",
              "Made by `dev/mutation.py` (mutmut 3.4) and `dev/mutation_report.py`. \"Before\": the",
              "tests at `2d88c86`, on that commit's code; \"after\": the tests and code of the",
@@ -117,7 +119,8 @@ def main():
     if late:
         lines += ["", "## Killed when run again with the stage's wider test set", "",
                   "The stage's first run gave these functions only their own file's tests; "
-                  "run again with every test file the stage now lists, each was killed:", ""]
+                  "run again with every test file the stage now lists (and the tests added "
+                  "after it), each was killed:", ""]
         lines += [show(stage, name, v, "killed") for stage, name, v in late]
     open(args.out, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -103,6 +103,8 @@ def test_saguaro_trace_has_two_processes_and_the_speed_model_reads_its_spans(tmp
     assert est.secs["verify"] == pytest.approx(running_mean(verify[1:]), rel=1e-9)  # not round 1
     assert est.secs["build"] == pytest.approx(running_mean(build), rel=1e-9)
     assert est.secs["step"] == pytest.approx(running_mean(glue), rel=1e-9)
+    jit = [e["dur"] / 1e6 for e in spans(events, "jit", other)]   # the cold start's, at least
+    assert jit and sum(jit) == pytest.approx(stats["jit_draft_s"], rel=1e-9)
     lookups = [e for e in events if e["name"] == "lookup"]
     assert sum(e["args"]["hits"] for e in lookups) == stats["cache_hits"]
     assert sum(e["args"]["misses"] for e in lookups) == stats["cache_misses"]
