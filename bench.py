@@ -123,7 +123,8 @@ def build_rows(args, target, draft):
             half, draft_threads = saguaro.draft_process.split_threads(args.threads)
             # --tp: rank 0 alone runs the loop, beside the draft process; the others follow
             worker = (saguaro.DraftWorker(args.draft, target, threads=draft_threads,
-                                          device=tp.draft_device(args, target))
+                                          device=tp.draft_device(args, target),
+                                          timeout_s=args.timeout)
                       if tp.rank() == 0 else None)
             args.cleanup.append(worker.close if worker else lambda: None)
             args.saguaro_cores = (half, worker.target_cpus if worker else None)  # speed of light

@@ -10,17 +10,17 @@ draft (it died, it hangs, it never started) into one state of the worker: `worke
 What crosses, as small typed records (one `send`/`recv` pair packs and unpacks them all):
 
     target -> draft   Start    the prompts and the sampling settings: the draft prefills its cache
-    target -> draft   Round    the outcome (k, t) per row, the backup and fan-outs to use
+    target -> draft   Round    the outcome (k, t) per row, the backup and fan-outs to use (and
+                               the fast backup's speculation, when it serves the misses)
     draft  -> target  Answer   per row: where the next speculation came from, y_1..y_K, q'
                                (and the draft's timeline, when recording: timeline.py)
-    target -> draft   Backup   the fast backup's tokens, for the rows that needed it
     target -> draft   End      the generation is over;  Shutdown: the process exits
 
 The draft side's logic is a class handed in by reference (`DraftWorker.side`, saguaro's
 DraftSide): this module never imports saguaro.py. It calls, in the draft process,
 
     state = side(draft, start)       on Start
-    reply = state.on(message)        on Round / Backup: the answer (or None), sent at once
+    reply = state.answer(round)      on Round: the Answer, sent at once
     state.work()                     then, while the target verifies: the next cache
 """
 import atexit
@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 
 import kernels
 import timeline
+from harness import check_seconds
 from speculative import check_draft
 
 
@@ -70,11 +71,12 @@ class Round:
     backup: str            # "jit" or "fast": who serves a miss this round
     fan_hit: list          # F_0..F_K for caches built after a hit
     fan_miss: list         # ... after a miss
+    fast: torch.Tensor = None  # (B, K) the fast backup's speculation, for the rows that miss
 
 
 @dataclasses.dataclass
 class Answer:
-    source: torch.Tensor   # (B,) HIT, JIT or NEED_FAST (saguaro.py's codes)
+    source: torch.Tensor   # (B,) HIT, JIT or FAST (saguaro.py's codes)
     rank: torch.Tensor     # (B,) rank of the true bonus among the draft's guesses, -1: unknown
     tokens: torch.Tensor   # (B, K) the next speculation y
     probs: torch.Tensor | None  # (B, K, V) the q' each y was drawn from; None at temperature 0
@@ -83,11 +85,6 @@ class Answer:
     glue_s: float
     forwards: int          # draft forwards of this round: the answer's, the build's after it
     spans: list = None     # the draft's timeline since its last answer, when recording
-
-
-@dataclasses.dataclass
-class Backup:
-    tokens: torch.Tensor   # (B, K) the fast backup's speculation (rows that asked for it)
 
 
 @dataclasses.dataclass
@@ -189,15 +186,6 @@ def _wait(link, send_or_recv, tensor, timeout_s):
 
 # ----------------------------------------------------------------------------------------------
 # 2) limits and cores
-
-def check_seconds(name, value, low=1e-3, high=86400.0):
-    """A wait bound in seconds, in [1 ms, 1 day]: torch.distributed counts whole milliseconds
-    and reads 0 as "its default" (a sub-ms timeout would silently become ~60 s)."""
-    if not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{name} must be a number of seconds in [{low:g}, {high:g}] (1 ms to 1 "
-                         f"day), got {value!r}.")
-    return float(value)
-
 
 def split_threads(threads=None):
     """The one decision of who gets which CPU cores: (target threads, draft threads), half and
@@ -497,11 +485,10 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
                 state = None
             else:
                 timeline.span("wait for target", idle, "draft")
-                reply = state.on(msg)  # answer at once: the target is waiting
-                if reply is not None:
-                    reply.spans = timeline.take()
-                    send(reply, link)
-                    timeline.span("answer", tick, "draft")  # shipped with the next answer
+                reply = state.answer(msg)  # at once: the target is waiting
+                reply.spans = timeline.take()
+                send(reply, link)
+                timeline.span("answer", tick, "draft")  # shipped with the next answer
                 state.work()           # then the next cache, while the target verifies
             idle = time.perf_counter()
     link.close()

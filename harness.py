@@ -175,6 +175,15 @@ def fanout(text):
     return fs
 
 
+def check_seconds(name, value, low=1e-3, high=86400.0):
+    """A wait bound in seconds, in [1 ms, 1 day]: torch.distributed counts whole milliseconds
+    and reads 0 as "its default" (a sub-ms timeout would silently become ~60 s)."""
+    if not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number of seconds in [{low:g}, {high:g}] (1 ms to 1 "
+                         f"day), got {value!r}.")
+    return float(value)
+
+
 def add_saguaro_args(parser, budget=None, backup="auto") -> None:
     """saguaro's own flags, spelled once for saguaro.py and bench.py's saguaro row."""
     parser.add_argument("--budget", type=positive_int, default=budget,
@@ -184,6 +193,9 @@ def add_saguaro_args(parser, budget=None, backup="auto") -> None:
     parser.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
     parser.add_argument("--backup", default=backup, choices=["auto", "jit", "fast"],
                         help="saguaro's backup on a miss (auto: the batch-aware rule)")
+    parser.add_argument("--timeout", default=10.0, help="seconds to wait for saguaro's draft "
+                        "process (1 ms to 1 day)", type=checked(float, lambda s: check_seconds(
+                            "--timeout", s)))
     parser.add_argument("--draft-device", default=None,
                         help="saguaro's draft process: default the target's device; with --tp N "
                              "on GPUs, cuda:N (after the target's)")

@@ -38,10 +38,10 @@ import kernels
 import ssd
 import timeline
 import tp
-from draft_process import Answer, Backup, End, Round, Start
+from draft_process import Answer, End, Round, Start
 from speculative import emit, one_hot, pad_vocab, verify
 
-HIT, JIT, NEED_FAST = 0, 1, 2           # where a row's next speculation comes from
+HIT, JIT, FAST = 0, 1, 2           # where a row's speculation comes from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,11 +50,9 @@ HIT, JIT, NEED_FAST = 0, 1, 2           # where a row's next speculation comes f
 def largest_remainder(weights, total: int) -> list:
     """Integers >= 0 proportional to `weights` that sum to exactly `total`: floor every share,
     then give the leftover units to the largest fractional parts (ties: lower k first)."""
-    s = sum(weights)
-    shares = [total * w / s for w in weights]
+    shares = [total * w / sum(weights) for w in weights]
     ints = [math.floor(x) for x in shares]
-    order = sorted(range(len(shares)), key=lambda i: (ints[i] - shares[i], i))
-    for i in order[: total - sum(ints)]:
+    for i in sorted(range(len(shares)), key=lambda i: (ints[i] - shares[i], i))[: total - sum(ints)]:
         ints[i] += 1
     return ints
 
@@ -211,6 +209,14 @@ class Estimates:
         return next((b for b in range(1, limit + 1)
                      if self.speed("fast", b) > self.speed("jit", b)), None)
 
+    def summary(self, batch):
+        """For the stats: the figures above, at the backup the rule picks for `batch` rows."""
+        choice = self.choose_backup(batch)[0]
+        fan_hit, fan_miss = self.fan_outs(choice)
+        return dict(a=self.a("draft"), a_fast=self.a("fast"), r=self.r(), p_hit=self.p_hit(choice),
+                    b_star=self.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
+                    predicted_speedup=self.speed(choice, batch))
+
 
 # ----------------------------------------------------------------------------------------------
 # The new ideas, part 3: the draft side, in its own process
@@ -219,7 +225,7 @@ class DraftSide:
     """The draft process's state for one generation (draft_process.py runs it): its KV cache
     (the trunk: prompt + emitted tokens, then the glue of the speculation being verified), the
     speculation cache S built for that speculation (ssd.build_speculation_cache) and the glue
-    logits (to rank the true bonus among the guesses, for r). on(Round) answers at once;
+    logits (to rank the true bonus among the guesses, for r). answer(Round) answers at once;
     work() then builds the next cache while the target verifies."""
 
     def __init__(self, draft, start: Start):
@@ -230,31 +236,15 @@ class DraftSide:
         draft.prefill(start.prompts, self.cache)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.spec = self.glue = self.prefix = self.next = None
-        self.waiting = False
         self.build_s = self.glue_s = 0.0
-
-    def on(self, msg):
-        """A Round: the Answer; a Backup: the fast backup's tokens for the rows that asked."""
-        if isinstance(msg, Backup):
-            fast = (self.next[2] == NEED_FAST)[:, None]
-            self.next[1], self.waiting = torch.where(fast, msg.tokens, self.next[1]), False
-            return None
-        answer = self.answer(msg)
-        self.next = [msg.t, answer.tokens, answer.source, msg.fan_hit, msg.fan_miss]
-        self.waiting = bool((msg.live & (answer.source == NEED_FAST)).any())  # for a Backup
-        return answer
-
-    def work(self):
-        if self.next is not None and not self.waiting:
-            self.build(*self.next)
-            self.next = None
 
     def answer(self, msg: Round) -> Answer:
         """1) keep t0, x_1..x_k of the last glue (nothing of it before the first round, k = -1);
-        2) look (k, t) up; 3) the JIT backup for misses; 4) note where the draft already holds
-        the KV and logits of the answer's t, y_1..y_{K-1} (the hit branch's scratch slots, or
-        the trunk the JIT decoded into): the glue reuses them (reuse_branch). Not for a mixed
-        batch: the JIT overwrites the branches' slots."""
+        2) look (k, t) up; 3) a miss takes the backup the target chose: the JIT (K draft steps
+        now) or the fast backup's speculation, which came with the Round; 4) note where the
+        draft already holds the KV and logits of the answer's t, y_1..y_{K-1} (the hit branch's
+        scratch slots, or the trunk the JIT decoded into): the glue reuses them (reuse_branch).
+        Not for a mixed batch: the JIT overwrites the branches' slots. work() builds over y."""
         dev, B, K = self.draft.device, len(msg.k), self.K
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
@@ -270,16 +260,25 @@ class DraftSide:
                 branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
                 slots = base[:, None].long() + steps * N + branch[:, None]     # (B, K)
                 self.prefix = slots, self.S.logits[rows, branch]
-        source = torch.where(hit, HIT, JIT if msg.backup == "jit" else NEED_FAST)
-        if msg.backup == "jit" and bool((live & ~hit).any()):
+        source = torch.where(hit, HIT, JIT if msg.backup == "jit" else FAST)
+        if msg.backup == "fast":  # its q stays with the target
+            y = torch.where(hit[:, None], y, msg.fast.to(dev))
+        elif bool((live & ~hit).any()):
             tick = time.perf_counter()
             y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss)
             y, q = torch.where(hit[:, None], y, y_jit), torch.where(hit[:, None, None], q, q_jit)
             jit_s, forwards = timeline.span("jit", tick, "draft"), forwards + K
             in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
             self.prefix = (in_place, logits) if not bool(hit.any()) else None
+        self.next = (t, y, source, msg.fan_hit, msg.fan_miss)
         return Answer(source.cpu(), rank.cpu(), y.cpu(), None if self.sampling[0] == 0 else q,
                       self.build_s, jit_s, self.glue_s, forwards)
+
+    def work(self):
+        """After the answer, while the target verifies: the cache for the speculation answered."""
+        if self.next is not None:
+            self.build(*self.next)
+            self.next = None
 
     def rank(self, k, t):
         """Where the true bonus t stood among the draft's candidates for it: 0 = its first
@@ -349,17 +348,18 @@ class DraftWorker(draft_process.DraftWorker):
     side = DraftSide
 
 
-def serve_fast(fast, rows, need, shadow, K, temperature, gen, V, est):
-    """The fast backup (Sec. 4.3) on the rows that need it (B,) bool, and on `shadow` rows, whose
-    proposals only measure its acceptance and latency for the rule. Returns tokens (B, K), the q
-    (B, K, V) they were drawn from (zeros in the other rows), and the seconds it took."""
-    tick, ask = time.perf_counter(), torch.nonzero(need | shadow)[:, 0].tolist()
+def serve_fast(fast, rows, asked, K, temperature, gen, V, est, stats):
+    """The fast backup (Sec. 4.3): its speculation for the `asked` rows (B,) bool: tokens (B, K)
+    and the q (B, K, V) they were drawn from (zeros in the other rows). Its seconds go to
+    stats["fast_backup_s"] and to the rule's latency estimate."""
+    tick, ask = time.perf_counter(), torch.nonzero(asked)[:, 0].tolist()
     tokens, q = torch.zeros(len(rows), K, dtype=torch.long), torch.zeros(len(rows), K, V)
     if ask:
         x, qx = fast.propose([rows[b] for b in ask], K, temperature, gen)
         tokens[ask], q[ask] = x.cpu(), pad_vocab(qx.cpu().float(), V)
         est.time("fast", timeline.span("fast backup", tick))
-    return tokens, q, time.perf_counter() - tick
+    stats["fast_backup_s"] += time.perf_counter() - tick
+    return tokens, q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,40 +411,37 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 
     # 2) decode: per round, the target verifies a speculation while the draft prepares the next
     t0 = time.perf_counter()
-    accepted, fan_hit, fan_miss = 0, *est.fan_outs(backup)
+    accepted = 0
     outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
     made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
     while not all(done):
         # 2a) NEW: the speculation x_1..x_K with q_1..q_K comes from the draft process. The
         # outcome (k, t) goes there; it answers at once from the cache it built during the last
-        # verify (a hit) or, for a miss, with the backup the batch-aware rule picks: JIT
-        # drafting there, or the fast backup here. A lost draft answers None: all rows fast.
-        tick = time.perf_counter()
+        # verify (a hit) or, for a miss, with the backup the batch-aware rule picks: JIT drafting
+        # there, or the fast backup, run here first and sent along (in auto mode it also runs on
+        # a few rows as a shadow that measures it for the rule). A lost draft answers None.
         last = torch.tensor([r[-1] for r in rows])
         live = ~torch.tensor(done)
-        choice, stats["backup_why"] = est.choose_backup(int(live.sum()))
+        choice, stats["backup_why"] = (("fast", f"draft lost ({draft.lost}): fast backup")
+                                       if draft.lost else est.choose_backup(int(live.sum())))
         fan_hit, fan_miss = est.fan_outs(choice)
-        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss))
+        asked = live & ((choice == "fast") | ((backup == "auto") & (live.cumsum(0) <= 4)))
+        fast_tokens, fast_probs = serve_fast(fast, rows, asked, K, temperature, gen, Vt, est, stats)
+        tick = time.perf_counter()
+        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens))
+        if answer is None and choice != "fast":
+            continue  # the draft was lost just now: this round again, all on the fast backup
         if answer is not None:
             stats["draft_wait_s"] += timeline.span("wait for draft", tick)
             est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
-        answer = answer or Answer(torch.full((B,), NEED_FAST), torch.full((B,), -1),  # lost
-                                  torch.zeros(B, K, dtype=torch.long), None, 0.0, 0.0, 0.0, 0)
+        answer = answer or Answer(torch.full((B,), FAST), torch.full((B,), -1), fast_tokens,
+                                  None, 0.0, 0.0, 0.0, 0)                  # a lost draft
         source, draft_tokens = answer.source, answer.tokens                # (B,), (B, K)
         draft_probs = pad_vocab(one_hot(draft_tokens, Vc) if answer.probs is None  # greedy
                                 else answer.probs.cpu(), Vt)               # (B, K, Vt) their q
-        # the fast backup serves the rows that need it; in auto mode it also runs on a few
-        # more rows as a shadow that measures its acceptance and latency for the rule
-        need_fast = live & (source == NEED_FAST)
-        shadow = live & ~need_fast & (live.cumsum(0) <= 4) & (backup == "auto")
-        fast_tokens, fast_probs, fast_s = serve_fast(fast, rows, need_fast, shadow, K,
-                                                     temperature, gen, Vt, est)
-        draft_tokens[need_fast] = fast_tokens[need_fast]
-        draft_probs[need_fast] = fast_probs[need_fast]
-        stats["fast_backup_s"] += fast_s
-        if not draft.lost and bool(need_fast.any()):
-            draft.exchange(Backup(draft_tokens))  # the draft builds over these
-        for name, code in (("jit", JIT), ("fast", NEED_FAST)):
+        from_fast = live & (source == FAST)
+        draft_probs[from_fast] = fast_probs[from_fast]
+        for name, code in (("jit", JIT), ("fast", FAST)):
             stats["backup_used"][name] += int((live & (source == code)).sum())
 
         # 2b) NEW: the draft process now builds the cache for this speculation's outcomes
@@ -489,9 +486,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             if not draft.lost and k_last[b] >= 0:  # the first round had no cache to hit
                 stats["lookups_by_k"][k_last[b]] += 1
                 stats["hits_by_k"][k_last[b]] += hit[b]
-                est.learn_hit(hit[b], made[b] == NEED_FAST)
+                est.learn_hit(hit[b], made[b] == FAST)
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
-        est.learn_acceptance(p, draft_probs, live & ~need_fast, need_fast, shadow,
+        est.learn_acceptance(p, draft_probs, live & ~from_fast, from_fast, asked & ~from_fast,
                              fast_probs.to(dev))
         outcome, made = torch.tensor(n_accepted), source.clone()
         timeline.span("accept", tick)
@@ -500,12 +497,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     stats["decode_s"] = time.perf_counter() - t0
     if stats["rows_verified"]:
         stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
-    choice, _ = est.choose_backup(B)
-    if draft.lost:  # the rule's last reason no longer holds: every row went to the fast backup
-        stats["backup_why"] = f"draft lost ({draft.lost}): fast backup"
-    stats.update(a=est.a("draft"), a_fast=est.a("fast"), r=est.r(), p_hit=est.p_hit(choice),
-                 b_star=est.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
-                 predicted_speedup=est.speed(choice, B), draft_lost=draft.lost)
+    stats.update(est.summary(B), draft_lost=draft.lost)
 
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
@@ -524,9 +516,6 @@ def main():
     ap.add_argument("--f", type=harness.positive_int, default=3,
                     help="guesses per k; budget B = (K+1) f")
     harness.add_saguaro_args(ap)
-    ap.add_argument("--timeout", default=10.0, help="seconds to wait for the draft (1 ms to 1 day)",
-                    type=harness.checked(float, lambda s: draft_process.check_seconds("--timeout",
-                                                                                      s)))
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     args.threads, draft_threads = draft_process.split_threads(args.threads)

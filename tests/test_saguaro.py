@@ -451,7 +451,7 @@ def test_the_glue_after_an_all_hit_or_all_jit_round_costs_one_token(monkeypatch)
     for step in range(6):
         k, t = (torch.full((B,), -1), torch.tensor([4, 7])) if step == 0 else outcome
         glue_lengths.clear()
-        answer = side.on(saguaro.Round(k, t, live, "jit", fan, fan))
+        answer = side.answer(saguaro.Round(k, t, live, "jit", fan, fan))
         source, y, reused = answer.source, answer.tokens, side.prefix is not None
         side.work()
         # the draft is the target here: the greedy outcome of verifying y is all K accepted
@@ -614,15 +614,20 @@ class WrongFirst(GreedyOracle):
 
 
 @pytest.mark.parametrize("backup", ["jit", "fast"])
-def test_every_miss_is_served_at_full_speed_by_either_backup(self_pair, backup):
+def test_every_miss_is_served_at_full_speed_by_either_backup(self_pair, backup, monkeypatch):
     """A uniform budget of 1 bets on k = 0 only, and draft = target accepts all K: every lookup
     misses and every round is served by a backup. The JIT one (the draft decoding from the
     row's context, its KV then reused by the glue) and a fast backup that knows the target's
-    greedy tokens (given each row's own context) must both be accepted in full."""
+    greedy tokens (given each row's own context) must both be accepted in full, each at one
+    message each way per round (the fast backup's speculation rides on the Round)."""
     target, worker = self_pair
     ref, _ = autoregressive.generate(target, RAGGED, 30)
+    sent, exchange = [], worker.exchange
+    monkeypatch.setattr(worker, "exchange", lambda msg: sent.append(type(msg).__name__)
+                        or exchange(msg))
     out, stats = saguaro.generate(target, RAGGED, 30, k=3, budget=1, fan_out="uniform",
                                   backup=backup, draft=worker, fast_backup=GreedyOracle(target))
+    assert sent == ["Start"] + ["Round"] * stats["target_calls"] + ["End"]
     assert out == ref and stats["fan_out_miss"] == [1, 0, 0, 0]
     assert stats["cache_hits"] == 0 and stats["backup_used"][backup] == stats["rows_verified"]
     assert stats["acceptance_rate"] == 1.0, stats["accept_counts"]
@@ -1007,7 +1012,9 @@ def test_every_record_crosses_the_link_whole():
                dp.Answer(torch.tensor([0, 2]), torch.tensor([-1, 4]), torch.tensor([[1, 2, 3]] * 2),
                          probs, 0.25, 0.0, 0.125, 4, [{"name": "glue"}]),
                dp.Answer(torch.tensor([1]), torch.tensor([0]), torch.tensor([[9, 9, 9]]), None,
-                         0.0, 0.5, 0.0, 7), dp.Backup(torch.tensor([[4, 5, 6]])), dp.End()]
+                         0.0, 0.5, 0.0, 7),
+               dp.Round(torch.tensor([3]), torch.tensor([9]), torch.tensor([True]), "fast",
+                        [0, 0, 0, 1], [1, 0, 0, 0], torch.tensor([[4, 5, 6]])), dp.End()]
     assert len(pickle.dumps(long_prompts)) > dp.HEADER
     got = []
     reader = threading.Thread(target=lambda: got.extend(dp.recv(links[1], 30) for _ in records))
@@ -1057,7 +1064,7 @@ def test_greedy_answers_carry_no_q_rows(temperature):
     fan, live = [1, 1, 1, 1], torch.tensor([True, True])
     for k, t in ((torch.full((2,), -1), torch.tensor([4, 7])), (torch.tensor([3, 0]),
                                                                  torch.tensor([9, 9]))):
-        answer = side.on(saguaro.Round(k, t, live, "jit", fan, fan))
+        answer = side.answer(saguaro.Round(k, t, live, "jit", fan, fan))
         side.work()
         if temperature == 0:
             assert answer.probs is None
