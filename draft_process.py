@@ -10,6 +10,7 @@ draft (it died, it hangs, it never started) into one state of the worker: `worke
 What crosses, as small typed records (one `send`/`recv` pair packs and unpacks them all):
 
     target -> draft   Start    the prompts and the sampling settings: the draft prefills its cache
+    target -> draft   Sync     after the target's prefill; answered once the draft's is done too
     target -> draft   Round    the outcome (k, t) per row, the backup and fan-outs to use (and
                                the fast backup's speculation, when it serves the misses)
     draft  -> target  Answer   per row: where the next speculation came from, y_1..y_K, q'
@@ -85,6 +86,11 @@ class Answer:
     glue_s: float
     forwards: int          # draft forwards of this round: the answer's, the build's after it
     spans: list = None     # the draft's timeline since its last answer, when recording
+
+
+@dataclasses.dataclass
+class Sync:
+    spans: list = None     # (the draft's timeline: none)
 
 
 @dataclasses.dataclass
@@ -307,10 +313,10 @@ class DraftWorker:
         return self.process is not None and self.process.is_alive()
 
     def exchange(self, msg):
-        """Send `msg`; for a Round, return the Answer. The one place where the draft is lost:
-        if it died or does not answer within timeout_s (load_timeout_s after a Start), warn
-        once, stop it, set `lost` (why) and return None; every later call returns None at once.
-        The target goes on alone."""
+        """Send `msg`; for a Round, return the Answer (for a Sync, the Sync). The one place where
+        the draft is lost: if it died or does not answer within timeout_s (load_timeout_s after
+        a Start), warn once, stop it, set `lost` (why) and return None; every later call returns
+        None at once. The target goes on alone."""
         if self.lost is None and not self.alive:
             self._lose("was not running" if not self.in_session else "exited")
         elif self.lost is not None and isinstance(msg, Start):  # a lost worker passed again
@@ -319,13 +325,13 @@ class DraftWorker:
             return None
         if isinstance(msg, Start):
             msg.trace = timeline.recording()  # the draft records when this process does
-        # the first Round after a Start waits for the draft's prefill of the prompts too
+        # the first answer after a Start waits for the draft's prefill of the prompts too
         wait = self.load_timeout_s if self.prefilling else self.timeout_s
         try:
             send(msg, self.link, wait)
             self.in_session, self.prefilling = not isinstance(msg, End), isinstance(msg, Start)
-            if isinstance(msg, Round):
-                self.rounds += 1
+            if isinstance(msg, (Sync, Round)):
+                self.rounds += isinstance(msg, Round)
                 answer = recv(self.link, wait)
                 timeline.extend(answer.spans)  # one clock: they line up with this process's
                 return answer
@@ -483,6 +489,8 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
                 timeline.span("prefill", tick, "draft")
             elif isinstance(msg, End):
                 state = None
+            elif isinstance(msg, Sync):  # sent after the target's prefill: ours is done too
+                send(msg, link)
             else:
                 timeline.span("wait for target", idle, "draft")
                 reply = state.answer(msg)  # at once: the target is waiting

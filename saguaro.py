@@ -38,7 +38,7 @@ import kernels
 import ssd
 import timeline
 import tp
-from draft_process import Answer, End, Round, Start
+from draft_process import Answer, End, Round, Start, Sync
 from speculative import emit, one_hot, pad_vocab, verify
 
 HIT, JIT, FAST = 0, 1, 2           # where a row's speculation comes from
@@ -406,6 +406,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
     for b in range(B):
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
+    draft.exchange(Sync())  # prefill ends once both hold the prompts (as in speculative.py)
     kernels.sync(dev)
     stats["prefill_s"] = timeline.span("prefill", t0)
 

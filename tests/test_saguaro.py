@@ -627,7 +627,7 @@ def test_every_miss_is_served_at_full_speed_by_either_backup(self_pair, backup, 
                         or exchange(msg))
     out, stats = saguaro.generate(target, RAGGED, 30, k=3, budget=1, fan_out="uniform",
                                   backup=backup, draft=worker, fast_backup=GreedyOracle(target))
-    assert sent == ["Start"] + ["Round"] * stats["target_calls"] + ["End"]
+    assert sent == ["Start", "Sync"] + ["Round"] * stats["target_calls"] + ["End"]
     assert out == ref and stats["fan_out_miss"] == [1, 0, 0, 0]
     assert stats["cache_hits"] == 0 and stats["backup_used"][backup] == stats["rows_verified"]
     assert stats["acceptance_rate"] == 1.0, stats["accept_counts"]
@@ -1014,7 +1014,8 @@ def test_every_record_crosses_the_link_whole():
                dp.Answer(torch.tensor([1]), torch.tensor([0]), torch.tensor([[9, 9, 9]]), None,
                          0.0, 0.5, 0.0, 7),
                dp.Round(torch.tensor([3]), torch.tensor([9]), torch.tensor([True]), "fast",
-                        [0, 0, 0, 1], [1, 0, 0, 0], torch.tensor([[4, 5, 6]])), dp.End()]
+                        [0, 0, 0, 1], [1, 0, 0, 0], torch.tensor([[4, 5, 6]])), dp.Sync(),
+               dp.End()]
     assert len(pickle.dumps(long_prompts)) > dp.HEADER
     got = []
     reader = threading.Thread(target=lambda: got.extend(dp.recv(links[1], 30) for _ in records))
