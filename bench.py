@@ -448,12 +448,12 @@ def main(argv=None):
                     help="prompts per dataset")
     ap.add_argument("--batch-size", type=harness.positive_int, default=1)
     # saguaro's defaults fit the built-in pair on a 2-core CPU, one core per process: the
-    # draft must build its cache within one verify, so a small tree: K = 3, one guess (B = 1)
-    # on "all accepted", and a miss served by the draft itself (jit). README: the runs.
+    # draft must build its cache within one verify, so a small tree: one guess (B = 1) on
+    # "all accepted", and a miss served by the draft itself (jit). README: the runs.
     harness.add_saguaro_args(ap, budget=1, backup="jit")
-    ap.add_argument("--saguaro-k", type=harness.positive_int, default=3,
-                    help="K for the saguaro row: the draft process must build its "
-                         "cache within one verify, which on a small CPU wants a smaller K")
+    ap.add_argument("--saguaro-k", type=harness.positive_int, default=None,
+                    help="K for the saguaro row (default --k): its draft process must build "
+                         "K + 1 forwards within one verify, which a slow draft may not")
     ap.add_argument("--no-accounting", dest="accounting", action="store_false",
                     help="skip the ar/sd rows on the target's cores that saguaro adds")
     ap.add_argument("--json", default=None, help="also write the results to this file")
