@@ -90,7 +90,7 @@ class Answer:
 
 @dataclasses.dataclass
 class Sync:
-    spans: list = None     # (the draft's timeline: none)
+    spans: list = None     # as in Answer (exchange reads it): nothing recorded to ship
 
 
 @dataclasses.dataclass
@@ -325,7 +325,7 @@ class DraftWorker:
             return None
         if isinstance(msg, Start):
             msg.trace = timeline.recording()  # the draft records when this process does
-        # the first answer after a Start waits for the draft's prefill of the prompts too
+        # the answer after a Start (the Sync) waits for the draft's prefill of the prompts too
         wait = self.load_timeout_s if self.prefilling else self.timeout_s
         try:
             send(msg, self.link, wait)

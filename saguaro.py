@@ -52,7 +52,8 @@ def largest_remainder(weights, total: int) -> list:
     then give the leftover units to the largest fractional parts (ties: lower k first)."""
     shares = [total * w / sum(weights) for w in weights]
     ints = [math.floor(x) for x in shares]
-    for i in sorted(range(len(shares)), key=lambda i: (ints[i] - shares[i], i))[: total - sum(ints)]:
+    order = sorted(range(len(shares)), key=lambda i: (ints[i] - shares[i], i))
+    for i in order[: total - sum(ints)]:
         ints[i] += 1
     return ints
 
