@@ -14,8 +14,9 @@ ssd.py shows the idea on one device, step by step. New here (Kumar, Dao, May 202
    by C in [0, 1]: the residual max(0, p - q') then lands on the tokens the cache bet on more
    often. Exact, because verification divides by the same q'.
 4. Batch-aware fallback (Sec. 4.3): a miss is served by the JIT backup (the draft decodes K tokens
-   now) or the fast backup (n-gram lookup: ~free, weaker); a batch waits if any row misses, so
-   past a critical batch size b* the fast one wins. 5. The speed model (Thm. 7) decides.
+   now) or the fast backup (n-gram lookup by the target, sent with the outcome: ~free, weaker); a
+   batch waits if any row misses, so past a critical batch size b* the fast one wins. 5. The
+   speed model (Thm. 7) decides.
 6. Faults: if the draft process dies or stops answering, the target finishes alone with the fast
    backup, after a warning; no token is lost or repeated (the target owns all state).
 
