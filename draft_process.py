@@ -90,7 +90,7 @@ class Answer:
 
 @dataclasses.dataclass
 class Sync:
-    spans: list = None     # as in Answer (exchange reads it): nothing recorded to ship
+    pass
 
 
 @dataclasses.dataclass
@@ -333,7 +333,8 @@ class DraftWorker:
             if isinstance(msg, (Sync, Round)):
                 self.rounds += isinstance(msg, Round)
                 answer = recv(self.link, wait)
-                timeline.extend(answer.spans)  # one clock: they line up with this process's
+                if isinstance(answer, Answer):  # one clock: they line up with this process's
+                    timeline.extend(answer.spans)
                 return answer
         except DraftLost as e:
             self._lose(f"stopped answering ({e})")

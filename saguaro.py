@@ -425,14 +425,15 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # a few rows as a shadow that measures it for the rule). A lost draft answers None.
         last = torch.tensor([r[-1] for r in rows])
         live = ~torch.tensor(done)
-        choice, stats["backup_why"] = (("fast", f"draft lost ({draft.lost}): fast backup")
-                                       if draft.lost else est.choose_backup(int(live.sum())))
+        lost = draft.lost  # None while the draft answers
+        choice, stats["backup_why"] = (("fast", f"draft lost ({lost}): fast backup") if lost
+                                       else est.choose_backup(int(live.sum())))
         fan_hit, fan_miss = est.fan_outs(choice)
         asked = live & ((choice == "fast") | ((backup == "auto") & (live.cumsum(0) <= 4)))
         fast_tokens, fast_probs = serve_fast(fast, rows, asked, K, temperature, gen, Vt, est, stats)
         tick = time.perf_counter()
         answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens))
-        if answer is None and choice != "fast":
+        if answer is None and not lost:
             continue  # the draft was lost just now: this round again, all on the fast backup
         if answer is not None:
             stats["draft_wait_s"] += timeline.span("wait for draft", tick)

@@ -818,7 +818,7 @@ def test_negative_control_verifying_with_q_instead_of_q_prime_fails():
 # ----------------------------------------------------------------------------------------------
 # faults: losing the draft costs speed, never tokens
 
-def fault_run(worker, kill_at_round=None):
+def fault_run(worker, kill_at_round=None, backup="jit"):
     target = tiny_model(0, vocab_size=64, scale=3.0)
     ref, _ = autoregressive.generate(target, RAGGED, 50)
     if kill_at_round is not None:  # SIGKILL the draft process just before this round's message
@@ -826,18 +826,20 @@ def fault_run(worker, kill_at_round=None):
     pid, t0 = worker.process.pid, time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out, stats = saguaro.generate(target, RAGGED, 50, draft=worker, k=3, f=2, backup="jit")
+        out, stats = saguaro.generate(target, RAGGED, 50, draft=worker, k=3, f=2, backup=backup)
     return out, ref, stats, [str(w.message) for w in caught], time.time() - t0, pid
 
 
-def test_killing_the_draft_process_mid_generation_loses_no_token():
+@pytest.mark.parametrize("backup", ["jit", "fast"])
+def test_killing_the_draft_process_mid_generation_loses_no_token(backup):
     close_worker()
     target = tiny_model(0, vocab_size=64, scale=3.0)
     worker = saguaro.DraftWorker(functools.partial(noisy_model, 0, 64, 0.15, 7, scale=3.0),
                                  target, threads=1, timeout_s=5.0)
-    out, ref, stats, caught, seconds, pid = fault_run(worker, kill_at_round=4)
+    out, ref, stats, caught, seconds, pid = fault_run(worker, kill_at_round=4, backup=backup)
     assert out == ref                                   # complete, nothing lost or repeated
     assert stats["draft_lost"] and any("draft process" in w for w in caught), caught
+    assert stats["backup_why"].startswith("draft lost"), stats["backup_why"]
     # time is the property here: a lost draft is noticed within its timeout (5 s), not never.
     # 30 s is 6x that, room for a busy machine; a hang would run until pytest is killed
     assert stats["backup_used"]["fast"] > 0 and seconds < 30
