@@ -75,16 +75,19 @@ class Round:
     fast: torch.Tensor = None  # (B, K) the fast backup's speculation, for the rows that miss
 
 
+HIT, JIT, FAST = 0, 1, 2   # Answer.source: where a row's next speculation comes from
+
+
 @dataclasses.dataclass
 class Answer:
-    source: torch.Tensor   # (B,) HIT, JIT or FAST (saguaro.py's codes)
-    rank: torch.Tensor     # (B,) rank of the true bonus among the draft's guesses, -1: unknown
+    source: torch.Tensor   # (B,) HIT (the cache), JIT or FAST (a backup)
     tokens: torch.Tensor   # (B, K) the next speculation y
-    probs: torch.Tensor | None  # (B, K, V) the q' each y was drawn from; None at temperature 0
-    build_s: float         # seconds: the build that made this round's cache, the JIT, the glue
-    jit_s: float
-    glue_s: float
-    forwards: int          # draft forwards of this round: the answer's, the build's after it
+    rank: torch.Tensor = None  # (B,) rank of the true bonus among the draft's guesses, -1: unknown
+    probs: torch.Tensor = None  # (B, K, V) the q' each y was drawn from; None at temperature 0
+    build_s: float = 0.0   # seconds: the build that made this round's cache, the JIT, the glue
+    jit_s: float = 0.0
+    glue_s: float = 0.0
+    forwards: int = 0      # draft forwards of this round: the answer's, the build's after it
     spans: list = None     # the draft's timeline since its last answer, when recording
 
 
@@ -233,7 +236,7 @@ class DraftWorker:
                              "folder, a factory returning a kernels.Model, or a kernels.Model.")
         if isinstance(draft, kernels.Model):
             check_draft(target, draft, 1)  # one vocabulary, checked before a process starts
-        if hasattr(draft, "propose"):
+        if hasattr(draft, "propose") or (isinstance(draft, str) and draft == "ngram"):
             raise ValueError("saguaro's draft process needs a neural draft (a kernels.Model, its "
                              "name, or a factory): a model-free proposer cannot fill a speculation "
                              "cache. It serves as the fast backup (--backup fast) instead.")
@@ -275,10 +278,14 @@ class DraftWorker:
             self.link = Link(self.store, 0, self.backend, tdev if two_gpus else "cpu",
                              datetime.timedelta(seconds=60))
             self._await("ready", deadline, "load its draft")  # maybe after a kernel build
-            self.vocab_size = int(self.store.get("ready"))
-            if self.vocab_size < 0:
+            ready = self.store.get("ready").decode()
+            if ready.startswith("bad input: "):  # a name or folder that is no draft: one line
+                raise ValueError(f"the draft process could not load draft {draft!r}: "
+                                 f"{ready.removeprefix('bad input: ')}")
+            if ready.startswith("error"):
                 raise RuntimeError("the draft process could not load its draft (its traceback "
                                    "is printed above).")
+            self.vocab_size = int(ready)
             if self.vocab_size != target.cfg.vocab_size and target.tokenizer is None:
                 raise ValueError(f"target and draft have vocabularies of {target.cfg.vocab_size} "
                                  f"and {self.vocab_size} tokens and no tokenizer to show they "
@@ -315,14 +322,18 @@ class DraftWorker:
     def exchange(self, msg):
         """Send `msg`; for a Round, return the Answer (for a Sync, the Sync). The one place where
         the draft is lost: if it died or does not answer within timeout_s (load_timeout_s after
-        a Start), warn once, stop it, set `lost` (why) and return None; every later call returns
-        None at once. The target goes on alone."""
+        a Start), warn once, stop it, set `lost` (why) and return None: the caller replays the
+        round. Every later call returns at once, a Round sent to the fast backup with the
+        stand-in answer of a draft that is gone (every row FAST: the speculation the Round
+        carries). The target goes on alone."""
         if self.lost is None and not self.alive:
             self._lose("was not running" if not self.in_session else "exited")
-        elif self.lost is not None and isinstance(msg, Start):  # a lost worker passed again
-            _warn(f"was not running (lost earlier: {self.lost})")
-        if self.lost is not None:
             return None
+        if self.lost is not None:
+            if isinstance(msg, Start):  # a lost worker passed again
+                _warn(f"was not running (lost earlier: {self.lost})")
+            served = isinstance(msg, Round) and msg.backup == "fast"
+            return Answer(torch.full_like(msg.k, FAST), msg.fast) if served else None
         if isinstance(msg, Start):
             msg.trace = timeline.recording()  # the draft records when this process does
         # the answer after a Start (the Sync) waits for the draft's prefill of the prompts too
@@ -476,9 +487,12 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
     try:
         draft = load_draft(spec, target_ref, dev)
         store.set("ready", str(draft.cfg.vocab_size))
+    except (ValueError, OSError) as e:  # bad input (no such draft): the target says it
+        store.set("ready", f"bad input: {e}")
+        return
     except Exception:
         traceback.print_exc()
-        store.set("ready", "-1")
+        store.set("ready", "error")
         return
     state, idle = None, time.perf_counter()
     with torch.inference_mode():

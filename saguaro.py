@@ -9,7 +9,7 @@ ssd.py shows the idea on one device, step by step. New here (Kumar, Dao, May 202
    branch already computed the rest (reuse_branch).
 2. Geometric fan-out (Thm. 12): with acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
-   F_k ~ P(k)^(1/(1+r)); a and r are measured online.
+   F_k ~ P(k)^(1/(1+r)); a and r are measured online (measure.py).
 3. Saguaro sampling (Def. 14): the draft samples from q', its q with the top-(F+1) tokens scaled
    by C in [0, 1]: the residual max(0, p - q') then lands on the tokens the cache bet on more
    often. Exact, because verification divides by the same q'.
@@ -20,8 +20,10 @@ ssd.py shows the idea on one device, step by step. New here (Kumar, Dao, May 202
 6. Faults: if the draft process dies or stops answering, the target finishes alone with the fast
    backup, after a warning; no token is lost or repeated (the target owns all state).
 
-Notation (README glossary): p target, q draft, K draft tokens per round, (k, t) outcome, F_k
-fan-out, B budget per row, C Saguaro factor, r miss-curve exponent, a acceptance, b batch.
+Notation (Speculative Speculative Decoding, Kumar, Dao, May 2026): p = target, q = draft, K =
+speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k branches per row
+per round); new here: B = that budget, C = Saguaro's factor, r = the miss-curve exponent, a =
+acceptance, b = batch size (README glossary).
 
     python saguaro.py --prompt "Write a haiku about cacti." --k 3 --budget 1 --backup jit
     torchrun --nproc-per-node 4 saguaro.py --tp 4 --prompt "..."   # target on GPUs 0-3, draft on 4
@@ -36,13 +38,12 @@ import draft_process
 import drafts
 import harness
 import kernels
+import measure
 import ssd
 import timeline
 import tp
-from draft_process import Answer, End, Round, Start, Sync
+from draft_process import FAST, HIT, JIT, Answer, End, Round, Start, Sync
 from speculative import emit, one_hot, pad_vocab, verify
-
-HIT, JIT, FAST = 0, 1, 2           # where a row's speculation comes from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,65 +118,20 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
                                                      + (1 - all_hit) * (1 + t_b))
 
 
-class Estimates:
-    """What the rules run on, measured online (each prior: two observations of 0.5): acceptance a
-    of the draft (cache and JIT speculations: one network, one q') and of the fast backup, the hit
-    rates of caches built over each one's speculations, the ranks of the true bonus among the
-    draft's guesses (for r), and latencies in seconds (running means: verify, build, step, jit,
-    fast)."""
+class Estimates(measure.Measurements):
+    """The rules, run on what measure.py measures online (a, r, hit rates, latencies): the
+    fan-out schedules, Thm. 7's speed with each backup, and the backup for a batch."""
 
     def __init__(self, K, budget, fan_out, backup):
+        super().__init__()
         self.K, self.budget, self.fan_out, self.backup = K, budget, fan_out, backup
-        self.acc = {"draft": [1.0, 2.0], "fast": [1.0, 2.0]}    # [sum, count] per proposer
-        self.hits = {"draft": [1.0, 2.0], "fast": [1.0, 2.0]}   # [hits, lookups] per proposer
-        self.rank_counts, self.secs = torch.zeros(65), {}
-
-    def a(self, who):
-        return self.acc[who][0] / self.acc[who][1]
-
-    def r(self) -> float:
-        """Fit 1 - p_hit(F) = F^-r through the origin in log-log, F = 2..64, on the measured
-        ranks plus one prior observation that follows F^-1. Capped to [0.05, 8]."""
-        F = torch.arange(2, 65, dtype=torch.float64)
-        at_least = self.rank_counts.flip(0).cumsum(0).flip(0).double()[2:]  # ranks >= F
-        x, y = F.log(), ((at_least + F ** -1.0) / (self.rank_counts.sum() + 1)).log()
-        return float((-(x * y).sum() / (x * x).sum()).clamp(0.05, 8.0))
 
     def p_hit(self, backup="jit"):
         """The long-run hit rate. JIT: every speculation is the draft's, p_d. Fast: a miss makes
         the next speculation a fast one, whose cache hits at p_f; the stationary hit share of
         that two-state chain is p_f / (1 - p_d + p_f)."""
-        p_d, p_f = (self.hits[who][0] / self.hits[who][1] for who in ("draft", "fast"))
+        p_d, p_f = self.hit_rate("draft"), self.hit_rate("fast")
         return p_d if backup != "fast" else p_f / (1 - p_d + p_f)
-
-    def learn_from_draft(self, answer, live, first_round):
-        """The draft process's answer: ranks of the true bonus (for r), its latencies."""
-        for rank in answer.rank[live & (answer.rank >= 0)].tolist():
-            self.rank_counts[min(rank, 64)] += 1
-        if not first_round:  # the first round had no cache built before it
-            self.time("build", answer.build_s)
-            self.time("step", answer.glue_s)
-        if answer.jit_s > 0:
-            self.time("jit", answer.jit_s)
-
-    def learn_acceptance(self, p, q, from_draft, from_fast, shadow, q_shadow):
-        """Acceptance at position i is sum_x min(p_i(x), q_i(x)): exact in expectation, and of
-        lower variance than counting accepted tokens. The fast backup's shadow proposals share
-        the target's context at their first position only."""
-        overlap = torch.minimum(p[:, : q.shape[1]], q).sum(-1).cpu()            # (B, K)
-        for who, rows in (("draft", from_draft), ("fast", from_fast)):
-            self.acc[who][0] += float(overlap[rows].sum())
-            self.acc[who][1] += q.shape[1] * int(rows.sum())
-        self.acc["fast"][0] += float(torch.minimum(p[shadow, 0], q_shadow[shadow, 0]).sum())
-        self.acc["fast"][1] += int(shadow.sum())
-
-    def learn_hit(self, hit, made_by_fast):
-        """One lookup of a cache built over a speculation made by the draft or the fast backup."""
-        counts = self.hits["fast" if made_by_fast else "draft"]
-        counts[0], counts[1] = counts[0] + hit, counts[1] + 1
-
-    def time(self, name, seconds):
-        self.secs[name] = 0.8 * self.secs.get(name, seconds) + 0.2 * seconds
 
     def fan_outs(self, backup):
         """(after a hit, after a miss): the cache built over a speculation bets on ITS outcome
@@ -197,8 +153,11 @@ class Estimates:
         return predicted_speedup(self.p_hit(backup), expected_tokens(self.a("draft"), self.K),
                                  e_miss, build / verify, t_b / verify, batch)
 
-    def choose_backup(self, batch):
-        """The batch-aware rule: the backup with the higher predicted speed at this batch size."""
+    def choose_backup(self, batch, lost=None):
+        """The batch-aware rule: the backup with the higher predicted speed at this batch size
+        (the fast one alone once the draft is lost). Returns (backup, why)."""
+        if lost:
+            return "fast", f"draft lost ({lost}): fast backup"
         if self.backup != "auto":
             return self.backup, f"--backup {self.backup}"
         s_jit, s_fast = self.speed("jit", batch), self.speed("fast", batch)
@@ -211,13 +170,16 @@ class Estimates:
         return next((b for b in range(1, limit + 1)
                      if self.speed("fast", b) > self.speed("jit", b)), None)
 
-    def summary(self, batch):
-        """For the stats: the figures above, at the backup the rule picks for `batch` rows."""
-        choice = self.choose_backup(batch)[0]
+    def summary(self, stats, batch):
+        """For generate's stats: the figures above, at the backup the rule picks for `batch`
+        rows, and the measured speedup: tokens per row per target verify (stats' own)."""
+        choice, verify = self.choose_backup(batch)[0], self.secs.get("verify")
         fan_hit, fan_miss = self.fan_outs(choice)
+        decode = stats["decode_s"] / verify if verify else 0.0  # in target verifies
         return dict(a=self.a("draft"), a_fast=self.a("fast"), r=self.r(), p_hit=self.p_hit(choice),
                     b_star=self.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
-                    predicted_speedup=self.speed(choice, batch))
+                    predicted_speedup=self.speed(choice, batch), measured_speedup=(
+                        (stats["new_tokens"] - batch) / batch / decode if decode > 0 else None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,10 +187,9 @@ class Estimates:
 
 class DraftSide:
     """The draft process's state for one generation (draft_process.py runs it): its KV cache
-    (the trunk: prompt + emitted tokens, then the glue of the speculation being verified), the
-    speculation cache S built for that speculation (ssd.build_speculation_cache) and the glue
-    logits (to rank the true bonus among the guesses, for r). answer(Round) answers at once;
-    work() then builds the next cache while the target verifies."""
+    (the trunk: prompt + emitted tokens, then the glue of the speculation being verified) and
+    the speculation cache S built for that speculation. answer(Round) answers at once; work()
+    then builds the next cache while the target verifies."""
 
     def __init__(self, draft, start: Start):
         self.draft, self.K, self.V, self.c = draft, start.K, start.vocab, start.c
@@ -241,12 +202,11 @@ class DraftSide:
         self.build_s = self.glue_s = 0.0
 
     def answer(self, msg: Round) -> Answer:
-        """1) keep t0, x_1..x_k of the last glue (nothing of it before the first round, k = -1);
-        2) look (k, t) up; 3) a miss takes the backup the target chose: the JIT (K draft steps
-        now) or the fast backup's speculation, which came with the Round; 4) note where the
-        draft already holds the KV and logits of the answer's t, y_1..y_{K-1} (the hit branch's
-        scratch slots, or the trunk the JIT decoded into): the glue reuses them (reuse_branch).
-        Not for a mixed batch: the JIT overwrites the branches' slots. work() builds over y."""
+        """1) keep t0, x_1..x_k of the last glue (nothing before the first round, k = -1); 2) look
+        (k, t) up in S; 3) a miss takes the backup the target chose: the JIT (K draft steps now)
+        or the fast backup's speculation, which came with the Round; 4) note where the draft
+        already holds the KV and logits of t, y_1..y_{K-1} (the hit branch's scratch slots, or
+        the trunk the JIT decoded into; not in a mixed batch): the glue reuses them."""
         dev, B, K = self.draft.device, len(msg.k), self.K
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
@@ -256,7 +216,8 @@ class DraftSide:
         y = torch.zeros(B, K, dtype=torch.long, device=dev)
         q = torch.zeros(B, K, self.V, device=dev)
         if self.S is not None:
-            (hit, y, q), rank = self.S.lookup(k, t), self.rank(k, t)
+            hit, y, q = self.S.lookup(k, t)
+            rank = measure.bonus_rank(self.glue, self.spec, k, t)        # for r
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
             if bool(hit.all()):  # ssd's tree keeps branch n's step-j KV at base + j N + n
                 branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
@@ -273,25 +234,8 @@ class DraftSide:
             in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
             self.prefix = (in_place, logits) if not bool(hit.any()) else None
         self.next = (t, y, source, msg.fan_hit, msg.fan_miss)
-        return Answer(source.cpu(), rank.cpu(), y.cpu(), None if self.sampling[0] == 0 else q,
+        return Answer(source.cpu(), y.cpu(), rank.cpu(), None if self.sampling[0] == 0 else q,
                       self.build_s, jit_s, self.glue_s, forwards)
-
-    def work(self):
-        """After the answer, while the target verifies: the cache for the speculation answered."""
-        if self.next is not None:
-            self.build(*self.next)
-            self.next = None
-
-    def rank(self, k, t):
-        """Where the true bonus t stood among the draft's candidates for it: 0 = its first
-        guess. Measures the miss curve: p_hit(F) = P(rank < F)."""
-        rows = torch.arange(len(k), device=k.device)
-        scores = self.glue[rows, k.clamp_min(0)].clone()                    # (B, V)
-        x_next = self.spec[rows, k.clamp(0, self.K - 1)]
-        scores[rows, x_next] = torch.where(k < self.K, float("-inf"), scores[rows, x_next])
-        mine = scores[rows, t.clamp_max(self.V - 1)]
-        rank = (scores > mine[:, None]).sum(-1)
-        return torch.where((k >= 0) & (t < self.V), rank, -1)
 
     def jit_draft(self, t, fanout):
         """The JIT backup: ssd's tree with one branch per row, forked at the trunk's end: its
@@ -302,14 +246,13 @@ class DraftSide:
                                           self.gen, self.V)
         return y[:, 0], q[:, 0], logits[:, 0]
 
-    def build(self, t, y, source, fan_hit, fan_miss):
-        """ssd.py's step 2b over the next speculation s = (t, y_1..y_K): the glue (a forward
-        over t, y_1..y_K, or, where answer() found them, the draft's own earlier work on
-        t, y_1..y_{K-1} plus one forward: reuse_branch), then ssd.build_speculation_cache with
-        each row's schedule (after a hit or after a miss), sampling from Saguaro's q'. Every
-        branch's speculation is used only after a hit, so q' follows the after-a-hit schedule."""
-        tick, dev = time.perf_counter(), self.draft.device
-        t, y = t.to(dev), y.to(dev)
+    def work(self):
+        """After the answer, while the target verifies: ssd.py's step 2b over the speculation
+        answered, s = (t, y_1..y_K): the glue (a forward, or reuse_branch), then
+        ssd.build_speculation_cache with each row's schedule (after a hit or after a miss),
+        sampling from Saguaro's q'. A branch's speculation is used only after a hit, so q'
+        follows the after-a-hit schedule."""
+        (t, y, source, fan_hit, fan_miss), tick = self.next, time.perf_counter()
         self.trunk = self.cache.lengths.clone()
         if self.prefix is not None:
             glue = reuse_branch(self.draft, self.cache, *self.prefix, y)
@@ -388,9 +331,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     gen = kernels.make_generator(seed, dev)
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
     fast = fast_backup or drafts.fast_backup(target, prompts)
-    # what the rules learn carries over between calls on one worker with the same settings
-    est = draft.estimates.setdefault((K, budget, fan_out, backup, B, temperature, top_k, top_p,
-                                      saguaro_c), Estimates(K, budget, fan_out, backup))
+    settings = (K, budget, fan_out, backup, B, temperature, top_k, top_p, saguaro_c)
+    est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup))  # learned
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
                  cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,
@@ -398,11 +340,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
     done = [False] * B
 
-    # 1) prefill: the target gives the first token; the draft process reads the prompts too
-    # (it gets them first, and fills its own cache while the target fills this one)
+    # 1) prefill: the target gives the first token; the draft reads the prompts too
     t0 = time.perf_counter()
     draft.exchange(Start(prompts, K, Vc, max_len + 1 + K * budget, temperature, top_k, top_p,
-                         saguaro_c, seed))
+                         saguaro_c, seed))  # first: the draft prefills while the target does
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
     token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
@@ -418,63 +359,55 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
     made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
     while not all(done):
-        # 2a) NEW: the speculation x_1..x_K with q_1..q_K comes from the draft process. The
-        # outcome (k, t) goes there; it answers at once from the cache it built during the last
-        # verify (a hit) or, for a miss, with the backup the batch-aware rule picks: JIT drafting
-        # there, or the fast backup, run here first and sent along (in auto mode it also runs on
-        # a few rows as a shadow that measures it for the rule). A lost draft answers None.
-        last = torch.tensor([r[-1] for r in rows])
+        # 2a) NEW: the speculation x_1..x_K with q_1..q_K comes from the draft process: it gets
+        # the outcome (k, t) and answers at once from the cache it built during the last verify
+        # (a hit) or, for a miss, with the backup the batch-aware rule picks: JIT drafting there,
+        # or the fast backup, run here and sent along (auto mode: also on a few shadow rows).
+        last = torch.tensor([r[-1] for r in rows], device=dev)
         live = ~torch.tensor(done)
-        lost = draft.lost  # None while the draft answers
-        choice, stats["backup_why"] = (("fast", f"draft lost ({lost}): fast backup") if lost
-                                       else est.choose_backup(int(live.sum())))
+        choice, stats["backup_why"] = est.choose_backup(int(live.sum()), draft.lost)
         fan_hit, fan_miss = est.fan_outs(choice)
         asked = live & ((choice == "fast") | ((backup == "auto") & (live.cumsum(0) <= 4)))
         fast_tokens, fast_probs = serve_fast(fast, rows, asked, K, temperature, gen, Vt, est, stats)
         tick = time.perf_counter()
         answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens))
-        if answer is None and not lost:
+        if answer is None:
             continue  # the draft was lost just now: this round again, all on the fast backup
-        if answer is not None:
-            stats["draft_wait_s"] += timeline.span("wait for draft", tick)
-            est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
-        answer = answer or Answer(torch.full((B,), FAST), torch.full((B,), -1), fast_tokens,
-                                  None, 0.0, 0.0, 0.0, 0)                  # a lost draft
-        source, draft_tokens = answer.source, answer.tokens                # (B,), (B, K)
+        stats["draft_wait_s"] += timeline.span("wait for draft", tick)
+        est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
+        source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)
         draft_probs = pad_vocab(one_hot(draft_tokens, Vc) if answer.probs is None  # greedy
-                                else answer.probs.cpu(), Vt)               # (B, K, Vt) their q
+                                else answer.probs.to(dev), Vt)             # (B, K, Vt) their q
         from_fast = live & (source == FAST)
-        draft_probs[from_fast] = fast_probs[from_fast]
+        draft_probs[from_fast] = fast_probs[from_fast].to(dev)
         for name, code in (("jit", JIT), ("fast", FAST)):
             stats["backup_used"][name] += int((live & (source == code)).sum())
 
         # 2b) NEW: the draft process now builds the cache for this speculation's outcomes
-        # (DraftSide.build: ssd.py's step 2b), while this process verifies it (2c)
+        # (DraftSide.work: ssd.py's step 2b), while this process verifies it (2c)
         stats["draft_calls"] += answer.forwards
         stats["cache_build_s"] += answer.build_s
         stats["jit_draft_s"] += answer.jit_s
 
         # 2c) verify: one target forward over [last token, x_1..x_K] gives p_1..p_{K+1}; a
         # draft id the target lacks (p = 0 there: always rejected) is fed as a stand-in.
-        # Finished rows ride along unchanged: any q will do
+        # Finished rows ride along unchanged (some never had a speculation): any q will do
         tick = time.perf_counter()
         draft_probs[~live] = one_hot(draft_tokens[~live], Vt)
-        draft_tokens, draft_probs = draft_tokens.to(dev), draft_probs.to(dev)
-        tokens_in = torch.cat((last[:, None].to(dev), draft_tokens.clamp_max(Vt - 1)), 1)
+        tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
         p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
         n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen)
         stats["target_calls"] += 1
         kernels.sync(dev)
         verify_s = timeline.span("verify", tick)
-        if outcome.min() >= 0:  # not a call's first round: it may pack weights on first use,
-            est.time("verify", verify_s)  # a one-off kept out of the means
+        est.time("verify", verify_s, keep=bool(outcome.min() >= 0))  # not a call's first
         stats["verify_s"] += verify_s
 
         # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
         # max_new_tokens) and rolls the target cache back to keep KV through x_k; the draft
-        # process rolls its own back when the outcome reaches it. NEW: the rules learn the hit
-        # rates and the acceptance of the draft and of the fast backup.
+        # rolls its own back when the outcome reaches it. NEW: the rules learn hit rates and
+        # the acceptance of the draft and of the fast backup.
         tick = time.perf_counter()
         n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), draft_tokens.tolist()
         hit, k_last = (source == HIT).tolist(), outcome.tolist()
@@ -494,21 +427,18 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
         est.learn_acceptance(p, draft_probs, live & ~from_fast, from_fast, asked & ~from_fast,
                              fast_probs.to(dev))
-        outcome, made = torch.tensor(n_accepted), source.clone()
+        outcome, made = torch.tensor(n_accepted), source
         timeline.span("accept", tick)
     draft.exchange(End())
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0
     if stats["rows_verified"]:
         stats["acceptance_rate"] = accepted / (K * stats["rows_verified"])
-    stats.update(est.summary(B), draft_lost=draft.lost)
 
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
     stats = harness.finish_stats(stats, tokens)
-    verify_s = est.secs.get("verify")  # measured: tokens per row per target verify
-    stats["measured_speedup"] = ((stats["new_tokens"] - B) / B / (stats["decode_s"] / verify_s)
-                                 if verify_s and stats["decode_s"] > 0 else None)
+    stats.update(est.summary(stats, B), draft_lost=draft.lost)
     return tokens, stats
 
 
@@ -517,8 +447,7 @@ def main():
     harness.add_common_args(ap, tp=True)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--f", type=harness.positive_int, default=3,
-                    help="guesses per k; budget B = (K+1) f")
+    ap.add_argument("--f", type=harness.positive_int, default=3, help="guesses per k: B = (K+1) f")
     harness.add_saguaro_args(ap)
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()

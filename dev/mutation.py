@@ -46,7 +46,7 @@ STAGES = {
     "saguaro": ("saguaro.py", ["x_saguaro_probs", "x_saguaro_q", "x_geometric_fan_out",
                                "x_uniform_fan_out", "x_largest_remainder", "xǁEstimatesǁfan_outs",
                                "xǁEstimatesǁchoose_backup", "xǁDraftSideǁanswer",
-                               "xǁDraftSideǁjit_draft", "xǁDraftSideǁbuild"],
+                               "xǁDraftSideǁjit_draft", "xǁDraftSideǁwork"],
                 ["tests/test_saguaro.py", "tests/test_timeline.py", "-k",
                  SLOW + " and not bench"]),  # bench's default-model runs need assets/
 }

@@ -63,20 +63,21 @@ class ScriptedBackup:
     rounds, fast on odd ones (counted over all calls), so both backups run whatever the
     machine's speed (the real rule picks from measured latencies)."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, rule):
+        self.calls, self.rule = 0, rule
 
-    def __call__(self, est, batch):
-        if est.backup != "auto":
-            return est.backup, f"--backup {est.backup}"
+    def __call__(self, est, batch, lost=None):
+        if lost or est.backup != "auto":  # a lost draft, a fixed backup: the real rule
+            return self.rule(est, batch, lost)
         self.calls += 1
         return ("jit", "fast")[self.calls % 2], "scripted by the test"
 
 
 @pytest.fixture
 def scripted_backup(monkeypatch):
-    script = ScriptedBackup()
-    monkeypatch.setattr(saguaro.Estimates, "choose_backup", lambda est, batch: script(est, batch))
+    script = ScriptedBackup(saguaro.Estimates.choose_backup)
+    monkeypatch.setattr(saguaro.Estimates, "choose_backup",
+                        lambda est, batch, lost=None: script(est, batch, lost))
     return script
 
 
@@ -943,6 +944,11 @@ def test_ctrl_c_leaves_no_orphan_process(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # bad input
 
+def missing_draft(name):
+    """A draft factory that fails as drafts.load_draft does on a name that is no draft."""
+    raise FileNotFoundError(f"no such folder: {name!r}")
+
+
 def test_bad_arguments_are_refused_with_clear_errors():
     close_worker()
     target = tiny_model(0, vocab_size=64)
@@ -957,6 +963,10 @@ def test_bad_arguments_are_refused_with_clear_errors():
     ngram = type("Proposer", (), {"vocab_size": 64, "propose": lambda self, *a: None})()
     with pytest.raises(ValueError, match="neural draft"):
         saguaro.DraftWorker(ngram, target)
+    with pytest.raises(ValueError, match="neural draft"):  # by name: refused before a process
+        saguaro.DraftWorker("ngram", target)
+    with pytest.raises(ValueError, match="could not load draft .*no such folder: 'nowhere'"):
+        saguaro.DraftWorker(functools.partial(missing_draft, "nowhere"), target, threads=1)
     with pytest.raises(ValueError, match="needs a draft"):
         saguaro.generate(target, [1, 2], 4)
     with pytest.raises(ValueError, match="vocabularies of 64 and 80"):
