@@ -305,7 +305,8 @@ def conditions(args, target, draft, prompts):
             "tp": args.tp,
             "attention": kernels.ATTENTION, "model": target.name,
             "cpu_kernels": (kernels_cpu.CPU_KERNELS if target.device.type == "cpu" else None),
-            "draft": args.draft if "sd" in args.methods or "ssd" in args.methods else None,
+            "draft": args.draft if {"sd", "hf-assisted", "ssd", "saguaro"} & set(args.methods)
+            else None,  # the rows that run it
             "dtype": args.dtype, "batch": args.batch_size, "prompts": len(prompts),
             "dataset": args.dataset, "prompt_tokens_median": statistics.median(lens),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -440,22 +441,23 @@ def main(argv=None):
     ap.add_argument("--k", type=harness.positive_int, default=4, help="speculation length K")
     ap.add_argument("--f", type=harness.positive_int, default=1,
                     help="SSD fan-out per outcome position")
-    ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} "
-                    f"(default: all; with --tp: {','.join(TP_METHODS)})")
+    ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}; "
+                    f"None: all (with --tp: {','.join(TP_METHODS)})")
     ap.add_argument("--dataset", default="alpaca",
                     help="humaneval | alpaca | gsm8k | ultrafeedback | all")
     ap.add_argument("--num-prompts", type=harness.positive_int, default=4,
                     help="prompts per dataset")
-    ap.add_argument("--batch-size", type=harness.positive_int, default=1)
+    ap.add_argument("--batch-size", type=harness.positive_int, default=1,
+                    help="prompts per generate call")
     # saguaro's defaults fit the built-in pair on a 2-core CPU, one core per process: the
     # draft must build its cache within one verify, so a small tree: one guess (B = 1) on
     # "all accepted", and a miss served by the draft itself (jit). README: the runs.
     harness.add_saguaro_args(ap, budget=1, backup="jit")
     ap.add_argument("--saguaro-k", type=harness.positive_int, default=None,
-                    help="K for the saguaro row (default --k): its draft process must build "
+                    help="K for the saguaro row; None: --k. Its draft process must build "
                          "K + 1 forwards within one verify, which a slow draft may not")
-    ap.add_argument("--no-accounting", dest="accounting", action="store_false",
-                    help="skip the ar/sd rows on the target's cores that saguaro adds")
+    ap.add_argument("--accounting", action=argparse.BooleanOptionalAction, default=True,
+                    help="the ar/sd rows on the target's cores that saguaro adds")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--sweep", default=None,
                     help="grid, e.g. 'k=2,4,6;f=1,3;batch=1,4;temperature=0,1' (no HF rows)")

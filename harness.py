@@ -49,8 +49,7 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
     if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
         raise ValueError(f"fan_out is geometric|uniform and backup auto|jit|fast; got "
                          f"{fan_out!r}, {backup!r}.")
-    if not 0 <= saguaro_c <= 1:
-        raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {saguaro_c}.")
+    check_saguaro_c(saguaro_c)
     if budget is not None and (not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
     B = budget or (k + 1) * f
@@ -58,6 +57,11 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
         raise ValueError(f"the cache budget B = {B} must stay below the vocabulary "
                          f"({target.cfg.vocab_size} tokens): lower f or --budget.")
     check_request(target, as_batch(prompt_ids), max_new_tokens, room=k)
+
+
+def check_saguaro_c(c) -> None:
+    if not 0 <= c <= 1:
+        raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {c}.")
 
 
 def as_batch(prompt_ids) -> list:
@@ -187,34 +191,42 @@ def check_seconds(name, value, low=1e-3, high=86400.0):
 def add_saguaro_args(parser, budget=None, backup="auto") -> None:
     """saguaro's own flags, spelled once for saguaro.py and bench.py's saguaro row."""
     parser.add_argument("--budget", type=positive_int, default=budget,
-                        help=f"B, saguaro's guesses per row per round (default "
-                             f"{budget or '(K+1) f'})")
-    parser.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"])
-    parser.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling factor C")
+                        help="B, saguaro's guesses per row per round; None: (K+1) f")
+    parser.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"],
+                        help="how B is spread over the outcomes k (geometric: Thm. 12)")
+    parser.add_argument("--saguaro-c", type=checked(float, check_saguaro_c), default=1.0,
+                        help="Saguaro sampling factor C, in [0, 1]")
     parser.add_argument("--backup", default=backup, choices=["auto", "jit", "fast"],
                         help="saguaro's backup on a miss (auto: the batch-aware rule)")
     parser.add_argument("--timeout", default=10.0, help="seconds to wait for saguaro's draft "
                         "process (1 ms to 1 day)", type=checked(float, lambda s: check_seconds(
                             "--timeout", s)))
     parser.add_argument("--draft-device", default=None,
-                        help="saguaro's draft process: default the target's device; with --tp N "
-                             "on GPUs, cuda:N (after the target's)")
+                        help="saguaro's draft process; None: the target's device (with --tp N "
+                             "on GPUs: cuda:N, after the target's)")
 
 
 def add_common_args(parser, tp: bool = False) -> None:
     """The flags every script spells the same way, each checked as it is parsed. `tp`: the
-    script runs a tensor-parallel target (tp.py); elsewhere --tp N > 1 is refused."""
+    script runs a tensor-parallel target (tp.py); elsewhere --tp N > 1 is refused. --help then
+    shows every flag's default."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--model", default="default", help="hub id, local folder, or 'default'")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N",
                         type=checked(str, kernels.resolve_device))
-    parser.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
+    parser.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES),
+                        help="the target's weights and compute")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads; None: every core this process may use")
     parser.add_argument("--temperature", type=checked(float, kernels.check_sampling), default=0.0,
                         help="0 = greedy")
-    parser.add_argument("--top-k", type=checked(int, lambda k: kernels.check_sampling(0, top_k=k)))
-    parser.add_argument("--top-p", type=checked(float, lambda p: kernels.check_sampling(0, top_p=p)))
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=checked(int, lambda k: kernels.check_sampling(0, top_k=k)),
+                        help="sample from the k likeliest tokens only; None: all")
+    parser.add_argument("--top-p", type=checked(float, lambda p: kernels.check_sampling(0, top_p=p)),
+                        help="sample from the smallest set of mass >= p only; None: all")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64,
+                        help="tokens to generate per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
     parser.add_argument("--trace", default=None, metavar="FILE.json",
                         help="write the timed run's timeline (Chrome trace format) and print it")
     parser.add_argument("--tp", type=_tp_flag if tp else _not_yet(parser.prog), default="1",

@@ -408,14 +408,15 @@ def test_saguaro_draft_process_resolves_names_through_drafts_load_draft(monkeypa
     (["--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--k", "0"], "must be an integer >= 1"),
-    (["--timeout", "0.0001"], r"seconds in \[0.001, 86400\]")])
+    (["--timeout", "0.0001"], r"seconds in \[0.001, 86400\]"),
+    (["--saguaro-c", "2"], r"saguaro_c \(C\) must lie in \[0, 1\], got 2.0")])
 def test_every_cli_refuses_bad_flags_before_loading_a_model(module, flags, message, monkeypatch,
                                                           capsys):
     """Found by a newcomer run: these were refused only after a model had loaded (40-130 s
     on a busy machine), with a traceback. Now argparse names the flag, exit status 2."""
-    if (module == "autoregressive" and "--k" in flags) or ("--timeout" in flags
-                                                            and module not in ("saguaro", "bench")):
-        return  # AR has no K; only saguaro (and bench's saguaro row) waits for a draft process
+    if (module == "autoregressive" and "--k" in flags) or (
+            {"--timeout", "--saguaro-c"} & set(flags) and module not in ("saguaro", "bench")):
+        return  # AR has no K; only saguaro (and bench's saguaro row) has saguaro's flags
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     prompt = [] if module == "bench" else ["--prompt", "hi"]
     monkeypatch.setattr(sys, "argv", [module] + prompt + flags)
@@ -574,3 +575,17 @@ def test_no_import_cycle_among_the_top_level_modules():
             visit(m, [m])
     assert graph["drafts"] and not {"autoregressive", "speculative", "ssd", "saguaro"} & \
         set(graph["drafts"])
+
+
+@pytest.mark.parametrize("methods, named", [(["ar", "saguaro"], True), (["ar", "hf"], False),
+                                            (["sd"], True), (["hf-assisted"], True)])
+def test_bench_conditions_name_the_draft_whenever_a_row_runs_one(methods, named):
+    """Found by a newcomer run: `--methods ar,saguaro` wrote draft null in the JSON."""
+    import argparse
+
+    import bench
+    args = argparse.Namespace(device="cpu", threads=1, tp=1, draft="default", methods=methods,
+                              dtype="float32", batch_size=1, dataset="alpaca", max_new_tokens=8,
+                              temperature=0.0, k=4, saguaro_k=None, f=1, budget=1, backup="jit")
+    cond = bench.conditions(args, tiny_model(0, vocab_size=64), None, [("hi", [1, 2, 3])])
+    assert cond["draft"] == ("default" if named else None)
