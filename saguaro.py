@@ -172,14 +172,15 @@ class Estimates(measure.Measurements):
 
     def summary(self, stats, batch):
         """For generate's stats: the figures above, at the backup the rule picks for `batch`
-        rows, and the measured speedup: tokens per row per target verify (stats' own)."""
+        rows, and the measured speedup: decoded tokens per row per target verify."""
         choice, verify = self.choose_backup(batch)[0], self.secs.get("verify")
         fan_hit, fan_miss = self.fan_outs(choice)
-        decode = stats["decode_s"] / verify if verify else 0.0  # in target verifies
+        verifies = stats["decode_s"] / verify if verify else 0.0    # decode time, in verifies
+        per_row = (stats["new_tokens"] - batch) / batch             # the first came at prefill
         return dict(a=self.a("draft"), a_fast=self.a("fast"), r=self.r(), p_hit=self.p_hit(choice),
                     b_star=self.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
-                    predicted_speedup=self.speed(choice, batch), measured_speedup=(
-                        (stats["new_tokens"] - batch) / batch / decode if decode > 0 else None))
+                    predicted_speedup=self.speed(choice, batch),
+                    measured_speedup=per_row / verifies if verifies > 0 else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,9 +406,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         stats["verify_s"] += verify_s
 
         # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
-        # max_new_tokens) and rolls the target cache back to keep KV through x_k; the draft
-        # rolls its own back when the outcome reaches it. NEW: the rules learn hit rates and
-        # the acceptance of the draft and of the fast backup.
+        # max_new_tokens), then rolls both caches back to keep KV through x_k: t is fed
+        # next round (the draft process rolls its own when (k, t) reaches it). NEW: the rules
+        # learn the hit rates and the acceptance of the draft and of the fast backup.
         tick = time.perf_counter()
         n_accepted, bonus, x = n_accepted.tolist(), bonus.tolist(), draft_tokens.tolist()
         hit, k_last = (source == HIT).tolist(), outcome.tolist()
