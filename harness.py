@@ -197,7 +197,9 @@ def add_saguaro_args(parser, budget=None, backup="auto") -> None:
     parser.add_argument("--saguaro-c", type=checked(float, check_saguaro_c), default=1.0,
                         help="Saguaro sampling factor C, in [0, 1]")
     parser.add_argument("--backup", default=backup, choices=["auto", "jit", "fast"],
-                        help="saguaro's backup on a miss (auto: the batch-aware rule)")
+                        help="saguaro's backup on a miss. auto: the batch-aware rule, which "
+                             "follows measured latencies, so at temperature > 0 one seed can "
+                             "give other text run to run (jit and fast repeat it)")
     parser.add_argument("--timeout", default=10.0, help="seconds to wait for saguaro's draft "
                         "process (1 ms to 1 day)", type=checked(float, lambda s: check_seconds(
                             "--timeout", s)))
