@@ -376,16 +376,21 @@ SWEEPABLE = {"k": int, "f": int, "batch_size": int, "temperature": float}
 
 
 def parse_sweep(text):
-    """'k=2,4,6;f=1,3;batch_size=1,4;temperature=0,1' -> {"k": [2, 4, 6], ...}"""
+    """argparse type of --sweep: 'k=2,4,6;f=1,3;batch_size=1,4;temperature=0,1' ->
+    {"k": [2, 4, 6], ...}; a bad part is the flag's error (exit 2, before any model loads)."""
     grid = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, _, values = part.partition("=")
         key = key.strip().replace("-", "_").replace("batch", "batch_size").replace(
             "batch_size_size", "batch_size")
-        if key not in SWEEPABLE or not values:
-            raise SystemExit(f"--sweep: bad part {part!r}; use e.g. 'k=2,4;f=1,3;batch=1,4;"
-                             "temperature=0,1' with keys k, f, batch, temperature")
-        grid[key] = [SWEEPABLE[key](v) for v in values.split(",")]
+        try:
+            if key not in SWEEPABLE or not values:
+                raise ValueError("unknown key or no values")
+            grid[key] = [SWEEPABLE[key](v) for v in values.split(",")]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"bad part {part!r} ({e}); use e.g. 'k=2,4;f=1,3;batch=1,4;temperature=0,1' "
+                "with keys k, f, batch (integers) and temperature (numbers)") from None
     return grid
 
 
@@ -393,7 +398,7 @@ def sweep(args, target, draft, prompts):
     import csv
     import itertools
     from rich.console import Console
-    grid = parse_sweep(args.sweep)
+    grid = args.sweep
     points = []
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
@@ -459,7 +464,7 @@ def main(argv=None):
     ap.add_argument("--accounting", action=argparse.BooleanOptionalAction, default=True,
                     help="the ar/sd rows on the target's cores that saguaro adds")
     ap.add_argument("--json", default=None, help="also write the results to this file")
-    ap.add_argument("--sweep", default=None,
+    ap.add_argument("--sweep", default=None, type=parse_sweep,
                     help="grid, e.g. 'k=2,4,6;f=1,3;batch=1,4;temperature=0,1' (no HF rows)")
     ap.add_argument("--out", default="results/sweep", help="sweep output prefix (.json, .csv)")
     args = ap.parse_args(argv)

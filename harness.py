@@ -112,13 +112,17 @@ def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
 
 def cli(main) -> None:
     """Run a script's main(): bad input found after parsing (a ValueError: an impossible length,
-    a prompt past the context, a draft over another tokenizer) ends it as argparse ends a bad
-    flag, one line on stderr and exit code 2, not a traceback."""
+    a prompt past the context, a draft over another tokenizer; a FileNotFoundError: no such
+    model or draft) ends it as argparse ends a bad flag, one line on stderr and exit code 2, not
+    a traceback. Ctrl-C ends it with one line and code 130."""
     try:
         main()
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: no such model or draft
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: stopped as asked (a draft process is closed at exit)
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def report(target, tokens, stats, *names) -> None:

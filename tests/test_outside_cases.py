@@ -589,3 +589,31 @@ def test_bench_conditions_name_the_draft_whenever_a_row_runs_one(methods, named)
                               temperature=0.0, k=4, saguaro_k=None, f=1, budget=1, backup="jit")
     cond = bench.conditions(args, tiny_model(0, vocab_size=64), None, [("hi", [1, 2, 3])])
     assert cond["draft"] == ("default" if named else None)
+
+
+@pytest.mark.parametrize("argv", [["autoregressive.py", "--model", "nosuch"],
+                                  ["speculative.py", "--draft", "nosuch"]])
+def test_a_model_or_draft_that_does_not_exist_ends_a_cli_with_one_line(argv, monkeypatch, capsys,
+                                                                       default_model):
+    """Found by a newcomer run: an unknown --model or --draft printed a chained traceback
+    (FileNotFoundError), not the one `error:` line and exit code 2 of every other bad input."""
+    import harness
+    real_load = kernels.load_model
+    monkeypatch.setattr(kernels, "load_model", lambda name, *a, **k: default_model
+                        if name == "default" else real_load(name, *a, **k))
+    monkeypatch.setattr(sys, "argv", argv + ["--prompt", "hi"])
+    with pytest.raises(SystemExit) as exit_:
+        harness.cli(__import__(argv[0][:-3]).main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"{argv[0]}: error: ") and "nosuch" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("grid", ["q=1,2", "k=x", "k="])
+def test_a_bad_sweep_grid_is_a_bad_flag(grid, monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--sweep", grid])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--sweep: bad part" in err and "keys k, f, batch" in err
