@@ -127,12 +127,16 @@ def cli(main) -> None:
 
 def report(target, tokens, stats, *names) -> None:
     """What a loop's CLI prints after its timed run: row 0's text, then the tokens, prefill time
-    and decode speed, then the named stats keys with their values (floats to two places)."""
+    and decode speed, then the named stats keys with their values (floats to two places; n/a
+    when no decode step ran)."""
     print(target.tokenizer.decode(tokens[0], skip_special_tokens=True))
+    decoded = stats["new_tokens"] > len(tokens)  # else every row ended at its prefill token
     shown = [f"{stats['new_tokens']} tokens", f"prefill {stats['prefill_s'] * 1e3:.0f} ms",
-             f"decode {stats['decode_tokens_per_s']:.1f} tokens/s"]
-    shown += [f"{n} {stats[n]:.2f}" if isinstance(stats[n], float) else f"{n} {stats[n]}"
-              for n in names]
+             f"decode {stats['decode_tokens_per_s']:.1f} tokens/s" if decoded else
+             "decode n/a (every row ended at prefill)"]
+    values = [stats[n] for n in names]  # every name must exist, decoded or not
+    shown += [f"{n} n/a" if not decoded else f"{n} {v:.2f}" if isinstance(v, float)
+              else f"{n} {v}" for n, v in zip(names, values)]
     print(f"\n[{', '.join(shown)}]")
 
 

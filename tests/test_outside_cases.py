@@ -71,7 +71,9 @@ def test_every_cli_prints_its_summary_when_the_run_ends_at_prefill(module, monke
     monkeypatch.setattr(sys, "argv", [module, "--prompt", "Say hi.", "--max-new-tokens", "1"]
                         + flags)
     __import__(module).main()
-    assert re.search(r"\[1 tokens, prefill \d+ ms, decode", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"\[1 tokens, prefill \d+ ms, decode n/a \(every row ended at prefill\)",
+                     out) and "0.00" not in out.splitlines()[-1], out
 
 
 def test_bad_input_found_after_parsing_ends_a_cli_with_one_line_and_code_2(monkeypatch, capsys,
