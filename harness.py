@@ -60,6 +60,7 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
 
 
 def check_saguaro_c(c) -> None:
+    """C, Saguaro's sampling factor (Def. 14), lies in [0, 1]; ValueError otherwise."""
     if not 0 <= c <= 1:
         raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {c}.")
 
