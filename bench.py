@@ -38,6 +38,7 @@ import tp
 
 METHODS = ("ar", "hf", "sd", "hf-assisted", "hf-prompt-lookup", "ssd", "saguaro")
 TP_METHODS = ("ar", "sd", "ssd", "saguaro")  # the rows that run on a tensor-parallel target
+DRAFT_METHODS = ("sd", "hf-assisted", "ssd", "saguaro")  # the rows that run a draft
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,8 +306,7 @@ def conditions(args, target, draft, prompts):
             "tp": args.tp,
             "attention": kernels.ATTENTION, "model": target.name,
             "cpu_kernels": (kernels_cpu.CPU_KERNELS if target.device.type == "cpu" else None),
-            "draft": args.draft if {"sd", "hf-assisted", "ssd", "saguaro"} & set(args.methods)
-            else None,  # the rows that run it
+            "draft": args.draft if set(DRAFT_METHODS) & set(args.methods) else None,
             "dtype": args.dtype, "batch": args.batch_size, "prompts": len(prompts),
             "dataset": args.dataset, "prompt_tokens_median": statistics.median(lens),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -481,7 +481,7 @@ def main(argv=None):
     if args.threads is None:
         args.threads = torch.get_num_threads()
 
-    needs_draft = {"sd", "hf-assisted", "ssd", "saguaro"} & set(args.methods)
+    needs_draft = set(DRAFT_METHODS) & set(args.methods)
     target, draft = harness.load_models(args, args.draft if needs_draft else None)
     prompts = [(d, kernels.encode_prompt(target, text))
                for d, text in prompt_sets.load(args.dataset, args.num_prompts)]

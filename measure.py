@@ -37,10 +37,7 @@ class Measurements:
         return float((-(x * y).sum() / (x * x).sum()).clamp(0.05, 8.0))
 
     def learn_from_draft(self, answer, live, first_round):
-        """The draft process's Answer: ranks of the true bonus (for r), its latencies. A lost
-        draft's stand-in (no forwards) teaches nothing."""
-        if answer.forwards == 0:
-            return
+        """The draft process's Answer: ranks of the true bonus (for r), its latencies."""
         for rank in answer.rank[live & (answer.rank >= 0)].tolist():
             self.rank_counts[min(rank, 64)] += 1
         if not first_round:  # the first round had no cache built before it

@@ -374,8 +374,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens))
         if answer is None:
             continue  # the draft was lost just now: this round again, all on the fast backup
-        stats["draft_wait_s"] += timeline.span("wait for draft", tick)
-        est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
+        if answer.forwards:  # the draft's own answer (a lost draft's stand-in: no wait, no news)
+            stats["draft_wait_s"] += timeline.span("wait for draft", tick)
+            est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
         source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)
         draft_probs = pad_vocab(one_hot(draft_tokens, Vc) if answer.probs is None  # greedy
                                 else answer.probs.to(dev), Vt)             # (B, K, Vt) their q
