@@ -26,6 +26,8 @@ it runs the loop with a `Leader` target that announces each forward to the other
 Launch with torchrun (`init` reads its RANK / WORLD_SIZE / LOCAL_RANK): gloo on CPUs, NCCL on GPUs,
 one GPU per rank; ranks > 0 print nothing. Every collective is bounded by TIMEOUT_S: a rank that
 dies closes its sockets and the others fail at once with `RankLost`; one that hangs, after TIMEOUT_S.
+A rank that raises while the others wait in a collective for it leaves the group (`abandon`), which
+closes its sockets too: they fail at once, and only the failing rank prints the original error.
 The CPU's fused layer stack (kernels_cpu.Stack) cannot run an all-reduce between its layers, so a
 sharded model runs layer by layer with kernels_cpu's fused steps and packed linears.
 
@@ -122,6 +124,16 @@ def draft_device(args, target):
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def abandon() -> None:
+    """Leave the process group at once, after a failure the other ranks cannot be told about in
+    step (they wait inside a collective that no message of ours will match): destroying the
+    group closes this rank's connections, so a rank waiting for it fails now with RankLost
+    instead of after TIMEOUT_S. (gloo sees the closed sockets; NCCL ranks still wait for their
+    own timeout.) Any later collective on this rank raises RankLost."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _collective(fn, tensor, what):
@@ -289,6 +301,7 @@ class Leader:
 
     def __init__(self, model: kernels.Model):
         self.model, self.caches, self.count = model, weakref.WeakValueDictionary(), 0
+        self.mid_forward = False  # announced and not yet done: the followers are inside it
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -303,11 +316,17 @@ class Leader:
     def __call__(self, tokens, cache, **kw):
         _tell(("forward", cache.tp_key, cache.lengths.cpu(), tokens.cpu(), _to(kw, "cpu")),
               self.device)
-        return self.model(tokens, cache, **kw)
+        return self._in_step(self.model, tokens, cache, **kw)
 
     def prefill(self, prompts, cache):
         _tell(("prefill", cache.tp_key, cache.lengths.cpu(), prompts, {}), self.device)
-        return self.model.prefill(prompts, cache)
+        return self._in_step(self.model.prefill, prompts, cache)
+
+    def _in_step(self, forward, *args, **kw):
+        self.mid_forward = True
+        out = forward(*args, **kw)
+        self.mid_forward = False
+        return out
 
     def close(self, result=None):
         """Release the followers, handing them rank 0's result (what `led` returns everywhere)."""
@@ -339,21 +358,29 @@ def follow(model: kernels.Model):
 
 def led(run, model):
     """run(target) -> result on rank 0 with Leader(model) while the other ranks follow; every
-    rank returns rank 0's result. --tp 1: run(model). If rank 0 raises, the followers raise too."""
+    rank returns rank 0's result. --tp 1: run(model). If any rank raises, every rank raises at
+    once: rank 0 between forwards tells the followers why; a rank failing where the others wait
+    for it in a collective (any follower; rank 0 inside a forward) leaves the group (`abandon`),
+    so they fail with RankLost."""
     if not getattr(model, "tp", None):
         return run(model)
     if rank() > 0:
-        result, error = follow(model)
+        try:
+            result, error = follow(model)
+        except BaseException:
+            abandon()                        # rank 0 waits in a collective for this rank
+            raise
         if error:
             raise RuntimeError(f"tensor parallelism: rank 0 failed ({error}); see its error.")
         return result
     leader = Leader(model)
     try:
         result = run(leader)
-    except RankLost:
-        raise                                # the followers are gone or out of step
     except BaseException as e:
-        leader.close((None, f"{type(e).__name__}: {e}"))
+        if isinstance(e, RankLost) or leader.mid_forward:
+            abandon()                        # the followers are gone, or inside the forward
+        else:
+            leader.close((None, f"{type(e).__name__}: {e}"))
         raise
     leader.close((result, None))
     return result

@@ -278,6 +278,48 @@ def case_follower_death():
     return {"error": None, "seconds": time.perf_counter() - t0}
 
 
+def case_fault(who, where):
+    """Rank `who` raises in its 3rd call of `where` (its target's forward, or new_cache) during a
+    saguaro run that rank 0 leads, with SSD_TP_TIMEOUT far above the test's bound: every rank
+    must end at once."""
+    import saguaro
+    rank = join()
+    target, draft = saguaro_pair()
+    tp.shard(target)
+    if rank == who:
+        real, calls = getattr(target, where), []
+
+        def faulty(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError(f"a fault in rank {rank}'s {where}")
+            return real(*a, **kw)
+        setattr(target, where, faulty)
+    t0 = time.perf_counter()
+
+    def run(leader):
+        for _ in range(3):  # new_cache: one per call
+            saguaro.generate(leader, RAGGED, 30, draft=draft, k=3, f=2, backup="jit",
+                             timeout_s=30.0)
+    try:
+        tp.led(run, target)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+    return {"error": None}
+
+
+def case_fault_0_forward():
+    return case_fault(0, "forward")
+
+
+def case_fault_1_forward():
+    return case_fault(1, "forward")
+
+
+def case_fault_1_new_cache():
+    return case_fault(1, "new_cache")
+
+
 if __name__ == "__main__":
     case, folder = sys.argv[1], sys.argv[2]
     out = globals()[f"case_{case}"]()
@@ -405,3 +447,20 @@ def test_launches_tp_cannot_run_are_refused_and_bench_refuses_what_tp_does_not_r
     refused(saguaro.main, ["--prompt", "hi"], "torchrun started 2 processes but --tp is 1")
     refused(bench.main, ["--tp", "2", "--methods", "hf"], "method 'hf' is not yet supported")
     refused(bench.main, ["--tp", "2", "--sweep", "k=2,3"], "--sweep is not yet supported")
+
+
+@pytest.mark.parametrize("who, where", [(0, "forward"), (1, "forward"), (1, "new_cache")])
+def test_a_rank_that_raises_ends_every_rank_at_once_and_only_it_prints_the_error(tmp_path, who,
+                                                                                  where):
+    """Found by a newcomer: rank 0 raising in a forward left rank 1 inside its all-reduce while
+    rank 0 waited to tell it "stop": both hung for SSD_TP_TIMEOUT, and the error never showed."""
+    outs, codes, errs = launch(f"fault_{who}_{where}", tmp_path, timeout=90, tp_timeout=600)
+    assert codes == [0, 0], errs
+    fault = f"RuntimeError: a fault in rank {who}'s {where}"
+    assert outs[who]["error"] == fault, outs[who]
+    other = outs[1 - who]["error"]
+    assert other.startswith("RankLost") and "lost its peers" in other, other
+    assert "a fault" not in other                          # the original error shows once
+    # time is the property: each rank ends as soon as the fault is seen; 45 s is generous room
+    # on a busy machine, far below the 600 s SSD_TP_TIMEOUT a missed fault would wait for
+    assert max(o["seconds"] for o in outs) < 45, outs
