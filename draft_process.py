@@ -497,6 +497,8 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
     state, idle = None, time.perf_counter()
     with torch.inference_mode():
         while not isinstance(msg := recv(link), Shutdown):
+            if isinstance(msg, Round):  # stamped first: it ends before the answer's span starts
+                timeline.span("wait for target", idle, "draft")
             tick = time.perf_counter()
             if isinstance(msg, Start):
                 timeline.start() if msg.trace else timeline.stop()
@@ -507,7 +509,6 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
             elif isinstance(msg, Sync):  # sent after the target's prefill: ours is done too
                 send(msg, link)
             else:
-                timeline.span("wait for target", idle, "draft")
                 reply = state.answer(msg)  # at once: the target is waiting
                 reply.spans = timeline.take()
                 send(reply, link)

@@ -77,6 +77,36 @@ def test_recording_changes_no_token_and_no_count_in_any_loop():
             assert runs[0] == runs[1], module.__name__
 
 
+def crossing(events):
+    """Pairs of spans of one lane (pid, tid) that overlap without one holding the other."""
+    bad, lanes = [], {}
+    for e in sorted((e for e in events if e["ph"] == "X"), key=lambda e: (e["ts"], -e["dur"])):
+        open_ = lanes.setdefault((e["pid"], e["tid"]), [])
+        while open_ and open_[-1]["ts"] + open_[-1]["dur"] <= e["ts"]:
+            open_.pop()                                     # ended before this one starts
+        if open_ and e["ts"] + e["dur"] > open_[-1]["ts"] + open_[-1]["dur"]:
+            bad.append((open_[-1]["name"], e["name"]))
+        open_.append(e)
+    return bad
+
+
+def test_the_spans_of_each_lane_nest_or_are_disjoint_in_every_loop():
+    """Found by a newcomer: saguaro's draft lane stamped `answer` from before the end of `wait for
+    target` (one lane's spans crossed in every round)."""
+    target = tiny_model(0, vocab_size=64, scale=2.0)
+    make_draft = functools.partial(tiny_model, 3, vocab_size=64, scale=2.0)
+    with saguaro.DraftWorker(make_draft, target, threads=1) as worker:
+        loops = [(autoregressive, {}), (speculative, dict(draft=make_draft(), k=3)),
+                 (ssd, dict(draft=make_draft(), k=3, f=1))] + [
+            (saguaro, dict(draft=worker, k=3, budget=2, backup=b)) for b in ("jit", "fast")]
+        for module, extra in loops:
+            timeline.start()
+            module.generate(target, [[1, 2, 3], [4, 5]], 16, temperature=1.0, seed=0, **extra)
+            events = timeline.stop()
+            assert len({e["pid"] for e in events}) == 1 + (module is saguaro), module.__name__
+            assert not crossing(events), (module.__name__, extra.get("backup"), crossing(events))
+
+
 def test_saguaro_trace_has_two_processes_and_the_speed_model_reads_its_spans(tmp_path):
     """The speed model's inputs are the spans' lengths: verify (the target's), build and glue
     (the draft's, shipped with its answers), so model, table and picture read one measurement."""
