@@ -301,7 +301,7 @@ class Leader:
 
     def __init__(self, model: kernels.Model):
         self.model, self.caches, self.count = model, weakref.WeakValueDictionary(), 0
-        self.mid_forward = False  # announced and not yet done: the followers are inside it
+        self.in_step = False  # a message or forward under way: the followers may be inside it
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -309,23 +309,27 @@ class Leader:
     def new_cache(self, batch_size: int, max_len: int) -> kernels.KVCache:
         cache, self.count = self.model.new_cache(batch_size, max_len), self.count + 1
         cache.tp_key = self.count  # the followers' cache for the same rows: freed with this one
-        _tell(("new_cache", cache.tp_key, (batch_size, max_len), list(self.caches)), self.device)
+        self._announced(("new_cache", cache.tp_key, (batch_size, max_len), list(self.caches)),
+                        lambda: None)
         self.caches[cache.tp_key] = cache
         return cache
 
     def __call__(self, tokens, cache, **kw):
-        _tell(("forward", cache.tp_key, cache.lengths.cpu(), tokens.cpu(), _to(kw, "cpu")),
-              self.device)
-        return self._in_step(self.model, tokens, cache, **kw)
+        return self._announced(("forward", cache.tp_key, cache.lengths.cpu(), tokens.cpu(),
+                                _to(kw, "cpu")), self.model, tokens, cache, **kw)
 
     def prefill(self, prompts, cache):
-        _tell(("prefill", cache.tp_key, cache.lengths.cpu(), prompts, {}), self.device)
-        return self._in_step(self.model.prefill, prompts, cache)
+        return self._announced(("prefill", cache.tp_key, cache.lengths.cpu(), prompts, {}),
+                               self.model.prefill, prompts, cache)
 
-    def _in_step(self, forward, *args, **kw):
-        self.mid_forward = True
-        out = forward(*args, **kw)
-        self.mid_forward = False
+    def _announced(self, message, run, *args, **kw):
+        """Tell the followers `message`, then run rank 0's part of it. Until both are done the
+        followers may wait inside a collective that only this step can match (`in_step`): a
+        failure there cannot be told to them, so `led` abandons the group instead."""
+        self.in_step = True
+        _tell(message, self.device)
+        out = run(*args, **kw)
+        self.in_step = False
         return out
 
     def close(self, result=None):
@@ -359,8 +363,8 @@ def follow(model: kernels.Model):
 def led(run, model):
     """run(target) -> result on rank 0 with Leader(model) while the other ranks follow; every
     rank returns rank 0's result. --tp 1: run(model). If any rank raises, every rank raises at
-    once: rank 0 between forwards tells the followers why; a rank failing where the others wait
-    for it in a collective (any follower; rank 0 inside a forward) leaves the group (`abandon`),
+    once: rank 0 between steps tells the followers why; a rank failing where the others wait
+    for it in a collective (any follower; rank 0 inside a step) leaves the group (`abandon`),
     so they fail with RankLost."""
     if not getattr(model, "tp", None):
         return run(model)
@@ -377,8 +381,8 @@ def led(run, model):
     try:
         result = run(leader)
     except BaseException as e:
-        if isinstance(e, RankLost) or leader.mid_forward:
-            abandon()                        # the followers are gone, or inside the forward
+        if isinstance(e, RankLost) or leader.in_step:
+            abandon()                        # the followers are gone, or inside a step
         else:
             leader.close((None, f"{type(e).__name__}: {e}"))
         raise
