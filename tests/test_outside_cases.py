@@ -518,10 +518,17 @@ def test_ctrl_c_while_the_draft_process_loads_stops_at_once_and_leaves_no_proces
     target = tiny_model(0, vocab_size=64)
     import threading
     timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    # Ctrl-C as a terminal delivers it, even where this suite runs as a background job (nohup
+    # ... &), which starts with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.monotonic()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        saguaro.DraftWorker(slow_to_load_draft, target, threads=1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            saguaro.DraftWorker(slow_to_load_draft, target, threads=1)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     # generous: the bound only has to be far below the draft's 60 s of loading
     assert time.monotonic() - t0 < 40 and not saguaro.draft_process._LIVE
     assert not draft_processes()

@@ -909,7 +909,10 @@ def test_a_draft_process_that_dies_while_starting_is_reported_at_once():
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""
-    import functools, sys
+    import functools, signal, sys
+    # Ctrl-C as in a terminal, even where the suite runs as a background job (nohup ... &), whose
+    # processes start with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path[:0] = [{tests!r}, {root!r}]
     import saguaro
     from conftest import FakeTokenizer, tiny_model
