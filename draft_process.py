@@ -356,9 +356,13 @@ class DraftWorker:
         _warn(reason)
         self.close()
 
-    def close(self):
+    def close(self, reason=None):
         """Stop the draft process (politely, then by force) and close the link. Never raises
-        and always unregisters, so a new DraftWorker can start after any failure."""
+        and always unregisters, so a new DraftWorker can start after any failure. reason: why,
+        when the worker is stopped before its time (kept in `lost`, which a later call on this
+        worker reports, instead of mistaking the stopped process for one that exited)."""
+        if reason is not None and self.lost is None:
+            self.lost = reason
         p, self.process = self.process, None
         link, self.link = self.link, None
         try:
@@ -377,6 +381,7 @@ class DraftWorker:
                     warnings.warn(f"saguaro: the draft process {p.pid} survived SIGKILL for 5 s; "
                                   "left behind.", RuntimeWarning, stacklevel=2)
         finally:
+            self.in_session = False  # no process, no session: a later Start begins afresh
             _close_link(link)
             _LIVE.discard(self)
 
@@ -432,8 +437,8 @@ def beside(worker_class, check):
                 if worker.target_cpus:  # this thread on the target's cores (the draft: the rest)
                     os.sched_setaffinity(0, worker.target_cpus)
                 return loop(target, prompt_ids, max_new_tokens, draft=worker, **settings)
-            except BaseException:
-                worker.close()
+            except BaseException as e:
+                worker.close(f"was stopped when a call raised {type(e).__name__}")
                 raise
             finally:
                 if own:

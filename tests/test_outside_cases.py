@@ -506,6 +506,35 @@ def test_a_draft_process_that_died_between_two_messages_is_reported_and_closed()
     assert out == ref and stats["draft_lost"] == "exited" and not saguaro.draft_process._LIVE
 
 
+def test_after_a_call_raises_the_next_call_says_the_worker_was_stopped_not_that_it_exited():
+    """Found by a newcomer: a call that raised mid-generation stopped the worker's process, and
+    the next call on that worker warned "the draft process exited", as if it had died."""
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    ref, _ = autoregressive.generate(target, [1, 2, 3], 20)
+    with saguaro.DraftWorker(functools.partial(tiny_model, 0, vocab_size=64, scale=3.0), target,
+                             threads=1) as worker:
+        real, calls = target.forward, []
+
+        def faulty(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:                             # mid-generation: a round's verify
+                raise RuntimeError("a fault in the target")
+            return real(*a, **kw)
+        target.forward = faulty
+        with pytest.raises(RuntimeError, match="a fault in the target"):
+            saguaro.generate(target, [1, 2, 3], 20, draft=worker, k=2, f=1, backup="jit")
+        del target.forward
+        assert not worker.alive and not saguaro.draft_process._LIVE
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out, stats = saguaro.generate(target, [1, 2, 3], 20, draft=worker, k=2, f=1,
+                                          backup="jit")
+    said = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 1 and "stopped when a call raised RuntimeError" in said[0], said
+    assert "exited" not in said[0], said
+    assert out == ref and stats["draft_lost"] == "was stopped when a call raised RuntimeError"
+
+
 def slow_to_load_draft():
     """A draft whose loading takes a minute (as one waiting for another run's kernel build)."""
     time.sleep(60)
