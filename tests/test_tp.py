@@ -10,7 +10,8 @@ model (same seed), keeps a whole copy as the reference, shards the other and sav
   - SD on the TP=2 target at temperature 1 samples the target's exact law (tests/exact.py);
   - the default model: reading only a rank's shard (safetensors get_slice) gives the weights
     cutting the whole model gives, and greedy AR and SD with the shipped draft match TP=1;
-  - a rank that dies makes the other fail with tp.RankLost within a bound, not hang;
+  - a rank that dies makes the other fail with tp.RankLost within a bound, not hang; so does a
+    rank that raises where the other waits for it in a collective (tp.led's saguaro run);
   - bad input (--tp without torchrun, N not dividing the heads, more ranks than devices).
 """
 import copy
@@ -304,7 +305,9 @@ def case_fault(who, where):
     try:
         tp.led(run, target)
     except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+        from conftest import draft_processes
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0,
+                "draft_processes": len(draft_processes())}
     return {"error": None}
 
 
@@ -461,6 +464,7 @@ def test_a_rank_that_raises_ends_every_rank_at_once_and_only_it_prints_the_error
     other = outs[1 - who]["error"]
     assert other.startswith("RankLost") and "lost its peers" in other, other
     assert "a fault" not in other                          # the original error shows once
+    assert outs[0]["draft_processes"] == 0                  # rank 0 stopped its draft process
     # time is the property: each rank ends as soon as the fault is seen; 45 s is generous room
     # on a busy machine, far below the 600 s SSD_TP_TIMEOUT a missed fault would wait for
     assert max(o["seconds"] for o in outs) < 45, outs
