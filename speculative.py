@@ -152,7 +152,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
     t0 = time.perf_counter()
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
-    token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
+    token = kernels.next_token(logits, temperature, top_k, top_p, gen,
+                              "the target's prefill").tolist()  # (B,)
     if neural:
         draft_cache = draft.new_cache(B, max_len)
         draft.prefill(prompts, draft_cache)
@@ -179,7 +180,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
             draft_tokens, draft_probs = [], []
             for i in range(K):
                 logits = draft(inp, draft_cache)[:, -1, :Vc].to(dev)      # (B, Vc)
-                q = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+                q = kernels.probs_from_logits(logits, temperature, top_k, top_p, f"the draft at "
+                                               f"step {i + 1} of round {stats['target_calls'] + 1}")
                 x = kernels.sample(q, gen)                                # (B,)
                 draft_tokens.append(x)
                 draft_probs.append(q)
@@ -203,7 +205,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
         last = torch.tensor([r[-1] for r in rows], device=dev)
         tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
-        p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p,
+                                      f"the target's verify in round {stats['target_calls'] + 1}")
         V = max(Vt, draft_probs.shape[-1])
         n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(draft_probs, V), draft_tokens, gen)
         stats["target_calls"] += 1
