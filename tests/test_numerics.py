@@ -130,3 +130,23 @@ def test_a_nan_past_the_first_rejection_never_reaches_saguaro_s_estimates():
         (est,) = worker.estimates.values()
         assert est.acc["draft"][1] + est.acc["fast"][1] > 4  # it learned from rounds 1-2 ...
         assert all(math.isfinite(x) for x in (est.a("draft"), est.a("fast"), est.r()))  # finitely
+
+
+# ----------------------------------------------------------------------------------------------
+# H2. tied logits: the lowest id wins wherever only some of them can stay
+
+def test_a_tie_keeps_the_lowest_id_in_greedy_and_top_p_alike():
+    """Two tied maxima at ids 60 and 504 over the default model's vocabulary, bfloat16-rounded
+    like its logits: a tiny top_p keeps exactly one token, the one argmax and greedy pick (an
+    unstable sort kept 504 in some rows). top_k keeps every token tied with the k-th, as
+    transformers' TopKLogitsWarper does, so top_k = 1 keeps both."""
+    logits = torch.randn(8, 49152, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    logits[:, [60, 504]] = 10.0
+    greedy = kernels.next_token(logits)
+    assert greedy.tolist() == [60] * 8 == logits.argmax(-1).tolist()
+    assert kernels.probs_from_logits(logits, 0.0).argmax(-1).tolist() == [60] * 8
+    for temperature in (1e-3, 1.0, 5.0):
+        p = kernels.probs_from_logits(logits, temperature, top_p=1e-6)
+        assert ((p > 0).sum(-1) == 1).all() and p[:, 60].eq(1).all(), temperature
+        p = kernels.probs_from_logits(logits, temperature, top_k=1)
+        assert (p[:, [60, 504]] == 0.5).all(), temperature
