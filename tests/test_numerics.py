@@ -150,3 +150,26 @@ def test_a_tie_keeps_the_lowest_id_in_greedy_and_top_p_alike():
         assert ((p > 0).sum(-1) == 1).all() and p[:, 60].eq(1).all(), temperature
         p = kernels.probs_from_logits(logits, temperature, top_k=1)
         assert (p[:, [60, 504]] == 0.5).all(), temperature
+
+
+# ----------------------------------------------------------------------------------------------
+# H3. bench pools acceptance over rounds, as its tau and histogram do
+
+def test_bench_acceptance_is_pooled_over_rounds_like_tau_and_the_histogram():
+    import argparse
+
+    import bench
+    target = tiny_model(0, vocab_size=64, scale=3.0)
+    draft = noisy_copy(target, 0.05)
+    runs = []
+    for prompts, n in (([[1, 2, 3]], 30), ([[9, 8], [7, 6, 5]], 12)):  # rounds of unequal counts
+        tokens, stats = speculative.generate(target, prompts, n, draft=draft, k=3)
+        runs.append({"dataset": "x", "tokens": tokens, **stats})
+    assert runs[0]["acceptance_rate"] != runs[1]["acceptance_rate"]
+    row = bench.summarize({"sd": runs}, argparse.Namespace(temperature=0.0, dtype="float32"))["sd"]
+    accepted = sum(r["acceptance_rate"] * 3 * r["rows_verified"] for r in runs)
+    assert row["acceptance_rate"] == pytest.approx(accepted / (3 * sum(r["rows_verified"]
+                                                                       for r in runs)))
+    counts = row["accept_counts"]
+    assert row["acceptance_rate"] == pytest.approx(
+        sum(k * c for k, c in enumerate(counts)) / (3 * sum(counts)))
