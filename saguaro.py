@@ -43,7 +43,7 @@ import ssd
 import timeline
 import tp
 from draft_process import FAST, HIT, JIT, Answer, End, Round, Start, Sync
-from speculative import emit, one_hot, pad_vocab, verify
+from speculative import check_draft, check_proposal, emit, one_hot, pad_vocab, verify
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ def serve_fast(fast, rows, asked, K, temperature, gen, V, est, stats):
     tokens, q = torch.zeros(len(rows), K, dtype=torch.long), torch.zeros(len(rows), K, V)
     if ask:
         x, qx = fast.propose([rows[b] for b in ask], K, temperature, gen)
+        check_proposal(fast, x, qx, len(ask), K)  # before its ids reach the draft or verify
         tokens[ask], q[ask] = x.cpu(), pad_vocab(qx.cpu().float(), V)
         est.time("fast", timeline.span("fast backup", tick))
     stats["fast_backup_s"] += time.perf_counter() - tick
@@ -334,6 +335,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     gen = kernels.make_generator(seed, dev)
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
     fast = fast_backup or drafts.fast_backup(target, prompts)
+    check_draft(target, fast, K)  # a proposer over the target's vocabulary
     settings = (K, budget, fan_out, backup, B, temperature, top_k, top_p, saguaro_c)
     est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup))  # learned
     stats = harness.new_stats(K)

@@ -173,3 +173,36 @@ def test_bench_acceptance_is_pooled_over_rounds_like_tau_and_the_histogram():
     counts = row["accept_counts"]
     assert row["acceptance_rate"] == pytest.approx(
         sum(k * c for k, c in enumerate(counts)) / (3 * sum(counts)))
+
+
+# ----------------------------------------------------------------------------------------------
+# H6. a proposer's ids outside [0, V) are refused by name where they enter a loop
+
+class OutOfRange:
+    """A proposer that proposes token id `bad` once in every call."""
+
+    def __init__(self, vocab_size, bad):
+        self.vocab_size, self.bad = vocab_size, bad
+
+    def propose(self, contexts, k, temperature, generator):
+        x = torch.ones(len(contexts), k, dtype=torch.long)
+        x[0, -1] = self.bad
+        return x, speculative.one_hot(x.clamp(0, self.vocab_size - 1), self.vocab_size)
+
+
+@pytest.mark.parametrize("bad", [64, -1])
+def test_a_proposer_s_ids_outside_the_vocabulary_are_refused_by_name(bad):
+    target = tiny_model(0, vocab_size=64)
+    match = f"OutOfRange.propose returned token id {bad}, outside its vocabulary"
+    with pytest.raises(ValueError, match=match):
+        speculative.generate(target, PROMPTS, 8, draft=OutOfRange(64, bad), k=3)
+    with pytest.raises(ValueError, match=match):  # saguaro's fast backup
+        saguaro.generate(target, PROMPTS, 8, fast_backup=OutOfRange(64, bad), backup="fast",
+                         draft=functools.partial(tiny_model, 1, vocab_size=64), k=3, f=1,
+                         draft_threads=1, target_threads=1)
+
+
+def test_verify_refuses_ids_outside_its_vocabulary():
+    p, q = torch.full((1, 3, 8), 1 / 8), torch.full((1, 2, 8), 1 / 8)
+    with pytest.raises(ValueError, match=r"draft token id 8 is outside the vocabulary \[0, 8\)"):
+        speculative.verify(p, q, torch.tensor([[1, 8]]), kernels.make_generator(0, "cpu"))
