@@ -152,6 +152,16 @@ def test_a_tie_keeps_the_lowest_id_in_greedy_and_top_p_alike():
         assert (p[:, [60, 504]] == 0.5).all(), temperature
 
 
+
+def test_a_tiny_top_p_on_the_default_model_in_bfloat16_keeps_greedy_s_token():
+    """The issue's input: two tied bfloat16 logits after this prompt; top_p = 1e-6 kept id 504
+    where greedy (and argmax) give 60."""
+    target = kernels.load_model("default", "cpu", "bfloat16")
+    ids = kernels.encode_prompt(target, "What is the capital of France?")
+    greedy, _ = autoregressive.generate(target, ids, 2)
+    sampled, _ = autoregressive.generate(target, ids, 2, temperature=1.0, top_p=1e-6)
+    assert greedy[0][0] == 60 and sampled == greedy
+
 # ----------------------------------------------------------------------------------------------
 # H3. bench pools acceptance over rounds, as its tau and histogram do
 
