@@ -193,8 +193,9 @@ def summarize(results, args):
         if runs[0]["accept_counts"]:  # pooled, as tau: accepted / proposed over every round
             counts = [sum(c) for c in zip(*(r["accept_counts"] for r in runs))]  # rounds per k
             row["accept_counts"], K = counts, len(counts) - 1
+            accepted = sum(k * n for k, n in enumerate(counts))
             if runs[0]["acceptance_rate"] is not None and sum(counts):
-                row["acceptance_rate"] = sum(k * n for k, n in enumerate(counts)) / (K * sum(counts))
+                row["acceptance_rate"] = accepted / (K * sum(counts))
         if "hits_by_k" in runs[0]:  # ssd, saguaro: the cache hit rate per accepted count k
             row["hits_by_k"] = [sum(h) for h in zip(*(r["hits_by_k"] for r in runs))]
             row["lookups_by_k"] = [sum(n) for n in zip(*(r["lookups_by_k"] for r in runs))]

@@ -7,7 +7,6 @@ acceptance is the pooled one its tau and histogram use. H6: a proposer's ids out
 are refused by name where they enter verification."""
 import functools
 import math
-import warnings
 
 import pytest
 import torch
@@ -108,7 +107,8 @@ def test_a_nan_draft_in_saguaro_s_process_is_named_and_the_target_finishes_alone
                                       draft=functools.partial(sick_draft, float("nan")),
                                       **loop("saguaro")[1])
     assert out == ref and stats["draft_lost"]
-    assert "the draft (in its process) at step 1 produced non-finite logits" in capfd.readouterr().err
+    error = "the draft (in its process) at step 1 produced non-finite logits"
+    assert error in capfd.readouterr().err
 
 
 def test_a_nan_past_the_first_rejection_never_reaches_saguaro_s_estimates():
