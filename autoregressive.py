@@ -44,7 +44,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
     # 1) prefill: the whole prompt in one forward; its last position gives the first token
     t0 = time.perf_counter()
     cache = target.new_cache(B, max_len)
-    token = kernels.next_token(target.prefill(prompts, cache), temperature, top_k, top_p, gen)
+    token = kernels.next_token(target.prefill(prompts, cache), temperature, top_k, top_p, gen,
+                              "the target's prefill")
     kernels.sync(dev)
     stats["prefill_s"] = timeline.span("prefill", t0)
 
@@ -60,7 +61,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, temperature=0.0,
         stats["target_calls"] += 1
         stats["rows_verified"] += int((~done).sum())
         logits = target(token[:, None], cache)                            # (B, 1, V)
-        token = kernels.next_token(logits[:, -1], temperature, top_k, top_p, gen)  # (B,)
+        token = kernels.next_token(logits[:, -1], temperature, top_k, top_p, gen,  # (B,)
+                                  f"the target at decode step {i + 1}")
         timeline.span("step", tick)
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0

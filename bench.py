@@ -8,12 +8,14 @@ Rows: ar (autoregressive.py), hf (transformers `generate`), sd (speculative.py),
 prompt-lookup decoding with the same K: the model-free peer of `--draft ngram`), ssd (ssd.py),
 saguaro (saguaro.py), with its distance from its speed of light (speed_of_light below).
 Each method is warmed up first; prompts run in turn through every method (so drift hits all rows
-alike); the table reports medians over prompts. Decode tokens/s = (new tokens - 1) / (time after
-the first token): the first token comes out of prefill, which is reported apart. For the HF rows
-prefill is timed as `generate(max_new_tokens=1)` on the same prompt. `Match` says whether a row's
-greedy tokens equal ar's, token for token: a claim in float32 only (in bfloat16/float16 forwards of
-different lengths round differently, see autoregressive.py), so there it reads e.g. `False (not
-claimed in bfloat16)`. The last stdout line is JSON with every figure. `--trace t.json` writes the
+alike); the table reports medians over prompts of speeds and of saguaro's learned figures,
+and pools counts over every round of every prompt (tau, acceptance, hit rate, histograms).
+Decode tokens/s = (new tokens - 1) / (time after the first token): the first token comes out of
+prefill, which is reported apart. For the HF rows prefill is timed as
+`generate(max_new_tokens=1)` on the same prompt. `Match` says whether a row's greedy tokens equal
+ar's, token for token: a claim in float32 only (in bfloat16/float16 forwards of different lengths
+round differently, see autoregressive.py), so there it reads e.g. `False (not claimed in
+bfloat16)`. The last stdout line is JSON with every figure. `--trace t.json` writes the
 timeline of each of our rows' last measured run (timeline.py) to t.ar.json, t.sd.json, ...
 """
 import argparse
@@ -188,10 +190,12 @@ def summarize(results, args):
         if runs[0]["target_calls"]:
             decoded = sum(r["new_tokens"] - len(r["tokens"]) for r in runs)  # minus prefill's
             row["tau"] = decoded / sum(r["rows_verified"] for r in runs)
-        if runs[0]["acceptance_rate"] is not None:
-            row["acceptance_rate"] = statistics.fmean(r["acceptance_rate"] for r in runs)
-        if runs[0]["accept_counts"]:
-            row["accept_counts"] = [sum(c) for c in zip(*(r["accept_counts"] for r in runs))]
+        if runs[0]["accept_counts"]:  # pooled, as tau: accepted / proposed over every round
+            counts = [sum(c) for c in zip(*(r["accept_counts"] for r in runs))]  # rounds per k
+            row["accept_counts"], K = counts, len(counts) - 1
+            accepted = sum(k * n for k, n in enumerate(counts))
+            if runs[0]["acceptance_rate"] is not None and sum(counts):
+                row["acceptance_rate"] = accepted / (K * sum(counts))
         if "hits_by_k" in runs[0]:  # ssd, saguaro: the cache hit rate per accepted count k
             row["hits_by_k"] = [sum(h) for h in zip(*(r["hits_by_k"] for r in runs))]
             row["lookups_by_k"] = [sum(n) for n in zip(*(r["lookups_by_k"] for r in runs))]

@@ -290,7 +290,8 @@ def measure_sd(target, prompts, n_code, args, log=print, reps=2) -> dict:
     pick = prompts[:3] + prompts[n_code: n_code + 3]
     methods = {"ar": None, **{n: load_draft(n, target) for n in args.sd_drafts.split(",")}}
     autoregressive.generate(target, pick[0], 8)  # warm-up
-    secs, decoded, taus, match = {n: 0.0 for n in methods}, {n: 0 for n in methods}, {}, {}
+    secs, decoded, match = {n: 0.0 for n in methods}, {n: 0 for n in methods}, {}
+    rounds = {}  # per draft: [decoded tokens, rounds] over every run: tau pooled, as bench's
     for p in pick:
         ref, best = None, {n: float("inf") for n in methods}
         for _ in range(reps):
@@ -301,7 +302,8 @@ def measure_sd(target, prompts, n_code, args, log=print, reps=2) -> dict:
                 else:
                     t, st = speculative.generate(target, p, args.max_new_tokens, draft=draft,
                                                  k=args.k)
-                    taus[n] = taus.get(n, []) + [st["tau"]]
+                    counts = (st["new_tokens"] - 1, st["rows_verified"])  # batch 1
+                    rounds[n] = [a + b for a, b in zip(rounds.get(n, (0, 0)), counts)]
                 best[n] = min(best[n], st["decode_s"])
                 match[n] = match.get(n, True) and t == ref
         for n in methods:
@@ -310,7 +312,8 @@ def measure_sd(target, prompts, n_code, args, log=print, reps=2) -> dict:
     out = {}
     for n in methods:
         out[n] = {"tokens_per_s": round(decoded[n] / secs[n], 2), "match_ar": match[n],
-                  "tau": round(float(np.mean(taus[n])), 3) if n in taus else None}
+                  "tau": round(rounds[n][0] / rounds[n][1], 3) if rounds.get(n, [0, 0])[1]
+                  else None}
         out[n]["speedup"] = round(out[n]["tokens_per_s"] / out["ar"]["tokens_per_s"], 3)
         log(f"[sd] {n:16s} {out[n]['tokens_per_s']:6.1f} tokens/s  x{out[n]['speedup']:.2f}  "
             f"tau {out[n]['tau']}  Match: {out[n]['match_ar']}")

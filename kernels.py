@@ -400,17 +400,23 @@ class CUDAGraphs:
 # 6) sampling helpers
 
 def probs_from_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None) -> torch.Tensor:
+                      top_p: float | None = None, who: str = "the model") -> torch.Tensor:
     """logits (..., V) -> the distribution we sample from (float32, same shape).
     Temperature 0 is greedy: a one-hot at the argmax; a tiny T > 0 tends to it (tied maxima
-    share the mass). top_k keeps the k largest logits (and any tied with the k-th); top_p then
-    keeps the smallest set of most likely tokens whose tempered mass reaches top_p. Every loop
-    calls this one function, so the q that verification divides by is exactly the q the
-    proposal was sampled from."""
+    share the mass). top_k keeps the k largest logits (and any tied with the k-th, as
+    transformers' TopKLogitsWarper); top_p then keeps the smallest set of most likely tokens
+    whose tempered mass reaches top_p. Where only some of tied tokens fit (greedy, top_p), the
+    lowest ids win, as torch.argmax picks. Every loop calls this one function, so the q that
+    verification divides by is exactly the q the proposal was sampled from.
+    ValueError naming `who` (the model and the step, e.g. "the target at decode step 3") when a
+    row holds NaN or +inf, or no finite logit: see check_logits."""
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()
+    top = logits.amax(-1, keepdim=True)  # (..., 1): NaN if the row holds one (max propagates it)
     if temperature == 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        check_logits(top, who)  # after the work is queued: on CUDA this sync waits once
+        return probs
     if top_k is not None and top_k < logits.shape[-1]:
         # ranked before the temperature divides (same order for any T > 0, and a huge T cannot
         # round distinct logits into ties); tokens tied with the k-th all stay
@@ -418,13 +424,30 @@ def probs_from_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int
         logits = logits.masked_fill(logits < kth, float("-inf"))
     # shift the maximum to 0 before dividing: logits / T overflows to inf - inf = NaN for a tiny
     # T, while (logits - max) / T only runs to -inf, and the softmax tends to the greedy limit
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    logits = (logits - top) / temperature
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        # a stable sort keeps tied tokens in id order: the lowest id is kept first, as argmax
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
+    probs = logits.softmax(-1)
+    check_logits(top, who)
+    return probs
+
+
+def check_logits(top: torch.Tensor, who: str) -> None:
+    """top (..., 1): each row's largest logit. ValueError naming `who` unless every one is
+    finite: NaN or +inf anywhere in a row, or a row of -inf alone, has no distribution to
+    sample (argmax would make the NaN's id a token). -inf beside finite logits is fine: a token
+    with probability 0 (drafts.py's truncated heads). One host sync on CUDA, taken after the
+    sampling work is queued, so the loop's own sync that follows waits for nothing new."""
+    if not bool(torch.isfinite(top).all()):
+        bad = torch.nonzero(~torch.isfinite(top.reshape(-1)))[0].item()
+        raise ValueError(f"{who} produced non-finite logits (NaN or inf; first in row {bad} of "
+                         f"{top.numel()}), so there is no distribution to sample: its forward "
+                         "overflowed or its weights hold NaN. float16 overflows past 65504: try "
+                         "--dtype bfloat16 or float32; else check the checkpoint's weights.")
 
 
 def check_sampling(temperature, top_k=None, top_p=None) -> None:
@@ -456,14 +479,18 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None):
-    """logits (..., V) -> token ids (...): the argmax at temperature 0, else a draw from
-    probs_from_logits. For loops that need the token only (autoregressive.py); the speculative
-    loops need the probabilities themselves and call the two functions above."""
+               top_p: float | None = None, generator: torch.Generator | None = None,
+               who: str = "the model"):
+    """logits (..., V) -> token ids (...): the argmax at temperature 0 (the lowest id of a tie),
+    else a draw from probs_from_logits. For loops that need the token only; the speculative
+    loops need the probabilities themselves and call the two functions above. ValueError
+    naming `who` for NaN or inf logits (check_logits)."""
     if temperature == 0:
         check_sampling(temperature, top_k, top_p)
-        return logits.argmax(-1)
-    return sample(probs_from_logits(logits, temperature, top_k, top_p), generator)
+        top, token = logits.max(-1, keepdim=True)  # one pass: the maximum and its first id
+        check_logits(top, who)
+        return token[..., 0]
+    return sample(probs_from_logits(logits, temperature, top_k, top_p, who), generator)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:

@@ -50,7 +50,10 @@ class Measurements:
         """Acceptance at position i is alpha_i = sum_x min(p_i(x), q_i(x)): exact in expectation,
         and of lower variance than counting accepted tokens. p (B, K+1, V), q (B, K, V); the
         fast backup's shadow proposals (q_shadow, rows `shadow`) share the target's context at
-        their first position only."""
+        their first position only. Positions past the first rejection count too (each is a
+        proposal scored on a context the draft made): they are finite, since a verify whose
+        logits hold NaN or inf anywhere stops the loop first (kernels.check_logits), as a
+        fast backup's q outside [0, inf) does (speculative.check_proposal)."""
         overlap = torch.minimum(p[:, : q.shape[1]], q).sum(-1).cpu()            # (B, K)
         for who, rows in (("draft", from_draft), ("fast", from_fast)):
             self.acc[who][0] += float(overlap[rows].sum())

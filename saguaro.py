@@ -43,7 +43,7 @@ import ssd
 import timeline
 import tp
 from draft_process import FAST, HIT, JIT, Answer, End, Round, Start, Sync
-from speculative import emit, one_hot, pad_vocab, verify
+from speculative import check_draft, check_proposal, emit, one_hot, pad_vocab, verify
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,12 +80,13 @@ def uniform_fan_out(budget: int, K: int) -> list:
     return largest_remainder([1.0] * (K + 1), budget)
 
 
-def saguaro_probs(logits, temperature, top_k, top_p, c: float, f: int):
+def saguaro_probs(logits, temperature, top_k, top_p, c: float, f: int, who="the draft"):
     """Def. 14: q' = q with its top-(f+1) tokens (ranked by logits, as ssd.predict_outcomes ranks
     them) scaled by c, renormalized. logits (..., V) -> q' (..., V). The cache bets on the top-f
     tokens other than the one drafted, so f+1 covers them whichever token is drafted. At
-    temperature 0 q is one-hot on the top token and q' = q; if c = 0 leaves no mass, q' = q."""
-    q = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+    temperature 0 q is one-hot on the top token and q' = q; if c = 0 leaves no mass, q' = q.
+    ValueError naming `who` for NaN or inf logits (kernels.check_logits)."""
+    q = kernels.probs_from_logits(logits, temperature, top_k, top_p, who)
     if c == 1.0 or f == 0:
         return q
     top = logits.topk(min(f + 1, logits.shape[-1]), dim=-1).indices
@@ -97,7 +98,8 @@ def saguaro_probs(logits, temperature, top_k, top_p, c: float, f: int):
 def saguaro_q(sampling, c: float, fanout: list):
     """q' as ssd.draft_branches' probs_fn: drafting step j (token y_{j+1}) uses f = F_j, because
     the next cache bets on the top-F_j tokens of q_{j+1}. sampling: (temperature, top_k, top_p)."""
-    return lambda logits, j: saguaro_probs(logits, *sampling, c, fanout[j])
+    return lambda logits, j: saguaro_probs(logits, *sampling, c, fanout[j],
+                                           f"the draft (in its process) at step {j + 1}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +304,7 @@ def serve_fast(fast, rows, asked, K, temperature, gen, V, est, stats):
     tokens, q = torch.zeros(len(rows), K, dtype=torch.long), torch.zeros(len(rows), K, V)
     if ask:
         x, qx = fast.propose([rows[b] for b in ask], K, temperature, gen)
+        check_proposal(fast, x, qx, len(ask), K)  # before its ids reach the draft or verify
         tokens[ask], q[ask] = x.cpu(), pad_vocab(qx.cpu().float(), V)
         est.time("fast", timeline.span("fast backup", tick))
     stats["fast_backup_s"] += time.perf_counter() - tick
@@ -332,6 +335,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     gen = kernels.make_generator(seed, dev)
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
     fast = fast_backup or drafts.fast_backup(target, prompts)
+    check_draft(target, fast, K)  # a proposer over the target's vocabulary
     settings = (K, budget, fan_out, backup, B, temperature, top_k, top_p, saguaro_c)
     est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup))  # learned
     stats = harness.new_stats(K)
@@ -347,7 +351,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
                          saguaro_c, seed))  # first: the draft prefills while the target does
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
-    token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
+    token = kernels.next_token(logits, temperature, top_k, top_p, gen,
+                              "the target's prefill").tolist()  # (B,)
     for b in range(B):
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
     draft.exchange(Sync())  # prefill ends once both hold the prompts (as in speculative.py)
@@ -398,7 +403,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         draft_probs[~live] = one_hot(draft_tokens[~live], Vt)
         tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
-        p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p,
+                                      f"the target's verify in round {stats['target_calls'] + 1}")
         n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen)
         stats["target_calls"] += 1
         kernels.sync(dev)

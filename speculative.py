@@ -45,17 +45,22 @@ def verify(target_probs, draft_probs, draft_tokens, generator):
     """The verification rule, for a batch of rows (shared by ssd.py and saguaro.py).
     target_probs (B, K+1, V): p_1..p_{K+1} at the K+1 verified positions; draft_probs (B, K, V):
     q_1..q_K, exactly what draft_tokens (B, K) were sampled from. Returns n_accepted (B,) in
-    0..K and bonus (B,), the token after the accepted ones. Every random draw uses `generator`."""
+    0..K and bonus (B,), the token after the accepted ones. Every random draw uses `generator`.
+    ValueError for a draft token outside [0, V) or of probability 0 under its own q."""
     B, K = draft_tokens.shape
     V = target_probs.shape[-1]
     if target_probs.shape != (B, K + 1, V) or draft_probs.shape != (B, K, V):
         raise ValueError(f"verify wants target_probs (B, K+1, V), draft_probs (B, K, V) and "
                          f"draft_tokens (B, K); got {tuple(target_probs.shape)}, "
                          f"{tuple(draft_probs.shape)} and {tuple(draft_tokens.shape)}.")
-    x = draft_tokens[..., None]
+    outside = (draft_tokens < 0) | (draft_tokens >= V)               # (B, K) ids past [0, V)
+    x = draft_tokens.clamp(0, V - 1)[..., None]       # gathered in range; refused just below
     p_x = target_probs[:, :K].gather(-1, x)[..., 0]   # (B, K) p_i(x_i)
     q_x = draft_probs.gather(-1, x)[..., 0]          # (B, K) q_i(x_i)
-    if bool((q_x <= 0).any()):
+    if bool((outside | (q_x <= 0)).any()):  # one host sync for both checks
+        if bool(outside.any()):
+            raise ValueError(f"draft token id {int(draft_tokens[outside][0])} is outside the "
+                             f"vocabulary [0, {V}) that draft_probs and target_probs cover.")
         raise ValueError("a draft token has probability 0 under its own draft_probs: draft_probs "
                          "must be exactly the distribution each token was sampled from (use "
                          "speculative.one_hot for a proposal chosen deterministically).")
@@ -73,6 +78,27 @@ def verify(target_probs, draft_probs, draft_tokens, generator):
     # p == q up to rounding can leave no residual mass; then p itself is the right law
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_at)
     return n_accepted, kernels.sample(residual, generator)
+
+
+def check_proposal(proposer, tokens, probs, B, K) -> None:
+    """What a model-free proposer's propose() returned for B rows and K tokens, checked where it
+    enters a loop (speculative.generate, saguaro's fast backup), before anything indexes with
+    it: tokens (B, K) integer ids in [0, V), probs (B, K, V) finite and >= 0, V its vocab_size.
+    ValueError naming the proposer otherwise."""
+    name, V = f"{type(proposer).__name__}.propose", proposer.vocab_size
+    if tuple(tokens.shape) != (B, K) or tuple(probs.shape) != (B, K, V):
+        raise ValueError(f"{name} returned shapes {tuple(tokens.shape)} and "
+                         f"{tuple(probs.shape)}; expected ({B}, {K}) and ({B}, {K}, {V}).")
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"{name} returned token ids of dtype {tokens.dtype}: integer ids, please.")
+    outside = (tokens < 0) | (tokens >= V)
+    if bool(outside.any()):
+        raise ValueError(f"{name} returned token id {int(tokens[outside][0])}, outside its "
+                         f"vocabulary [0, {V}) (vocab_size {V}): a proposer must propose ids "
+                         "of the tokenizer it shares with the target.")
+    if not bool((torch.isfinite(probs) & (probs >= 0)).all()):
+        raise ValueError(f"{name} returned probabilities that are negative, NaN or inf: they "
+                         "must be the distribution each token was drawn from.")
 
 
 def one_hot(tokens, vocab_size):
@@ -152,7 +178,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
     t0 = time.perf_counter()
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
-    token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
+    token = kernels.next_token(logits, temperature, top_k, top_p, gen,
+                              "the target's prefill").tolist()  # (B,)
     if neural:
         draft_cache = draft.new_cache(B, max_len)
         draft.prefill(prompts, draft_cache)
@@ -179,7 +206,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
             draft_tokens, draft_probs = [], []
             for i in range(K):
                 logits = draft(inp, draft_cache)[:, -1, :Vc].to(dev)      # (B, Vc)
-                q = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+                q = kernels.probs_from_logits(logits, temperature, top_k, top_p, f"the draft at "
+                                               f"step {i + 1} of round {stats['target_calls'] + 1}")
                 x = kernels.sample(q, gen)                                # (B,)
                 draft_tokens.append(x)
                 draft_probs.append(q)
@@ -189,10 +217,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
             stats["draft_calls"] += K
         else:
             draft_tokens, draft_probs = draft.propose(rows, K, temperature, gen)
-            if draft_tokens.shape != (B, K) or draft_probs.shape != (B, K, Vd):
-                raise ValueError(f"{type(draft).__name__}.propose returned shapes "
-                                 f"{tuple(draft_tokens.shape)} and {tuple(draft_probs.shape)}; "
-                                 f"expected ({B}, {K}) and ({B}, {K}, {Vd}).")
+            check_proposal(draft, draft_tokens, draft_probs, B, K)
             draft_tokens, draft_probs = draft_tokens.to(dev), draft_probs.to(dev).float()
             stats["draft_calls"] += 1
         timeline.span("draft", tick, "draft")
@@ -203,7 +228,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
         last = torch.tensor([r[-1] for r in rows], device=dev)
         tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
-        p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p,
+                                      f"the target's verify in round {stats['target_calls'] + 1}")
         V = max(Vt, draft_probs.shape[-1])
         n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(draft_probs, V), draft_tokens, gen)
         stats["target_calls"] += 1

@@ -177,7 +177,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
 
     def draft_q(logits, j):  # the q that drafting step j samples from: the draft's own
-        return kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        return kernels.probs_from_logits(logits, temperature, top_k, top_p, f"the draft at "
+                                         f"step {j + 1} of round {stats['target_calls'] + 1}")
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), cold_starts=0,
                  verify_s=0.0, cache_build_s=0.0, jit_draft_s=0.0, modelled_two_device_decode_s=0.0)
@@ -188,7 +189,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     t0 = time.perf_counter()
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
-    token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
+    token = kernels.next_token(logits, temperature, top_k, top_p, gen,
+                              "the target's prefill").tolist()  # (B,)
     draft_cache = draft.new_cache(B, max_len + K * sum(fanout))  # + the branches' scratch slots
     draft.prefill(prompts, draft_cache)
     for b in range(B):
@@ -242,7 +244,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         draft_probs[finished] = one_hot(draft_tokens[finished], Vc)
         tokens_in = torch.cat((last[:, None], draft_tokens.clamp_max(Vt - 1)), 1)  # (B, K+1)
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
-        p = kernels.probs_from_logits(logits, temperature, top_k, top_p)
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p,
+                                      f"the target's verify in round {stats['target_calls'] + 1}")
         V = max(Vt, draft_probs.shape[-1])
         n_accepted, bonus = verify(pad_vocab(p, V), pad_vocab(draft_probs, V), draft_tokens, gen)
         stats["target_calls"] += 1
