@@ -364,16 +364,19 @@ def self_draft(target: kernels.Model, bits: int = 8, head=None, skip=(), head_ra
 # 3) belonging: a draft built for one target must refuse another
 
 def fingerprint(model: kernels.Model) -> str:
-    """A short hash of the architecture and a strided sample of every weight, rounded to bf16
-    so the same target loaded in float32 or bfloat16 gives the same fingerprint."""
+    """A short hash of the architecture and of the signs of a strided sample of every weight.
+    Signs, not values: rounding to any dtype keeps a number's sign (an underflow gives a signed
+    zero, an overflow a signed inf), so the same target gives the same fingerprint in every
+    dtype (float32, bfloat16, float16), while values rounded to one dtype differ from another
+    dtype's at rounding boundaries."""
     c = model.cfg
     h = hashlib.sha256(repr((c.model_type, c.vocab_size, c.hidden_size, c.num_layers,
                              c.num_heads, c.num_kv_heads, c.intermediate_size)).encode())
     for name, t in sorted(model.state_dict().items()):
         if t.is_floating_point():
-            sample = t.detach().reshape(-1)[::4099][:512].to(torch.bfloat16).view(torch.int16)
+            sample = t.detach().reshape(-1)[::4099][:512]
             h.update(name.encode())
-            h.update(sample.cpu().numpy().tobytes())
+            h.update(np.packbits(torch.signbit(sample).cpu().numpy()).tobytes())
     return h.hexdigest()[:20]
 
 

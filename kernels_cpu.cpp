@@ -155,7 +155,7 @@ torch::Tensor silu_mul(torch::Tensor gu) {
 // kernels.py hands over, per linear, the kind and tensors PackedLinear (or drafts.Int4Linear)
 // chose for this dtype and row count.
 
-enum Kind : int64_t { PLAIN = 0, MKL_PACKED = 1, ONEDNN_PACKED = 2, INT4 = 3 };
+enum Kind : int64_t { PLAIN = 0, ONEDNN_PACKED = 1, INT4 = 2 };
 
 at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t param, const at::Tensor& a,
                       const at::Tensor& b, const at::Tensor& bias) {
@@ -167,13 +167,6 @@ at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t param, const at
     case PLAIN:  // a = weight
       y = at::linear(x2, a, bo);
       break;
-    case MKL_PACKED: {  // a = MKL-packed weight for `param` rows, b = the weight itself
-      static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkl::_mkl_linear", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, int64_t)>();
-      y = op.call(x2, a, b, bo, param);
-      break;
-    }
     case ONEDNN_PACKED: {  // a = oneDNN-packed weight
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,

@@ -191,23 +191,22 @@ def run_layers(model, x, cache, cos, sin, attn):
 # 3) pre-packed weights for small steps
 
 class PackedLinear(nn.Module):
-    """A CPU linear whose weight is pre-packed, on first use, into the layout a small-M matmul
-    reads fastest. Same math as F.linear (differences at rounding level), two cases:
-    - float32: MKL packs per row count M (the 2..8 tokens of a verify or draft step): MKL's
-      unpacked small-M GEMM re-packs the weight on every call. M = 1 (decode) stays on
-      F.linear, which already streams the weights at memory bandwidth.
-    - bfloat16: oneDNN packs once (for M = 1) and serves every M <= 8 (F.linear's bf16 M = 1
-      path does not reach memory bandwidth).
-    Long prefills and everything else stay on F.linear. Every loop shares this kernel, the
-    autoregressive baseline included."""
-
-    SIZES = range(2, 9)
+    """A CPU linear whose weight is pre-packed by oneDNN, on first use, into the layout a
+    small-M matmul reads fastest (M = rows = the tokens of a step). Same math as F.linear
+    (differences at rounding level). One packed copy per dtype serves every M it covers, so a
+    model holds its weights plus ONE packed copy whatever verify widths (K + 1) a run uses:
+    - float32: M = 2..8 (verify and tree steps: F.linear's small-M GEMM re-packs the weight
+      on every call, and MKL's own packing is one copy per M); M = 1 (decode) stays on
+      F.linear, so the autoregressive baseline's kernel is the plain one.
+    - bfloat16: M = 1..8 (F.linear's bf16 M = 1 path does not reach memory bandwidth).
+    Long prefills, other dtypes and devices stay on F.linear. Every loop shares this kernel,
+    the autoregressive baseline included."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = {}   # M (float32) or dtype (bf16) -> packed weight
-        self.plans = {}  # (dtype, M) -> the function that runs this linear for them
+        self.packed = {}  # dtype -> the packed weight, made on first use
+        self.plans = {}   # (dtype, M) -> the function that runs this linear for them
 
     def forward(self, x):
         M = x.numel() // x.shape[-1]  # rows: tokens in the step
@@ -217,31 +216,22 @@ class PackedLinear(nn.Module):
         return kernel(x)
 
     def spec(self, dt, M):
-        """(kind, param, a, b): the kernel for M rows of dtype dt, packing the weight on first
-        use. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight), MKL_PACKED (a = packed
-        for param = M rows, b = weight), ONEDNN_PACKED (a = packed)."""
+        """(kind, param, a, b): the kernel for M rows of dtype dt, packing the weight on the
+        first use of dt. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight),
+        ONEDNN_PACKED (a = packed); param and b are unused by both."""
         w = self.weight
-        if dt != w.dtype or M > 8 or w.device.type != "cpu":
+        if dt != w.dtype or w.device.type != "cpu" or M not in PACKED_ROWS.get(dt, ()):
             return PLAIN, 0, w, None
-        if dt == torch.bfloat16 and _ONEDNN_BF16:
-            if dt not in self.packed:
-                self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            return ONEDNN_PACKED, 0, self.packed[dt], None
-        if dt == torch.float32 and M in self.SIZES and _MKL:
-            if M not in self.packed:
-                self.packed[M] = torch.ops.mkl._mkl_reorder_linear_weight(w, M)
-            return MKL_PACKED, M, self.packed[M], w
-        return PLAIN, 0, w, None
+        if dt not in self.packed:
+            self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        return ONEDNN_PACKED, 0, self.packed[dt], None
 
     def _choose(self, dt, M):
-        kind, _, packed, w = self.spec(dt, M)
-        b = self.bias
+        kind, _, packed, _ = self.spec(dt, M)
         if kind == ONEDNN_PACKED:
+            b = self.bias
             return lambda x: torch.ops.mkldnn._linear_pointwise(
                 x.reshape(M, -1), packed, b, "none", [], "").view(*x.shape[:-1], -1)
-        if kind == MKL_PACKED:
-            return lambda x: torch.ops.mkl._mkl_linear(
-                x.reshape(M, -1), packed, w, b, M).view(*x.shape[:-1], -1)
         return self._plain
 
     def _plain(self, x):
@@ -257,7 +247,7 @@ class PackedLinear(nn.Module):
         return state
 
 
-PLAIN, MKL_PACKED, ONEDNN_PACKED, INT4 = 0, 1, 2, 3  # linear kinds, as in kernels_cpu.cpp
+PLAIN, ONEDNN_PACKED, INT4 = 0, 1, 2  # linear kinds, as in kernels_cpu.cpp
 
 
 def linear_spec(lin: nn.Module, dtype, rows):
@@ -269,11 +259,13 @@ def linear_spec(lin: nn.Module, dtype, rows):
     return lin.stack_spec(dtype, rows) if hasattr(lin, "stack_spec") else None
 
 
-_MKL = torch.backends.mkl.is_available()
-# oneDNN's bf16 kernels, where the CPU has native bf16 instructions (elsewhere F.linear runs)
-_ONEDNN_BF16 = (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+_ONEDNN = (torch.backends.mkldnn.is_available()
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# the row counts PackedLinear packs for, per dtype (bf16 only where the CPU has native bf16
+# instructions; elsewhere F.linear runs)
+PACKED_ROWS = {torch.float32: range(2, 9) if _ONEDNN else (),
+               torch.bfloat16: range(1, 9) if _ONEDNN_BF16 else ()}
 
 
 def pack_linears(model):

@@ -162,11 +162,30 @@ def test_fingerprint_recognizes_the_target_in_bf16_and_rejects_a_changed_weight(
     assert drafts.fingerprint(kernels.load_model("default", "cpu", "bfloat16")) == fp
     w = default_model.layers[3].w2.weight
     old = w[0, 0].item()
-    w[0, 0] += 1.0  # index 0 is in the strided sample
+    assert old != 0
+    w[0, 0] = -old  # index 0 is in the strided sample; the fingerprint reads its sign
     try:
         assert drafts.fingerprint(default_model) != fp
     finally:
         w[0, 0] = old
+
+
+@pytest.mark.parametrize("dtype", list(kernels.DTYPES))  # what --dtype offers
+def test_every_dtype_the_flags_offer_loads_the_default_draft_and_the_ngram_tables(
+        dtype, default_model):
+    """--dtype float16 found no shipped draft (the fingerprint hashed bf16-rounded values, which
+    float16 weights round to differently) and saguaro's fast backup fell back to prompt-only
+    n-grams: every dtype of the CLIs' --dtype must find the target's own assets."""
+    import speculative
+    target = default_model if dtype == "float32" else kernels.load_model("default", "cpu", dtype)
+    assert drafts.fingerprint(target) == drafts.fingerprint(default_model)
+    ngram = drafts.load_draft("ngram", target)
+    backup = drafts.fast_backup(target, [[1, 2, 3, 4]])
+    assert len(backup.tables[3]) == len(ngram.tables[3]) > 100  # the shipped tables
+    draft = drafts.load_draft("default", target)
+    prompt = kernels.encode_prompt(target, "What is the capital of France?")
+    out, stats = speculative.generate(target, prompt, 5, draft=draft, k=4, eos=False)
+    assert len(out[0]) == 5 and stats["acceptance_rate"] > 0
 
 
 def test_speculative_with_the_ngram_draft_samples_the_exact_target_law():

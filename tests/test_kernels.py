@@ -1,5 +1,6 @@
 """kernels.py: our forward equals transformers', the cache and masks behave, inputs are checked."""
 import collections
+import os
 import shutil
 import copy
 import pytest
@@ -223,14 +224,64 @@ def test_flash_attention_equals_sdpa():
     torch.testing.assert_close(flash, sdpa, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL")
+@pytest.mark.skipif(not kernels_cpu.PACKED_ROWS[torch.float32], reason="needs oneDNN")
 def test_packed_linear_equals_plain_linear_for_every_row_count():
     lin = torch.nn.Linear(48, 80)
     packed = kernels_cpu.PackedLinear(lin)
     for M in range(1, 11):  # 2..8 take the packed path, the others F.linear
         x = torch.randn(1, M, 48)
         torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
-    assert sorted(packed.packed) == list(range(2, 9))
+    assert list(packed.packed) == [torch.float32]  # one packed copy serves every M
+
+
+def packed_bytes(model) -> tuple:
+    """(bytes of the packed weights the model's PackedLinears hold, bytes of their weights)."""
+    lins = [m for m in model.modules() if isinstance(m, kernels_cpu.PackedLinear)]
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    return (sum(size(t) for m in lins for t in m.packed.values()),
+            sum(size(m.weight) for m in lins))
+
+
+@pytest.mark.skipif(not kernels_cpu.PACKED_ROWS[torch.float32], reason="needs oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_widths_one_to_eight_share_one_packed_copy_of_the_weights(dtype):
+    """SD at K = 1..8 (verify steps of 2..9 rows) on one target: each linear keeps at most one
+    packed copy of its weight, whatever the widths a run (or bench.py --sweep) goes through."""
+    import speculative
+    from conftest import noisy_copy
+    if not kernels_cpu.PACKED_ROWS[dtype]:
+        pytest.skip(f"no packed {dtype} kernel on this CPU")
+    target = kernels_cpu.speed_up(tiny_model(seed=4, scale=3.0).to(dtype))
+    draft = noisy_copy(target, 0.05)
+    for k in range(1, 9):
+        speculative.generate(target, [3, 1, 4, 1, 5], 10, draft=draft, k=k, eos=False)
+    packed, weights = packed_bytes(target)
+    assert 0 < packed <= weights  # one packed copy of each weight, not one per verify width
+    for m in target.modules():
+        if isinstance(m, kernels_cpu.PackedLinear):
+            assert list(m.packed) == [dtype]
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm")
+def test_default_model_resident_memory_stays_bounded_over_verify_widths(default_model):
+    """The default model stepped at every width 1..9: the process grows by at most about one
+    more copy of the weights (the shared packed copy), not by one per width. RSS is noisy on a
+    busy machine, hence a generous bound: twice the weights' bytes."""
+    weights_mb = sum(p.numel() * p.element_size() for p in default_model.parameters()) / 2**20
+    cache = default_model.new_cache(1, 64)
+    before = resident_mb()
+    with torch.inference_mode():
+        for T in range(1, 10):
+            positions = torch.arange(T)[None]
+            mask = torch.arange(T) <= positions[:, :, None]
+            default_model(torch.arange(T)[None], cache, positions, positions, mask)
+    grown = resident_mb() - before
+    assert grown < 2 * weights_mb, f"resident memory grew {grown:.0f} MB over the widths"
 
 
 def test_packed_linear_in_bfloat16_matches_plain_linear_and_survives_copies():
