@@ -228,7 +228,7 @@ def test_flash_attention_equals_sdpa():
 def test_packed_linear_equals_plain_linear_for_every_row_count():
     lin = torch.nn.Linear(48, 80)
     packed = kernels_cpu.PackedLinear(lin)
-    for M in range(1, 11):  # 2..8 take the packed path, the others F.linear
+    for M in range(1, 11):  # 1..8 take the packed path, the others F.linear
         x = torch.randn(1, M, 48)
         torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
     assert list(packed.packed) == [torch.float32]  # one packed copy serves every M
