@@ -361,8 +361,8 @@ def print_table(table, cond, acc=None, sol=None):
     if sol:
         f2 = lambda v: "-" if v is None else f"{v:.2f}"
         console.print(
-            f"saguaro speed of light (K={sol['k']}, alone on the target's {sol['target_threads']} "
-            f"thread(s)): tau {sol['tau']:.2f} x step {sol['step_ms']:.1f} ms / verify "
+            f"saguaro speed of light (K={sol['k']}, batch {sol.get('batch', 1)}, alone on the "
+            f"target's {sol['target_threads']} thread(s)): tau {sol['tau']:.2f} x step {sol['step_ms']:.1f} ms / verify "
             f"{sol['verify_ms']:.1f} ms = {sol['speed_of_light_vs_ar']:.2f}x ar = "
             f"{sol['speed_of_light_tokens_per_s']:.1f} tok/s; [bold]efficiency "
             f"{sol['efficiency']:.2f}[/bold] (measured / speed of light). In tokens per "

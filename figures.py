@@ -42,7 +42,7 @@ FIGURES = ("3", "4", "5", "6", "7", "thm7")
 SIZES = {
     "full": dict(prompts=4, tokens=64, temperatures=(0.0, 0.3, 0.7, 1.0), cs=(1.0, 0.7, 0.4, 0.2,
              0.1, 0.0), c_temperatures=(1.0, 0.7), batches=(1, 2, 4, 8), fig7_prompts=4),
-    "quick": dict(prompts=2, tokens=32, temperatures=(0.0, 0.3, 0.7, 1.0), cs=(1.0, 0.5, 0.2, 0.0),
+    "quick": dict(prompts=3, tokens=48, temperatures=(0.0, 0.3, 0.7, 1.0), cs=(1.0, 0.5, 0.2, 0.0),
               c_temperatures=(1.0,), batches=(1, 2, 4, 8), fig7_prompts=2),
 }
 
@@ -187,14 +187,16 @@ def fig5_saguaro_sampling(pair, prompts, cs, temperatures, budget):
     return {"budget": budget, "points": points}
 
 
-def fig6_backup(pair, prompts, batches):
+def fig6_backup(pair, prompts, batches, rows=2):
     """Tokens/s per sequence with the JIT backup, the fast backup, the rule's choice (auto) and
-    SD at each batch size b (budget 1, as the paper's F = 1); the crossover observed (the first
-    b where fast beats JIT) and the b* the rule predicts (saguaro.Estimates.b_star, from the
-    auto run's estimates). Returns {"points": [{"b", "jit", "fast", "auto", "sd"}], ...}."""
+    SD at each batch size b (budget 1, as the paper's F = 1), over max(b, rows) prompts; the
+    crossover observed (the first b where fast beats JIT) and the b* the rule predicts
+    (saguaro.Estimates.b_star, from the auto run's estimates).
+    Returns {"points": [{"b", "jit", "fast", "auto", "sd"}], "crossover_observed", ...}."""
     points = []
     for b in batches:
-        batch = prompts[:max(b, len(prompts) - len(prompts) % b)]  # whole batches of b rows
+        n = max(b, rows)
+        batch = prompts[:n - n % b]  # whole batches of b rows
         point = {"b": b, **run_rows(pair, {"sd": sd_row(pair)}, batch, batch_size=b)}
         for backup in ("jit", "fast", "auto"):
             point[backup] = run_rows(pair, {"saguaro": saguaro_row(pair)}, batch, batch_size=b,
@@ -377,14 +379,12 @@ def tables(figs, paper):
     if "fig3" in figs:
         f, ref = figs["fig3"], paper["fig3"]
         at = [F for F in ref["F"] if F <= len(f["F"])]
-        rows = [[name] + [f2(m[F - 1]) for F in at] + [f2(fit["r"]), f2(fit["prefactor"]),
-                f2(fit["r_pure"]), str(fit["pure_fits"])]
-                for name, m in f["curves"].items() if m is not None
-                for fit in [f["fits"][name] or {}] if fit]
+        fits = lambda fit: ([f2(fit["r"]), f2(fit["prefactor"]), f2(fit["r_pure"]),
+                             str(fit["pure_fits"])] if fit else ["no misses to fit"] + ["-"] * 3)
+        rows = [[name] + ([f2(m[F - 1]) for F in at] if m else ["never rejected"] + ["-"] * (
+                len(at) - 1)) + fits(f["fits"].get(name)) for name, m in f["curves"].items()]
         rows += [[f"paper: {name}"] + [f2(m[ref["F"].index(F)]) for F in at]
-                 + [f2(fit["r"]), f2(fit["prefactor"]), f2(fit["r_pure"]), str(fit["pure_fits"])]
-                 for name, m in ref["curves"].items()
-                 for fit in [fit_power(ref["F"], m)]]
+                 + fits(fit_power(ref["F"], m)) for name, m in ref["curves"].items()]
         out.append(("Fig. 3: miss rate 1 - p_hit(F)", ["curve"] + [f"F={F}" for F in at]
                     + ["r", "A (A F^-r)", "r (pure F^-r)", "pure fits"], rows))
     if "fig4" in figs:
@@ -495,7 +495,8 @@ def run_figures(pair, which, size, prompts, fig3_texts, out):
         figs["fig5"] = fig5_saguaro_sampling(pair, first, size["cs"], size["c_temperatures"],
                                              a.fig4_budget)
     if "6" in which:
-        figs["fig6"] = fig6_backup(pair, prompts, size["batches"])
+        same_set = [p for p in prompts if p[0] == a.dataset] or prompts
+        figs["fig6"] = fig6_backup(pair, same_set, size["batches"], n)
     if "7" in which:
         per_set = [p for d in dict.fromkeys(d for d, _ in prompts)
                    for p in [q for q in prompts if q[0] == d][:size["fig7_prompts"]]]
@@ -506,7 +507,7 @@ def run_figures(pair, which, size, prompts, fig3_texts, out):
                   "k": a.k, "fig4_fig5_budget": a.fig4_budget, "fig6_budget": 1,
                   "temperature_default": a.temperature, "threads": a.threads,
                   "prompts_per_point": n, "max_new_tokens": a.max_new_tokens,
-                  "dataset": a.dataset, "fig3_texts": f"{len(fig3_texts)} gsm8k texts",
+                  "dataset (figs. 4-6)": a.dataset, "fig3_texts": f"{len(fig3_texts)} gsm8k texts",
                   "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
                   "dtype": a.dtype, "commit": commit(), "torch": torch.__version__}
     record = {"conditions": conditions, **figs}
