@@ -1,7 +1,7 @@
 """figures.py: what each Saguaro idea buys: the paper's Figures 3-7 and Thm. 7, on our pairs.
 
     python figures.py --all --quick                          # the default pair, every figure
-    python figures.py --all --quick --draft int4-h8k-skip6   # a weaker draft (acceptance < 0.85)
+    python figures.py --all --quick --draft int4-h8k        # a weaker draft (acceptance < 0.85)
     python figures.py --fig 4 --fig 5 --out results/figures  # some figures, full size
 
 bench.py measures the ladder at its default regime (T = 0, batch 1, budget B = 1), where the
@@ -526,7 +526,8 @@ def parse_args(argv=None):
     harness.add_common_args(ap)
     ap.set_defaults(threads=None, max_new_tokens=None)
     ap.add_argument("--draft", default="default", help="the draft (" + __import__(
-        "drafts").DRAFT_HELP + "); int4-h8k-skip6: a weaker one, for a fan-out with a shape")
+        "drafts").DRAFT_HELP + "); int4-h8k: a weaker one (acceptance < 0.85 at T = 0), "
+                    "so the fan-out has a shape to find")
     ap.add_argument("--k", type=harness.positive_int, default=4, help="speculation length K")
     ap.add_argument("--fig", action="append", choices=FIGURES, help="a figure (repeatable)")
     ap.add_argument("--all", action="store_true", help="every figure")
