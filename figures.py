@@ -145,7 +145,8 @@ def logits_over(model, ids):
 def fit_power(F, miss, low=2):
     """Least squares in log-log over F >= low (where the miss rate is > 0): the pure law
     miss = F^-r (through the origin, as measure.py fits r online) and miss = A F^-r (with a
-    prefactor A). rms: the residual's root mean square in log units (0.1 ~ 10% off)."""
+    prefactor A). rms: the residual's root mean square in log units (0.1 ~ 10% off); the pure
+    law fits if it is within 0.05 of the prefactor's rms (a flat curve fits neither)."""
     pts = [(math.log(f), math.log(m)) for f, m in zip(F, miss) if f >= low and m > 0]
     if len(pts) < 2:
         return None
@@ -156,7 +157,7 @@ def fit_power(F, miss, low=2):
     rms = lambda fit: float((y - fit).pow(2).mean().sqrt())
     return {"r_pure": r_pure, "rms_pure": rms(-r_pure * x), "r": -slope,
             "prefactor": math.exp(log_a), "rms": rms(slope * x + log_a),
-            "pure_fits": rms(-r_pure * x) <= 0.1}
+            "pure_fits": rms(-r_pure * x) <= rms(slope * x + log_a) + 0.05}
 
 
 def fig4_fan_out(pair, prompts, temperatures, budget):
