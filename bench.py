@@ -299,15 +299,20 @@ def speed_of_light(table, target, prompts, args):
 # ----------------------------------------------------------------------------------------------
 # 3) the report
 
-def conditions(args, target, draft, prompts):
-    lens = [len(ids) for _, ids in prompts]
+def hardware(device):
+    """The CPU's model name x its core count, or the GPU's name."""
+    if kernels.resolve_device(device).type == "cuda":
+        return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
         cpu = f"{names[0]} x {len(names)}" if names else cpu
-    if kernels.resolve_device(args.device).type == "cuda":
-        cpu = torch.cuda.get_device_name()
-    return {"hardware": cpu, "device": str(target.device), "threads": args.threads,
+    return cpu
+
+
+def conditions(args, target, draft, prompts):
+    lens = [len(ids) for _, ids in prompts]
+    return {"hardware": hardware(args.device), "device": str(target.device), "threads": args.threads,
             "tp": args.tp,
             "attention": kernels.ATTENTION, "model": target.name,
             "cpu_kernels": (kernels_cpu.CPU_KERNELS if target.device.type == "cpu" else None),

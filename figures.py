@@ -452,8 +452,8 @@ def print_tables(figs, paper, conditions):
     from rich.console import Console
     from rich.table import Table
     console = Console(width=160)
-    console.print("[bold]conditions[/bold]: " + ", ".join(f"{k}={v}" for k, v in
-                                                         conditions.items()))
+    console.print("[bold]conditions[/bold]: " + ", ".join(
+        f"{k}={v}" for k, v in conditions.items() if k != "prompt_tokens"))  # (in the JSON)
     for title, cols, rows in tables(figs, paper):
         t = Table(title=title)
         for c in cols:
@@ -504,11 +504,14 @@ def run_figures(pair, which, size, prompts, fig3_texts, out):
         figs["fig7"] = fig7_datasets(pair, per_set, a.fig7_methods)
     if "thm7" in which and {"fig4", "fig5", "fig6"} & set(figs):
         figs["thm7"] = thm7_speed_model(figs)
-    conditions = {"model": getattr(pair.target, "name", None), "draft": a.draft,
+    conditions = {"hardware": bench.hardware(a.device), "model": getattr(pair.target, "name",
+                                                                          None), "draft": a.draft,
                   "k": a.k, "fig4_fig5_budget": a.fig4_budget, "fig6_budget": 1,
                   "temperature_default": a.temperature, "threads": a.threads,
                   "prompts_per_point": n, "max_new_tokens": a.max_new_tokens,
-                  "dataset (figs. 4-6)": a.dataset, "fig3_texts": f"{len(fig3_texts)} gsm8k texts",
+                  "dataset (figs. 4-6)": a.dataset,
+                  "prompt_tokens": [[d, len(ids)] for d, ids in prompts],
+                  "fig3_text_tokens": sum(map(len, fig3_texts)),  # main: prompts.GSM8K
                   "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
                   "dtype": a.dtype, "commit": commit(), "torch": torch.__version__}
     record = {"conditions": conditions, **figs}
@@ -546,6 +549,8 @@ def parse_args(argv=None):
     which = FIGURES if args.all else tuple(args.fig or ())
     if not which:
         ap.error("name the figures: --all, or --fig 3 --fig 4 ...")
+    if "thm7" in which and not {"4", "5", "6"} & set(which):
+        ap.error("--fig thm7 plots the points of Figs. 4-6: add --fig 4, 5 or 6")
     size = SIZES["quick" if args.quick else "full"]
     args.threads = args.threads or torch.get_num_threads()
     args.max_new_tokens = args.max_new_tokens or size["tokens"]
