@@ -85,8 +85,7 @@ def run_rows(pair, rows, prompts, **settings):
     for name, runs in results.items():
         if "b_star" in runs[-1]:
             table[name]["b_star"] = runs[-1]["b_star"]
-    return {name: {k: v for k, v in row.items() if not isinstance(v, list)}
-            for name, row in table.items()}
+    return table
 
 
 def speed_point(row, **where):
@@ -106,8 +105,9 @@ def fig3_miss_curve(target, draft, texts, temperatures=(0.0, 0.7, 1.0), max_f=64
     tokens ranked by its logits:
       after a miss: 1 - E[mass of p on the draft's top-F] (T = 0: is argmax p in the top-F?);
       after a hit: the bonus of a rejection follows norm(max(0, p - q)); 1 - its mass on the
-      draft's top-(F+1) minus its top-1 (the drafted token), over positions weighted by their
-      rejection probability 1 - sum min(p, q) (T = 0: positions where the argmaxes differ).
+      draft's top-(F+1) minus its top-1 (the drafted token at T = 0; the paper's cheap method
+      keeps the top-1 at every T), over positions weighted by their rejection probability
+      1 - sum min(p, q) (T = 0: positions where the argmaxes differ).
     Exact expectations, so no sampling noise. Returns {"F", "curves": {name: [miss per F]},
     "fits": {name: fit_power}, "positions"}; an after-a-hit curve is None if q never differs."""
     max_f = min(max_f, target.cfg.vocab_size - 1)  # a tiny vocabulary has fewer guesses
@@ -224,8 +224,7 @@ def fig7_datasets(pair, prompts, methods):
     out = {}
     for name in dict.fromkeys(d for d, _ in prompts):
         mine = {m: [r for r in runs if r["dataset"] == name] for m, runs in results.items()}
-        out[name] = {m: {k: v for k, v in row.items() if not isinstance(v, list)}
-                     for m, row in bench.summarize(mine, a).items()}
+        out[name] = bench.summarize(mine, a)
     return {"datasets": out, "methods": list(rows)}
 
 
