@@ -90,9 +90,12 @@ def run_rows(pair, rows, prompts, **settings):
 
 def speed_point(row, **where):
     """One saguaro point for Thm. 7's scatter: the speed model's prediction and the measurement,
-    both in decoded tokens per row per target-verify time (saguaro.Estimates.summary)."""
-    return {**where, "predicted_speedup": row.get("predicted_speedup"),
-            "measured_speedup": row.get("measured_speedup")}
+    both in decoded tokens per row per target-verify time (saguaro.Estimates.summary), and where
+    a mean round's time went (ms: the verify beside the draft, the wait for the draft's answer,
+    the whole round), to tell which term of the model is off."""
+    return {**where, **{k: row.get(k) for k in ("predicted_speedup", "measured_speedup", "p_hit",
+                                                 "hit_rate", "a", "verify_ms", "wait_ms",
+                                                 "round_ms")}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,10 +443,13 @@ def tables(figs, paper):
         f = figs["thm7"]
         rows = [[p["fig"], ", ".join(f"{k}={v}" for k, v in p.items() if k in
                                      ("T", "fan_out", "C", "b", "backup")),
-                 f2(p["predicted_speedup"]), f2(p["measured_speedup"]), f2(p["error"])]
-                for p in f["points"]]
+                 f2(p["predicted_speedup"]), f2(p["measured_speedup"]), f2(p["error"]),
+                 f2(p["p_hit"]), f2(p["hit_rate"]), f2(p["verify_ms"]), f2(p["wait_ms"]),
+                 f2(p["round_ms"])] for p in f["points"]]
         out.append((f"Thm. 7: predicted vs measured ({f['within_15_percent']} of {f['of']} "
-                    "within 15%)", ["fig", "point", "predicted", "measured", "error"], rows))
+                    "within 15%)", ["fig", "point", "predicted", "measured", "error",
+                                    "p_hit (model)", "hit rate", "verify ms", "wait ms",
+                                    "round ms"], rows))
     return out
 
 
