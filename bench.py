@@ -245,18 +245,20 @@ def accountings(results, args):
 
 
 @torch.inference_mode()
-def step_times(target, ids, K, threads, cpus=None, reps=12):
-    """Median seconds of one 1-token step and of one (K+1)-token verify, each alone, on `threads`
-    threads (pinned to `cpus`), over a cache holding the prompt `ids`."""
+def step_times(target, batch, K, threads, cpus=None, reps=12):
+    """Median seconds of one 1-token step and of one (K+1)-token verify of the whole `batch` (a
+    list of prompt ids: b rows, as the measured run had), each alone, on `threads` threads
+    (pinned to `cpus`), over a cache holding the prompts."""
     saved = os.sched_getaffinity(0)
     try:
         kernels.set_threads(threads)
         if cpus:
             os.sched_setaffinity(0, cpus)
-        cache = target.new_cache(1, len(ids) + K + 1)
-        target.prefill([ids], cache)
+        cache = target.new_cache(len(batch), max(map(len, batch)) + K + 1)
+        target.prefill(batch, cache)
         n = cache.lengths.clone()
-        tokens = torch.tensor([(ids * (K + 1))[-K - 1:]], device=target.device)  # (1, K+1)
+        tokens = torch.tensor([(ids * (K + 1))[-K - 1:] for ids in batch],
+                              device=target.device)                        # (b, K+1)
         times = {1: [], K + 1: []}
         for _ in range(reps + 2):  # alternated, so drift hits both; the first two warm up
             for m in times:
@@ -271,18 +273,21 @@ def step_times(target, ids, K, threads, cpus=None, reps=12):
 
 
 def speed_of_light(table, target, prompts, args):
-    """If drafting were fully hidden, a saguaro round would cost one (K+1)-token verify and emit
-    tau tokens: speed of light = tau / t(verify) tokens/s, tau x t(step) / t(verify) over AR, both
-    clocks read alone (the draft process idle) on the target's cores. efficiency = measured speed
-    / speed of light: what the losses (a slower verify beside the draft, misses, glue, messages)
-    leave of the idea."""
+    """If drafting were fully hidden, a saguaro round would cost one (K+1)-token verify of the
+    batch's b rows and emit tau tokens per row: speed of light = b tau / t(verify) tokens/s (every
+    row counted, as the measured decode speed), tau x t(step) / t(verify) over AR, both clocks
+    read alone (the draft process idle) on the target's cores at batch b: a verify of b rows costs
+    more than one of a single row. efficiency = measured speed / speed of light: what the losses
+    (a slower verify beside the draft, misses, glue, messages) leave of the idea."""
     row = table.get("saguaro")
     if not row or not row.get("tau"):
         return None
     K, (threads, cpus) = args.saguaro_k or args.k, args.saguaro_cores
-    t1, tk = step_times(target, prompts[-1][1], K, threads, cpus)
-    sol = row["tau"] / tk
-    return {"k": K, "target_threads": threads, "tau": row["tau"], "step_ms": 1e3 * t1,
+    batch = [ids for _, ids in prompts[:args.batch_size]]  # b rows, as the measured batches
+    t1, tk = step_times(target, batch, K, threads, cpus)
+    sol = args.batch_size * row["tau"] / tk  # decode tokens/s count every row, as measured
+    return {"k": K, "batch": args.batch_size, "target_threads": threads, "tau": row["tau"],
+            "step_ms": 1e3 * t1,
             "verify_ms": 1e3 * tk, "verify_beside_draft_ms": row["verify_ms"],
             "round_ms": row["round_ms"], "losses_ms": {  # what a round costs beyond tk
                 "verify beside the draft": row["verify_ms"] - 1e3 * tk,
@@ -298,15 +303,20 @@ def speed_of_light(table, target, prompts, args):
 # ----------------------------------------------------------------------------------------------
 # 3) the report
 
-def conditions(args, target, draft, prompts):
-    lens = [len(ids) for _, ids in prompts]
+def hardware(device):
+    """The CPU's model name x its core count, or the GPU's name."""
+    if kernels.resolve_device(device).type == "cuda":
+        return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
         cpu = f"{names[0]} x {len(names)}" if names else cpu
-    if kernels.resolve_device(args.device).type == "cuda":
-        cpu = torch.cuda.get_device_name()
-    return {"hardware": cpu, "device": str(target.device), "threads": args.threads,
+    return cpu
+
+
+def conditions(args, target, draft, prompts):
+    lens = [len(ids) for _, ids in prompts]
+    return {"hardware": hardware(args.device), "device": str(target.device), "threads": args.threads,
             "tp": args.tp,
             "attention": kernels.ATTENTION, "model": target.name,
             "cpu_kernels": (kernels_cpu.CPU_KERNELS if target.device.type == "cpu" else None),
@@ -360,8 +370,8 @@ def print_table(table, cond, acc=None, sol=None):
     if sol:
         f2 = lambda v: "-" if v is None else f"{v:.2f}"
         console.print(
-            f"saguaro speed of light (K={sol['k']}, alone on the target's {sol['target_threads']} "
-            f"thread(s)): tau {sol['tau']:.2f} x step {sol['step_ms']:.1f} ms / verify "
+            f"saguaro speed of light (K={sol['k']}, batch {sol.get('batch', 1)}, alone on the "
+            f"target's {sol['target_threads']} thread(s)): tau {sol['tau']:.2f} x step {sol['step_ms']:.1f} ms / verify "
             f"{sol['verify_ms']:.1f} ms = {sol['speed_of_light_vs_ar']:.2f}x ar = "
             f"{sol['speed_of_light_tokens_per_s']:.1f} tok/s; [bold]efficiency "
             f"{sol['efficiency']:.2f}[/bold] (measured / speed of light). In tokens per "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import kernels
 import timeline
@@ -53,6 +54,14 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
     if budget is not None and (not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
     B = budget or (k + 1) * f
+    if fan_out == "uniform" and B < k + 1:
+        # the paper's uniform fan-out is F guesses per outcome, B = (K + 1) F: below K + 1 the
+        # even split must leave outcomes without a guess, and it leaves out the highest k,
+        # k = K first, where most rounds land with a good draft (a hit rate near 0)
+        warnings.warn(f"saguaro: uniform fan-out with budget B = {B} < K + 1 = {k + 1} places "
+                      f"no guess on k = {B}..{k} (k = K included), so those outcomes always "
+                      f"miss; use B >= K + 1 (a multiple of K + 1 is the paper's uniform) or "
+                      f"--fan-out geometric", stacklevel=2)
     if B >= target.cfg.vocab_size:
         raise ValueError(f"the cache budget B = {B} must stay below the vocabulary "
                          f"({target.cfg.vocab_size} tokens): lower f or --budget.")

@@ -205,7 +205,8 @@ def test_bench_runs_the_prompt_lookup_peer_by_default_and_it_matches_ar(tmp_path
 def test_speed_of_light_is_tau_over_a_verify_alone_and_efficiency_the_measured_share(
         monkeypatch, capsys):
     monkeypatch.setattr(bench, "step_times", lambda *a, **k: (0.030, 0.036))
-    args = type("Args", (), {"saguaro_k": 3, "k": 4, "saguaro_cores": (1, None)})()
+    args = type("Args", (), {"saguaro_k": 3, "k": 4, "saguaro_cores": (1, None),
+                             "batch_size": 1})()
     table = {"saguaro": {"tau": 3.6, "decode_tokens_per_s": 80.0, "verify_ms": 40.0,
                          "round_ms": 45.0, "wait_ms": 3.0, "predicted_speedup": 3.0,
                          "measured_speedup": 2.9}}
