@@ -281,6 +281,7 @@ def reuse_branch(draft, cache, slots, logits, y):
     dst = cache.lengths[:, None].long() + torch.arange(K, device=y.device)  # (B, K) trunk slots
     for kv in (cache.k, cache.v):                                        # (L, B, S, Hk, D)
         kv[:, rows, dst] = kv[:, rows, slots]                           # a gather: no overlap
+    cache.positions[rows, dst] = cache.positions[rows, slots]  # a sliding window reads them
     cache.lengths += K
     last = draft(y[:, -1:].clamp_max(draft.cfg.vocab_size - 1), cache)  # (B, 1, V): after y_K
     return torch.cat((logits, last[..., : logits.shape[-1]]), 1)

@@ -294,13 +294,16 @@ def test_fast_backup_hit_rate_is_the_stationary_share_of_a_two_state_chain():
     assert est.speed("fast", 1) < rule(p_hit=0.85).speed("fast", 1)
 
 
+@pytest.mark.parametrize("window", [None, 2])
 @pytest.mark.parametrize("k_hit", [0, 1, 3])
-def test_reuse_branch_gives_the_glue_forward_s_logits_and_kv(k_hit):
+def test_reuse_branch_gives_the_glue_forward_s_logits_and_kv(k_hit, window):
     """After a hit on (k, t), copying the hit branch's KV into the trunk and running y_K alone
     (reuse_branch) leaves the draft exactly where a glue forward over t, y_1..y_K would: the
-    same glue logits, and the same logits for whatever comes next."""
+    same glue logits, and the same logits for whatever comes next; with a sliding window too
+    (the copied slots' positions travel with their KV)."""
     import ssd
-    draft, K, prefix = tiny_model(seed=8), 3, [1, 2, 3, 4, 5]
+    draft = tiny_model(seed=8, model_type="mistral" if window else "llama", sliding_window=window)
+    K, prefix = 3, [1, 2, 3, 4, 5]
     cache = draft.new_cache(1, 48)
     draft.prefill([prefix], cache)
     trunk = cache.lengths.clone()
