@@ -405,11 +405,16 @@ def fused_and_eager(model, run):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["llama_biases", "mistral_window"])
 def test_fused_cpu_layer_equals_eager_layer(family, dtype):
     """The C++ twins of Block.forward give the eager layer's logits (and KV cache) for every
-    kind of call: a ragged prefill, a decode step, a 5-token verify, a tree-masked call."""
-    model = tiny_model(seed=3, model_type=family, qkv_bias=family == "qwen2")
+    kind of call: a ragged prefill, a decode step, a 5-token verify, a tree-masked call; also
+    with o/MLP biases and with a sliding window (in the mask the Stack gets)."""
+    over = {"llama_biases": {"attention_bias": True, "mlp_bias": True},
+            "mistral_window": {"sliding_window": 4}}.get(family, {})
+    model = tiny_model(seed=3, model_type=family.split("_")[0], **over)
+    if family == "llama_biases":  # the packed kernels add the biases too
+        kernels_cpu.pack_linears(model)
     for name, p in model.named_parameters():  # norm weights away from 1: their product counts
         if "norm" in name:
             p.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
