@@ -893,6 +893,18 @@ def test_a_draft_still_reading_a_long_prompt_is_waited_for_not_lost():
         assert stats["prefill_s"] >= 3.0, stats["prefill_s"]  # a lower bound: no timing luck
 
 
+def test_a_draft_with_a_shorter_context_than_the_request_is_refused_naming_both_limits():
+    """The draft process reports its draft's context: a request past it is refused, naming
+    the draft's limit (32) and the target's (256), before any round runs."""
+    close_worker()
+    target = tiny_model(0, vocab_size=64)
+    draft = tiny_model(1, vocab_size=64, max_position_embeddings=32)
+    with saguaro.DraftWorker(draft, target, threads=1) as worker:
+        assert worker.max_positions == 32
+        with pytest.raises(ValueError, match="draft's context of 32 .*target's is 256"):
+            saguaro.generate(target, list(range(1, 21)), 20, draft=worker, k=2, f=1)
+
+
 class DiesWhenUnpacked:
     """A draft spec whose unpickling in the new process exits it with code 3: a process that
     dies while starting, before it could connect (as one failing an import would)."""
