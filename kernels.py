@@ -325,7 +325,7 @@ class Model(nn.Module):
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.dtype)   # (B, T, 1, D)
         sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(self.dtype)
         x = self.embed(tokens)  # (B, T, C)
-        if attn is not None and tokens.is_cpu and kernels_cpu.available():
+        if attn[0] is not None and tokens.is_cpu and kernels_cpu.available():
             x = kernels_cpu.run_layers(self, x, cache, cos, sin, attn)  # the loop below, in C++
         else:
             for i, layer in enumerate(self.layers):
@@ -336,11 +336,10 @@ class Model(nn.Module):
         return self.head(x).float() if logits else x
 
     def _bias(self, mask, cache, positions, window, S):
-        """The additive mask (B, 1, T*G, S) SDPA gets: 0 where query t of row b sees slot s
-        (mask (B, T, >=S)), -inf elsewhere. A sliding window W also hides keys W or more
-        positions back (transformers' kv_idx > q_idx - W), by the position each slot holds:
-        tree drafting's scratch slots hold positions other than their index. Additive, made
-        once: SDPA would convert a bool mask in every layer."""
+        """The additive mask (B, 1, T*G, S) SDPA gets from mask (B, T, >=S): 0 where a query
+        sees a slot, -inf elsewhere (SDPA would convert a bool mask in every layer). A window W
+        also hides keys W or more positions back (transformers: kv_idx > q_idx - W), by the
+        position each slot holds, since tree drafting's scratch slots are not their positions."""
         mask = mask[:, :, :S]
         if window is not None:
             mask = mask & (cache.positions[:, None, :S] > positions[:, :, None] - window)
@@ -622,17 +621,14 @@ def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
         n = _hf_to_ours(name)
         if n is not None:
             ours[n], source[n] = t, name
+    fuse = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "w13": ("mlp.gate_proj", "mlp.up_proj")}
     for i in range(cfg.num_layers):
-        p = f"layers.{i}."
         for kind in ("weight", "bias"):
-            for fused, part, names in (("wqkv", "self_attn", ("q", "k", "v")),
-                                       ("w13", "mlp", ("gate", "up"))):
-                parts = [ours.pop(f"{p}{part}.{x}_proj.{kind}", None) for x in names]
-                if all(t is not None for t in parts):
-                    ours[f"{p}{fused}.{kind}"] = torch.cat(parts)
-                elif any(t is not None for t in parts):  # a partial set: named below
-                    ours.update({f"{p}{part}.{x}_proj.{kind}": t for x, t in zip(names, parts)
-                                 if t is not None})
+            for fused, parts in fuse.items():
+                keys = [f"layers.{i}.{part}.{kind}" for part in parts]
+                if all(k in ours for k in keys):  # a partial set stays, and is named below
+                    ours[f"layers.{i}.{fused}.{kind}"] = torch.cat([ours.pop(k) for k in keys])
     head = ours.get("head.weight")
     if cfg.tie_embeddings and head is not None and not torch.equal(head, ours["embed.weight"]):
         import warnings
