@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import harness
 import kernels
 import kernels_cpu
-from conftest import tiny_config, tiny_model
+from conftest import noisy_copy, tiny_config, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -173,6 +173,31 @@ def test_tied_and_stored_heads_load_as_transformers_loads_them(tmp_path, tied, s
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, ours.new_cache(1, 12)), ref(ids).logits,
                                    atol=2e-4, rtol=1e-4)
+
+
+def test_a_sliding_window_checkpoint_loads_and_decodes_as_transformers(tmp_path, default_model):
+    """The issue's case end to end: a Mistral folder with sliding_window 8 (saved with the
+    default tokenizer) through load_model: logits past the window, and greedy SD (a noisy
+    draft) emitting transformers' greedy tokens."""
+    import speculative
+    from transformers import AutoTokenizer, MistralConfig
+    config = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, sliding_window=8, initializer_range=0.3)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(default_model.path).save_pretrained(tmp_path)
+    ours = kernels.load_model(str(tmp_path), device="cpu")
+    assert ours.cfg.windows == (8, 8)
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, ours.new_cache(1, 40)), hf(ids).logits,
+                                   atol=2e-4, rtol=1e-4)
+        want = hf.generate(ids[:, :12], max_new_tokens=20, do_sample=False)[0, 12:].tolist()
+    got, _ = speculative.generate(ours, ids[0, :12].tolist(), 20, eos=False, k=3,
+                                  draft=noisy_copy(ours, 0.05))
+    assert got[0] == want
 
 
 def test_logits_equal_transformers_on_default_model(default_model, default_prompts):
