@@ -251,9 +251,10 @@ class Block(nn.Module):
         q, k = qk[:, :, :H], qk[:, :, H:]
         if attn is None:
             # flash-attn appends k, v at cache_seqlens[b] and attends causally, in one kernel
+            window = (self.window - 1, 0) if self.window else (-1, -1)  # keys it sees back
             y = flash_attn_with_kvcache(q, cache.k[layer], cache.v[layer], k=k, v=v,
                                        cache_seqlens=cache.lengths, causal=True,
-                                       window_size=(self.window - 1, 0) if self.window else (-1, -1))
+                                       window_size=window)
         else:
             y = cache.attend(layer, q, k, v, *attn)
         x = x + self.wo(y.reshape(B, T, H * D))
@@ -629,8 +630,9 @@ def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
                 keys = [f"layers.{i}.{part}.{kind}" for part in parts]
                 if all(k in ours for k in keys):  # a partial set stays, and is named below
                     ours[f"layers.{i}.{fused}.{kind}"] = torch.cat([ours.pop(k) for k in keys])
-    head = ours.get("head.weight")
-    if cfg.tie_embeddings and head is not None and not torch.equal(head, ours["embed.weight"]):
+    head, embed = ours.get("head.weight"), ours.get("embed.weight")
+    if cfg.tie_embeddings and head is not None and not (embed is not None
+                                                        and torch.equal(head, embed)):
         import warnings
         warnings.warn("config.json ties the head to the embedding (tie_word_embeddings), but the "
                       "checkpoint holds a different lm_head.weight: it is kept, untied, as "
@@ -643,10 +645,11 @@ def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
     expected = {n for n, _ in model.named_parameters()}
     unused += sorted(source.get(n, n) for n in ours if n not in expected)
     if unused:
+        more = " ..." if len(unused) > 6 else ""
         raise ValueError(f"the checkpoint holds tensors a {cfg.model_type} model with this "
-                         f"config.json does not use: {unused[:6]}{' ...' if len(unused) > 6 else ''}"
-                         " (a bias its config does not declare, or another architecture's "
-                         "weights); fix config.json or the checkpoint.")
+                         f"config.json does not use: {unused[:6]}{more} (a bias its config "
+                         "does not declare, or another architecture's weights); fix config.json "
+                         "or the checkpoint.")
     model.load_state_dict(ours, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight

@@ -164,7 +164,8 @@ FLASH_CASES = ([(f, dt, 64) for dt in (torch.bfloat16, torch.float16) for f in F
                + [("llama", torch.bfloat16, 128), ("qwen3", torch.bfloat16, 128)]
                + [("mistral-window", torch.bfloat16, 64), ("qwen2-window", torch.bfloat16, 64)])
 WINDOWS = {"mistral-window": {"sliding_window": 8},  # flash-attn's window_size against the mask
-           "qwen2-window": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}}
+           "qwen2-window": {"use_sliding_window": True, "sliding_window": 8,
+                            "max_window_layers": 1}}
 
 
 @needs_flash
