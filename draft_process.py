@@ -285,7 +285,7 @@ class DraftWorker:
             if ready.startswith("error"):
                 raise RuntimeError("the draft process could not load its draft (its traceback "
                                    "is printed above).")
-            self.vocab_size = int(ready)
+            self.vocab_size, self.max_positions = map(int, ready.split())  # V, its context
             if self.vocab_size != target.cfg.vocab_size and target.tokenizer is None:
                 raise ValueError(f"target and draft have vocabularies of {target.cfg.vocab_size} "
                                  f"and {self.vocab_size} tokens and no tokenizer to show they "
@@ -491,7 +491,7 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
                 datetime.timedelta(days=7))  # idle between runs is fine
     try:
         draft = load_draft(spec, target_ref, dev)
-        store.set("ready", str(draft.cfg.vocab_size))
+        store.set("ready", f"{draft.cfg.vocab_size} {draft.cfg.max_positions}")
     except (ValueError, OSError) as e:  # bad input (no such draft): the target says it
         store.set("ready", f"bad input: {e}")
         return

@@ -330,7 +330,8 @@ def self_draft(target: kernels.Model, bits: int = 8, head=None, skip=(), head_ra
     if compute == torch.float32 and bits == 4:
         head_bits = 32  # the exactness check: the target's weights, float32 math throughout
     keep = [i for i in range(target.cfg.num_layers) if i not in set(skip)]
-    cfg = dataclasses.replace(target.cfg, num_layers=len(keep), tie_embeddings=False)
+    cfg = dataclasses.replace(target.cfg, num_layers=len(keep), tie_embeddings=False,
+                              windows=tuple(target.layers[i].window for i in keep))
     with torch.device("meta"):
         draft = kernels.Model(cfg)
     draft.embed = nn.Embedding.from_pretrained(target.embed.weight.detach().float(), freeze=True)

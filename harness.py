@@ -13,9 +13,13 @@ import kernels
 import timeline
 
 
-def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room: int = 0) -> int:
+def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room: int = 0,
+                  draft=None) -> int:
     """Validate a batch of prompts (lists of token ids); return the KV cache length it needs
-    (longest prompt + max_new_tokens + `room` scratch slots for speculation)."""
+    (longest prompt + max_new_tokens + `room` scratch slots for speculation). `draft`: a
+    kernels.Model, or saguaro's DraftWorker (its max_positions), whose context must hold the
+    request too (a draft with a shorter context than the target's would otherwise run past
+    its positions silently); a model-free proposer has no limit."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every row needs at least one token.")
     if max_new_tokens < 1:
@@ -37,6 +41,14 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
         raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
                          f"({max_new_tokens}) = {need} exceeds the model's context of "
                          f"{model.cfg.max_positions} tokens: shorten one of them.")
+    limit = draft.cfg.max_positions if hasattr(draft, "cfg") else getattr(draft, "max_positions",
+                                                                           None)
+    if limit is not None and need > limit:
+        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) = {need} exceeds the draft's context of {limit} "
+                         f"tokens (max_position_embeddings; the target's is "
+                         f"{model.cfg.max_positions}): shorten the request or use a draft with "
+                         "a longer context.")
     return need + room
 
 

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -118,29 +119,48 @@ class ModelConfig:
     rms_eps: float
     rope_theta: float
     rope_scaling: dict | None  # llama3 / linear scaling parameters, None for plain RoPE
-    qkv_bias: bool             # Qwen2
+    qkv_bias: bool             # Qwen2; Llama and Qwen3 with attention_bias
     qk_norm: bool              # Qwen3
     tie_embeddings: bool
     max_positions: int
     eos_token_ids: tuple
+    o_bias: bool = False       # Llama and Qwen3 with attention_bias
+    mlp_bias: bool = False     # Llama with mlp_bias: gate, up and down
+    windows: tuple = ()        # per layer: the sliding window W, or None for full attention
 
     @staticmethod
     def from_hf(cfg) -> "ModelConfig":
-        """From a transformers config object (or its dict)."""
+        """From a transformers config object, or its dict (config.json). A dict is read by
+        transformers' own config class first, so absent fields take that family's defaults
+        (Qwen3's head_dim 128, Mistral's sliding_window 4096) and the sliding layers are the
+        ones transformers picks. Every field that changes the math is read here or refused by
+        name (ValueError); the rest (dropout, initializer_range, pretraining_tp, which
+        transformers 5 ignores) do not touch the logits."""
         c = cfg if isinstance(cfg, dict) else cfg.to_dict()
         mt = c.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"unsupported architecture {mt!r} ({c.get('architectures')}); this "
                              f"project runs the Llama family: {', '.join(SUPPORTED)} (and SmolLM, "
                              "which is llama).")
+        if isinstance(cfg, dict):
+            from transformers import AutoConfig
+            c = AutoConfig.for_model(mt, **{k: v for k, v in c.items() if k != "model_type"})
+            c = c.to_dict()
         rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear", "llama3"):
             raise ValueError(f"unsupported RoPE scaling {kind!r}: default, linear and llama3 are.")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"unsupported RoPE partial_rotary_factor "
+                             f"{rope['partial_rotary_factor']}: only full rotation (1.0) is.")
+        if c.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}: the MLP here is "
+                             "SiLU(gate) * up (hidden_act 'silu').")
         eos = c.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         heads = c["num_attention_heads"]
+        attention_bias = mt in ("llama", "qwen3") and bool(c.get("attention_bias", False))
         return ModelConfig(
             model_type=mt, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             num_layers=c["num_hidden_layers"], num_heads=heads,
@@ -148,9 +168,28 @@ class ModelConfig:
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             intermediate_size=c["intermediate_size"], rms_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta), rope_scaling=rope if kind != "default" else None,
-            qkv_bias=mt == "qwen2" or bool(c.get("attention_bias", False)),
+            qkv_bias=mt == "qwen2" or attention_bias, o_bias=attention_bias,
+            mlp_bias=mt == "llama" and bool(c.get("mlp_bias", False)),
             qk_norm=mt == "qwen3", tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            max_positions=c.get("max_position_embeddings", 4096), eos_token_ids=eos)
+            max_positions=c.get("max_position_embeddings", 4096), eos_token_ids=eos,
+            windows=_sliding_windows(c))
+
+
+def _sliding_windows(c: dict) -> tuple:
+    """Each layer's sliding window W (None: full attention) from a transformers config dict,
+    as transformers 5 applies them: Mistral slides every layer when sliding_window is set (it
+    ignores layer_types); Qwen2/Qwen3 slide the layers that layer_types names (their config
+    class derives it from use_sliding_window and max_window_layers); Llama never slides."""
+    L, mt = c["num_hidden_layers"], c["model_type"]
+    if mt == "mistral":
+        return (c.get("sliding_window"),) * L
+    if mt == "llama" or c.get("sliding_window") is None:
+        return (None,) * L
+    types = c["layer_types"]
+    if set(types) - {"sliding_attention", "full_attention"} or len(types) != L:
+        raise ValueError(f"unsupported layer_types {types}: one of 'full_attention' or "
+                         f"'sliding_attention' per layer ({L} layers).")
+    return tuple(c["sliding_window"] if t == "sliding_attention" else None for t in types)
 
 
 def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -181,22 +220,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Block(nn.Module):
-    """One decoder layer. QKV and gate/up are fused into one matmul each: fewer kernel calls."""
+    """One decoder layer. QKV and gate/up are fused into one matmul each: fewer kernel calls.
+    `window`: this layer's sliding window W (keys fewer than W positions back), None for full
+    attention; the SDPA path gets it in the mask Model builds, flash-attn as window_size."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         H, Hk, D, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        self.cfg = cfg
+        self.cfg, self.window = cfg, window
         self.shape, self.qk_norm = (H, Hk, D, cfg.rms_eps), cfg.qk_norm
         self.attn_norm = nn.Parameter(torch.ones(C))
         self.wqkv = nn.Linear(C, (H + 2 * Hk) * D, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(H * D, C, bias=False)
+        self.wo = nn.Linear(H * D, C, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = nn.Parameter(torch.ones(D))
             self.k_norm = nn.Parameter(torch.ones(D))
         self.mlp_norm = nn.Parameter(torch.ones(C))
-        self.w13 = nn.Linear(C, 2 * cfg.intermediate_size, bias=False)  # gate and up
-        self.w2 = nn.Linear(cfg.intermediate_size, C, bias=False)       # down
+        self.w13 = nn.Linear(C, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate and up
+        self.w2 = nn.Linear(cfg.intermediate_size, C, bias=cfg.mlp_bias)       # down
 
     def forward(self, x, layer, cache, cos, sin, attn):
         B, T, _ = x.shape
@@ -210,8 +251,10 @@ class Block(nn.Module):
         q, k = qk[:, :, :H], qk[:, :, H:]
         if attn is None:
             # flash-attn appends k, v at cache_seqlens[b] and attends causally, in one kernel
+            window = (self.window - 1, 0) if self.window else (-1, -1)  # keys it sees back
             y = flash_attn_with_kvcache(q, cache.k[layer], cache.v[layer], k=k, v=v,
-                                       cache_seqlens=cache.lengths, causal=True)
+                                       cache_seqlens=cache.lengths, causal=True,
+                                       window_size=window)
         else:
             y = cache.attend(layer, q, k, v, *attn)
         x = x + self.wo(y.reshape(B, T, H * D))
@@ -225,7 +268,8 @@ class Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        windows = cfg.windows or (None,) * cfg.num_layers
+        self.layers = nn.ModuleList(Block(cfg, w) for w in windows)
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -268,29 +312,42 @@ class Model(nn.Module):
         if S > cache.max_len:
             raise ValueError(f"KV cache overflow: a row needs slot {S - 1} but the cache holds "
                              f"{cache.max_len}; make the cache longer.")
-        attn = None  # None: flash-attn appends and attends by itself (plain calls on CUDA)
+        rows = torch.arange(B, device=tokens.device)[:, None]
+        cache.positions[rows, slots] = positions  # what a sliding window compares keys by
+        # per layer; None: flash-attn appends and attends by itself (plain calls on CUDA)
+        attn = [None] * len(self.layers)
         if not (plain and ATTENTION == "flash" and self.dtype != torch.float32):  # flash: fp16/bf16
             if mask is None:
                 mask = torch.arange(S, device=tokens.device) <= slots[:, :, None]  # causal
-            # an additive float mask, made once here: SDPA would convert a bool one per layer
-            bias = torch.zeros(mask[:, None, :, :S].shape, dtype=self.dtype, device=tokens.device)
-            bias.masked_fill_(~mask[:, None, :, :S], float("-inf"))              # (B, 1, T, S)
-            G = self.cfg.num_heads // self.cfg.num_kv_heads  # query heads per KV head: see attend
-            rows = torch.arange(B, device=tokens.device)[:, None]
-            attn = (rows, slots, bias.repeat_interleave(G, dim=2) if G > 1 else bias, S)
+            masks = {w: (rows, slots, self._bias(mask, cache, positions, w, S), S)
+                     for w in {b.window for b in self.layers}}  # made once, not per layer
+            attn = [masks[b.window] for b in self.layers]
         angles = (positions[..., None].float() * self.inv_freq)[:, :, None, :]  # (B, T, 1, D/2)
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.dtype)   # (B, T, 1, D)
         sin = torch.cat((-angles.sin(), angles.sin()), dim=-1).to(self.dtype)
         x = self.embed(tokens)  # (B, T, C)
-        if attn is not None and tokens.is_cpu and kernels_cpu.available():
+        if attn[0] is not None and tokens.is_cpu and kernels_cpu.available():
             x = kernels_cpu.run_layers(self, x, cache, cos, sin, attn)  # the loop below, in C++
         else:
             for i, layer in enumerate(self.layers):
-                x = layer(x, i, cache, cos, sin, attn)
+                x = layer(x, i, cache, cos, sin, attn[i])
         if plain:
             cache.lengths += T
         x = rms_norm(x, self.norm, self.cfg.rms_eps)
         return self.head(x).float() if logits else x
+
+    def _bias(self, mask, cache, positions, window, S):
+        """The additive mask (B, 1, T*G, S) SDPA gets from mask (B, T, >=S): 0 where a query
+        sees a slot, -inf elsewhere (SDPA would convert a bool mask in every layer). A window W
+        also hides keys W or more positions back (transformers: kv_idx > q_idx - W), by the
+        position each slot holds, since tree drafting's scratch slots are not their positions."""
+        mask = mask[:, :, :S]
+        if window is not None:
+            mask = mask & (cache.positions[:, None, :S] > positions[:, :, None] - window)
+        bias = torch.zeros(mask[:, None].shape, dtype=self.dtype, device=mask.device)
+        bias.masked_fill_(~mask[:, None], float("-inf"))                            # (B, 1, T, S)
+        G = self.cfg.num_heads // self.cfg.num_kv_heads  # query heads per KV head: see attend
+        return bias.repeat_interleave(G, dim=2) if G > 1 else bias
 
     def use_cuda_graphs(self, batch_size: int, max_len: int, step_lengths=(1,)) -> "KVCache":
         """Capture plain forwards of shape (batch_size, T) for every T in step_lengths (1 for
@@ -321,7 +378,8 @@ class Model(nn.Module):
 # 4) the static KV cache
 
 class KVCache:
-    """k, v: (layers, B, S, H_kv, D) preallocated; lengths (B,): the valid prefix of each row.
+    """k, v: (layers, B, S, H_kv, D) preallocated; lengths (B,): the valid prefix of each row;
+    positions (B, S): the position of the token each slot holds (a sliding window reads it).
     Rolling back rejected tokens is lowering a length; the stale KV behind it is never read
     (every query's mask stops at its own slot) and is overwritten by the next append."""
 
@@ -329,6 +387,7 @@ class KVCache:
         shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32 if ATTENTION == "flash"
                                    else torch.long, device=device)
         self.max_len, self.batch_size = max_len, batch_size
@@ -568,34 +627,56 @@ def _hf_to_ours(name: str) -> str | None:
              "lm_head.weight": "head.weight"}
     if name in table:
         return table[name]
-    if not name.startswith("layers."):
+    if not name.startswith("layers.") or name.endswith("rotary_emb.inv_freq"):
         return None
     _, i, rest = name.split(".", 2)
     sub = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm",
            "self_attn.o_proj.weight": "wo.weight", "mlp.down_proj.weight": "w2.weight",
+           "self_attn.o_proj.bias": "wo.bias", "mlp.down_proj.bias": "w2.bias",
            "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm"}
     return f"layers.{i}.{sub[rest]}" if rest in sub else f"layers.{i}.{rest}"
 
 
 def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
-    """Build our Model from a transformers-named state dict (fuses q/k/v and gate/up)."""
-    with torch.device("meta"):
-        model = Model(cfg)
-    ours = {}
+    """Build our Model from a transformers-named state dict (fuses q/k/v and gate/up, weights
+    and biases). Every tensor is used or named in a ValueError, except the rotary_emb.inv_freq
+    buffers of old checkpoints (recomputed from the config; transformers skips them too). A
+    tied config with its own, different lm_head.weight keeps that head, as transformers does
+    (with a warning)."""
+    ours, source = {}, {}  # our name -> tensor, and -> the checkpoint's name (for errors)
+    unused = [n for n in state if _hf_to_ours(n) is None and not n.endswith("rotary_emb.inv_freq")]
     for name, t in state.items():
         n = _hf_to_ours(name)
         if n is not None:
-            ours[n] = t
+            ours[n], source[n] = t, name
+    fuse = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "w13": ("mlp.gate_proj", "mlp.up_proj")}
     for i in range(cfg.num_layers):
-        p = f"layers.{i}."
         for kind in ("weight", "bias"):
-            parts = [ours.pop(f"{p}self_attn.{x}_proj.{kind}", None) for x in "qkv"]
-            if parts[0] is not None:
-                ours[f"{p}wqkv.{kind}"] = torch.cat(parts)
-        ours[f"{p}w13.weight"] = torch.cat([ours.pop(f"{p}mlp.gate_proj.weight"),
-                                            ours.pop(f"{p}mlp.up_proj.weight")])
+            for fused, parts in fuse.items():
+                keys = [f"layers.{i}.{part}.{kind}" for part in parts]
+                if all(k in ours for k in keys):  # a partial set stays, and is named below
+                    ours[f"layers.{i}.{fused}.{kind}"] = torch.cat([ours.pop(k) for k in keys])
+    head, embed = ours.get("head.weight"), ours.get("embed.weight")
+    if cfg.tie_embeddings and head is not None and not (embed is not None
+                                                        and torch.equal(head, embed)):
+        import warnings
+        warnings.warn("config.json ties the head to the embedding (tie_word_embeddings), but the "
+                      "checkpoint holds a different lm_head.weight: it is kept, untied, as "
+                      "transformers does. Set tie_word_embeddings to false to silence this.")
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
     if cfg.tie_embeddings:
         ours.pop("head.weight", None)
+    with torch.device("meta"):
+        model = Model(cfg)
+    expected = {n for n, _ in model.named_parameters()}
+    unused += sorted(source.get(n, n) for n in ours if n not in expected)
+    if unused:
+        more = " ..." if len(unused) > 6 else ""
+        raise ValueError(f"the checkpoint holds tensors a {cfg.model_type} model with this "
+                         f"config.json does not use: {unused[:6]}{more} (a bias its config "
+                         "does not declare, or another architecture's weights); fix config.json "
+                         "or the checkpoint.")
     model.load_state_dict(ours, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight

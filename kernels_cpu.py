@@ -176,15 +176,17 @@ def cpu_stack(model, dtype, rows):
 
 
 def run_layers(model, x, cache, cos, sin, attn):
-    """kernels.Model's layer loop on the CPU: all layers in one C++ call when every linear is
-    of a kind the Stack runs, else layer by layer with the fused steps."""
+    """kernels.Model's layer loop on the CPU, attn[i] being layer i's: all layers in one C++
+    call when they share one mask (the Stack takes one) and every linear is of a kind the
+    Stack runs, else layer by layer with the fused steps (some layers with a sliding window)."""
     B, T, _ = x.shape
-    stack = cpu_stack(model, x.dtype, B * T)
+    one_mask = all(a is attn[0] for a in attn)
+    stack = cpu_stack(model, x.dtype, B * T) if one_mask else None
     if stack is None:
         for i, block in enumerate(model.layers):
-            x = fused_layer(block, x, i, cache, cos, sin, attn)
+            x = fused_layer(block, x, i, cache, cos, sin, attn[i])
         return x
-    return stack.forward(x, cache.k, cache.v, cos, sin, attn[1], attn[2], attn[3])
+    return stack.forward(x, cache.k, cache.v, cos, sin, attn[0][1], attn[0][2], attn[0][3])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -283,6 +283,7 @@ def reuse_branch(draft, cache, slots, logits, y):
     dst = cache.lengths[:, None].long() + torch.arange(K, device=y.device)  # (B, K) trunk slots
     for kv in (cache.k, cache.v):                                        # (L, B, S, Hk, D)
         kv[:, rows, dst] = kv[:, rows, slots]                           # a gather: no overlap
+    cache.positions[rows, dst] = cache.positions[rows, slots]  # a sliding window reads them
     cache.lengths += K
     last = draft(y[:, -1:].clamp_max(draft.cfg.vocab_size - 1), cache)  # (B, 1, V): after y_K
     return torch.cat((logits, last[..., : logits.shape[-1]]), 1)
@@ -329,7 +330,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     (tokens per row per target verify), draft_wait_s and draft_lost (why, if lost)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, budget or (k + 1) * f
-    max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
+                                    draft=draft)
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     Vc = min(Vt, draft.vocab_size)  # ids past the common vocabulary are padding: q is cut to Vc
     gen = kernels.make_generator(seed, dev)

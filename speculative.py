@@ -165,7 +165,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, temperature
     prompts = harness.as_batch(prompt_ids)
     kernels.check_sampling(temperature, top_k, top_p)
     Vd, K = check_draft(target, draft, k), k
-    max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
+                                    draft=draft)
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     neural = not hasattr(draft, "propose")
     gen = kernels.make_generator(seed, dev)

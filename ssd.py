@@ -170,7 +170,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         raise ValueError("ssd.py drafts trees of speculations with a neural draft (a kernels.Model "
                          "with its own KV cache); a model-free proposer fits speculative.py.")
     fanout = fanout_list(f, K)
-    max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
+    max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
+                                    draft=draft)
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
     gen = kernels.make_generator(seed, dev)

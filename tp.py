@@ -223,10 +223,15 @@ def _rows(p: Plan, cfg) -> tuple:
 
 def _cut(linear: nn.Module, rows=None, cols=None) -> nn.Module:
     """A linear of the same kind (nn.Linear or kernels_cpu.PackedLinear) keeping these rows
-    of its weight (output features) or columns (input features)."""
+    of its weight (output features) or columns (input features). A column cut is a row-split
+    linear whose partial sums are all-reduced: its bias stays on rank 0 only (zeros elsewhere),
+    so the sum holds it once."""
     w, b = linear.weight, linear.bias
-    w = w[rows] if rows is not None else w[:, cols[0]:cols[1]]
-    b = b[rows] if (b is not None and rows is not None) else b
+    if rows is not None:
+        w, b = w[rows], (b[rows] if b is not None else None)
+    else:
+        w = w[:, cols[0]:cols[1]]
+        b = b if b is None or dist.get_rank() == 0 else torch.zeros_like(b)
     new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
     new.weight = nn.Parameter(w.contiguous(), requires_grad=False)
     if b is not None:
@@ -277,6 +282,8 @@ def read_shard(cfg: kernels.ModelConfig, files: list) -> tuple:
                     state[name] = t[rows[part][0]:rows[part][1]]
                 elif part in cols and kind == "weight":
                     state[name] = t[:, cols[part][0]:cols[part][1]]
+                elif part in cols:  # a row-split linear's bias: once in the all-reduced sum
+                    state[name] = t[:] if dist.get_rank() == 0 else torch.zeros_like(t[:])
                 else:
                     state[name] = t[:]
     return p.cfg, state

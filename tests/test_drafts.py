@@ -246,3 +246,18 @@ def test_int4_draft_runs_the_same_in_the_cpp_stack_and_in_pytorch():
     for s, f, e in zip(*fused_and_eager(draft, run)):
         torch.testing.assert_close(s, e, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+
+
+def test_self_draft_keeps_the_sliding_windows_of_the_layers_it_keeps():
+    """A draft cut from a target whose later layers slide (Qwen2's max_window_layers) keeps each
+    kept layer's window, in its layers and its config: with bits=32 and no layer skipped it
+    gives the target's logits past the window."""
+    target = tiny_model(seed=2, model_type="qwen2", num_hidden_layers=3, use_sliding_window=True,
+                        sliding_window=4, max_window_layers=1)
+    assert target.cfg.windows == (None, 4, 4)
+    cut = drafts.self_draft(target, bits=32, skip=(1,))
+    assert cut.cfg.windows == (None, 4) == tuple(b.window for b in cut.layers)
+    whole = drafts.self_draft(target, bits=32)
+    ids = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(whole(ids, whole.new_cache(1, 20)),
+                               target(ids, target.new_cache(1, 20)), atol=1e-4, rtol=1e-4)

@@ -107,14 +107,14 @@ def eager_cpu_reference(monkeypatch):
         monkeypatch.setattr(kernels_cpu, "CPU_KERNELS", "eager")
 
 
-def scaled_model(family, seed=0, head_dim=64, heads=4, kv_heads=2, vocab_size=256):
+def scaled_model(family, seed=0, head_dim=64, heads=4, kv_heads=2, vocab_size=256, **over):
     """A 2-layer random model of real head sizes, initialized so activations and logits stay
     ~N(0, 1) (std 1/sqrt(fan_in)): tolerances then mean the same in every family."""
     hidden = heads * head_dim
     cfg = kernels.ModelConfig.from_hf(tiny_config(
         family, vocab_size, hidden_size=hidden, num_attention_heads=heads,
         num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=2 * hidden,
-        max_position_embeddings=1024))
+        max_position_embeddings=1024, **over))
     g, model = torch.Generator().manual_seed(seed), kernels.Model(cfg)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -161,7 +161,11 @@ def test_flash_attn_imports_when_installed(record_property):
 
 
 FLASH_CASES = ([(f, dt, 64) for dt in (torch.bfloat16, torch.float16) for f in FAMILIES]
-               + [("llama", torch.bfloat16, 128), ("qwen3", torch.bfloat16, 128)])
+               + [("llama", torch.bfloat16, 128), ("qwen3", torch.bfloat16, 128)]
+               + [("mistral-window", torch.bfloat16, 64), ("qwen2-window", torch.bfloat16, 64)])
+WINDOWS = {"mistral-window": {"sliding_window": 8},  # flash-attn's window_size against the mask
+           "qwen2-window": {"use_sliding_window": True, "sliding_window": 8,
+                            "max_window_layers": 1}}
 
 
 @needs_flash
@@ -169,7 +173,8 @@ FLASH_CASES = ([(f, dt, 64) for dt in (torch.bfloat16, torch.float16) for f in F
                          ids=[f"{f}-{name(d)}-hd{h}" for f, d, h in FLASH_CASES])
 def test_flash_attention_equals_sdpa_for_prefill_decode_and_verify_with_ragged_rows(
         family, dtype, head_dim, record_property):
-    model = scaled_model(family, head_dim=head_dim).to(DEV, dtype)
+    model = scaled_model(family.split("-")[0], head_dim=head_dim, **WINDOWS.get(family, {}))
+    model = model.to(DEV, dtype)
     V, K, B = model.cfg.vocab_size, 4, 3
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 17, 33)]

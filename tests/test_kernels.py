@@ -3,6 +3,8 @@ import collections
 import os
 import shutil
 import copy
+import warnings
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -10,18 +12,23 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import harness
 import kernels
 import kernels_cpu
-from conftest import tiny_config, tiny_model
+from conftest import noisy_copy, tiny_config, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
-def hf_and_ours(model_type, **over):
-    """A random tiny transformers model of one family and our Model loaded from its weights."""
+def hf_and_ours(model_type, biases=0.0, **over):
+    """A random tiny transformers model of one family and our Model loaded from its weights
+    (`biases`: the spread of random biases; transformers starts them at zero)."""
     c = tiny_config(model_type, **over)
     c.pop("model_type")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **c),
                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, biases)
     ours = kernels.model_from_hf_state(kernels.ModelConfig.from_hf(hf.config), hf.state_dict())
     return hf, ours.eval()
 
@@ -45,6 +52,153 @@ def test_llama3_rope_scaling_equals_transformers():
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, ours.new_cache(1, 64)), hf(ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+# every config field ModelConfig.from_hf reads, each set away from its default; sequences of 40
+# tokens cross the windows of 8; initializer_range 0.3 makes a dropped term show in the logits
+FIELDS = {
+    "gqa": ("llama", {}),                                     # 4 query heads on 2 KV heads
+    "mha": ("llama", {"num_key_value_heads": 4}),
+    "head_dim": ("llama", {"head_dim": 16}),                  # not hidden_size / heads
+    "rms_norm_eps": ("llama", {"rms_norm_eps": 0.5}),
+    "rope_theta": ("qwen2", {"rope_theta": 50.0}),
+    "rope_linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 4.0,
+                                                  "rope_theta": 10000.0}}),
+    "tied": ("qwen3", {"tie_word_embeddings": True}),
+    "llama_attention_bias": ("llama", {"attention_bias": True}),      # q, k, v and o
+    "llama_mlp_bias": ("llama", {"mlp_bias": True}),                  # gate, up, down
+    "llama_both_biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "qwen2_qkv_bias": ("qwen2", {}),
+    "qwen3_attention_bias": ("qwen3", {"attention_bias": True}),
+    "mistral_window": ("mistral", {"sliding_window": 8}),
+    "mistral_no_window": ("mistral", {"sliding_window": None}),
+    "qwen2_window_all": ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
+                                   "max_window_layers": 0}),
+    "qwen2_window_layer_1": ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
+                                       "max_window_layers": 1}),
+    "qwen2_window_off": ("qwen2", {"use_sliding_window": False, "sliding_window": 8,
+                                   "max_window_layers": 0}),
+    "qwen3_layer_types": ("qwen3", {"use_sliding_window": True, "sliding_window": 8,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+}
+
+
+@pytest.mark.parametrize("case", FIELDS)
+def test_logits_equal_transformers_for_every_config_field(case):
+    """Prefill, then decode steps over the cache: transformers' logits, for each field."""
+    family, over = FIELDS[case]
+    hf, ours = hf_and_ours(family, biases=0.3, initializer_range=0.3, **over)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    cache = ours.new_cache(2, 48)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = [ours(ids[:, :30], cache)] + [ours(ids[:, i:i + 1], cache) for i in range(30, 40)]
+    torch.testing.assert_close(torch.cat(got, dim=1), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_sliding_window_holds_in_tree_drafting():
+    """A branch forked inside the trunk, in scratch slots far from its positions, deeper than
+    the window: the window counts positions, not slots (the branch decoded alone agrees)."""
+    model = tiny_model(seed=6, model_type="mistral", sliding_window=2)
+    prefix, fork, branch = [1, 2, 3, 4, 5, 6, 7, 8], 5, [20, 21, 22]
+    cache = model.new_cache(1, 16)
+    model.prefill([prefix], cache)
+    mask = torch.zeros(1, 3, 16, dtype=torch.bool)
+    mask[..., :fork] = True
+    for q in range(3):
+        mask[0, q, 8:9 + q] = True       # its own tokens, in slots 8, 9, 10
+    tree = model(torch.tensor([branch]), cache, positions=torch.tensor([[5, 6, 7]]),
+                 slots=torch.tensor([[8, 9, 10]]), mask=mask)
+    alone = model.new_cache(1, 16)
+    model.prefill([prefix[:fork]], alone)
+    torch.testing.assert_close(tree, model(torch.tensor([branch]), alone), atol=1e-5, rtol=1e-5)
+
+
+def test_config_fields_that_change_the_math_are_read_or_refused():
+    """Fields we do not model are refused by name; absent fields take the family's defaults."""
+    bad = {"hidden_act": "gelu", "rope_parameters": {"rope_type": "yarn", "factor": 2.0},
+           "layer_types": ["chunked_attention"] * 2}
+    for field, value in bad.items():
+        extra = {"use_sliding_window": True} if field == "layer_types" else {}
+        with pytest.raises(ValueError, match=field if field != "rope_parameters" else "yarn"):
+            kernels.ModelConfig.from_hf(tiny_config("qwen3", **{field: value}, **extra))
+    c = tiny_config("qwen3")
+    del c["head_dim"]
+    assert kernels.ModelConfig.from_hf(c).head_dim == 128                # Qwen3's default
+    c = tiny_config("mistral", max_position_embeddings=10000)
+    assert kernels.ModelConfig.from_hf(c).windows == (4096, 4096)        # Mistral's default
+
+
+def test_every_checkpoint_tensor_is_used_or_named():
+    """A tensor the config does not declare (a spare o_proj bias) or a half-fused set is an
+    error naming it; old checkpoints' rotary_emb.inv_freq buffers are skipped, as in
+    transformers."""
+    hf, _ = hf_and_ours("llama")
+    cfg = kernels.ModelConfig.from_hf(hf.config)
+    for spare in ("model.layers.0.self_attn.o_proj.bias", "model.layers.1.mlp.up_proj.bias",
+                  "lm_head.bias", "model.vision_tower.weight"):
+        state = dict(hf.state_dict(), **{spare: torch.zeros(3)})
+        with pytest.raises(ValueError, match=spare):
+            kernels.model_from_hf_state(cfg, state)
+    state = dict(hf.state_dict(), **{"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})
+    kernels.model_from_hf_state(cfg, state)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("stored", [True, False])
+def test_tied_and_stored_heads_load_as_transformers_loads_them(tmp_path, tied, stored):
+    """tie_word_embeddings x lm_head.weight in the checkpoint or not: transformers keeps a
+    stored head that differs from the embedding (with a warning) and ties otherwise; an untied
+    config without a head is refused (transformers would start a random head)."""
+    import json
+    from safetensors.torch import load_file, save_file
+    hf, _ = hf_and_ours("llama", initializer_range=0.3)
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=tied)))
+    state = load_file(tmp_path / "model.safetensors")
+    if not stored:
+        del state["lm_head.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    cfg = kernels.ModelConfig.from_hf(json.loads((tmp_path / "config.json").read_text()))
+    if not tied and not stored:
+        with pytest.raises(ValueError, match="head"):
+            kernels.model_from_hf_state(cfg, state)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = kernels.model_from_hf_state(cfg, state).eval()
+    assert any("lm_head" in str(w.message) for w in caught) == (tied and stored)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, ours.new_cache(1, 12)), ref(ids).logits,
+                                   atol=2e-4, rtol=1e-4)
+
+
+def test_a_sliding_window_checkpoint_loads_and_decodes_as_transformers(tmp_path, default_model):
+    """The issue's case end to end: a Mistral folder with sliding_window 8 (saved with the
+    default tokenizer) through load_model: logits past the window, and greedy SD (a noisy
+    draft) emitting transformers' greedy tokens."""
+    import speculative
+    from transformers import AutoTokenizer, MistralConfig
+    config = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, sliding_window=8, initializer_range=0.3)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(default_model.path).save_pretrained(tmp_path)
+    ours = kernels.load_model(str(tmp_path), device="cpu")
+    assert ours.cfg.windows == (8, 8)
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, ours.new_cache(1, 40)), hf(ids).logits,
+                                   atol=2e-4, rtol=1e-4)
+        want = hf.generate(ids[:, :12], max_new_tokens=20, do_sample=False)[0, 12:].tolist()
+    got, _ = speculative.generate(ours, ids[0, :12].tolist(), 20, eos=False, k=3,
+                                  draft=noisy_copy(ours, 0.05))
+    assert got[0] == want
 
 
 def test_logits_equal_transformers_on_default_model(default_model, default_prompts):
@@ -327,11 +481,16 @@ def fused_and_eager(model, run):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["llama_biases", "mistral_window"])
 def test_fused_cpu_layer_equals_eager_layer(family, dtype):
     """The C++ twins of Block.forward give the eager layer's logits (and KV cache) for every
-    kind of call: a ragged prefill, a decode step, a 5-token verify, a tree-masked call."""
-    model = tiny_model(seed=3, model_type=family, qkv_bias=family == "qwen2")
+    kind of call: a ragged prefill, a decode step, a 5-token verify, a tree-masked call; also
+    with o/MLP biases and with a sliding window (in the mask the Stack gets)."""
+    over = {"llama_biases": {"attention_bias": True, "mlp_bias": True},
+            "mistral_window": {"sliding_window": 4}}.get(family, {})
+    model = tiny_model(seed=3, model_type=family.split("_")[0], **over)
+    if family == "llama_biases":  # the packed kernels add the biases too
+        kernels_cpu.pack_linears(model)
     for name, p in model.named_parameters():  # norm weights away from 1: their product counts
         if "norm" in name:
             p.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))

@@ -294,13 +294,16 @@ def test_fast_backup_hit_rate_is_the_stationary_share_of_a_two_state_chain():
     assert est.speed("fast", 1) < rule(p_hit=0.85).speed("fast", 1)
 
 
+@pytest.mark.parametrize("window", [None, 2])
 @pytest.mark.parametrize("k_hit", [0, 1, 3])
-def test_reuse_branch_gives_the_glue_forward_s_logits_and_kv(k_hit):
+def test_reuse_branch_gives_the_glue_forward_s_logits_and_kv(k_hit, window):
     """After a hit on (k, t), copying the hit branch's KV into the trunk and running y_K alone
     (reuse_branch) leaves the draft exactly where a glue forward over t, y_1..y_K would: the
-    same glue logits, and the same logits for whatever comes next."""
+    same glue logits, and the same logits for whatever comes next; with a sliding window too
+    (the copied slots' positions travel with their KV)."""
     import ssd
-    draft, K, prefix = tiny_model(seed=8), 3, [1, 2, 3, 4, 5]
+    draft = tiny_model(seed=8, model_type="mistral" if window else "llama", sliding_window=window)
+    K, prefix = 3, [1, 2, 3, 4, 5]
     cache = draft.new_cache(1, 48)
     draft.prefill([prefix], cache)
     trunk = cache.lengths.clone()
@@ -888,6 +891,18 @@ def test_a_draft_still_reading_a_long_prompt_is_waited_for_not_lost():
         assert out == ref and stats["draft_lost"] is None and not caught, caught
         assert stats["backup_used"]["fast"] == 0
         assert stats["prefill_s"] >= 3.0, stats["prefill_s"]  # a lower bound: no timing luck
+
+
+def test_a_draft_with_a_shorter_context_than_the_request_is_refused_naming_both_limits():
+    """The draft process reports its draft's context: a request past it is refused, naming
+    the draft's limit (32) and the target's (256), before any round runs."""
+    close_worker()
+    target = tiny_model(0, vocab_size=64)
+    draft = tiny_model(1, vocab_size=64, max_position_embeddings=32)
+    with saguaro.DraftWorker(draft, target, threads=1) as worker:
+        assert worker.max_positions == 32
+        with pytest.raises(ValueError, match="draft's context of 32 .*target's is 256"):
+            saguaro.generate(target, list(range(1, 21)), 20, draft=worker, k=2, f=1)
 
 
 class DiesWhenUnpacked:

@@ -524,6 +524,19 @@ def test_missing_draft_and_bad_k_are_clear_errors():
         speculative.generate(target, [1, 2], 4, draft=object())
 
 
+def test_a_draft_with_a_shorter_context_than_the_request_is_refused_naming_both_limits():
+    """A draft whose max_position_embeddings (32) is below the target's (256) serves requests
+    that fit it, and refuses, naming both limits, the ones that would run it past them."""
+    import ssd
+    target = tiny_model(0, vocab_size=64)
+    draft = tiny_model(1, vocab_size=64, max_position_embeddings=32)
+    for mod in (speculative, ssd):
+        with pytest.raises(ValueError, match="draft's context of 32 .*target's is 256"):
+            mod.generate(target, list(range(1, 21)), 20, draft=draft, k=2)
+        tokens, _ = mod.generate(target, list(range(1, 21)), 12, draft=draft, k=2, eos=False)
+        assert len(tokens[0]) == 12
+
+
 def test_vocabulary_mismatches_are_clear_errors():
     target = tiny_model(0, vocab_size=64)
     with pytest.raises(ValueError, match="64 and 80 tokens"):

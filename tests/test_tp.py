@@ -37,7 +37,10 @@ FAMILIES = {  # name: (config changes, (query heads, KV heads) on rank 0 and on 
     "qwen2": ({}, [(2, 1), (2, 1)]), "qwen3": ({}, [(2, 1), (2, 1)]),
     "llama-kv-replicated": ({"num_key_value_heads": 1}, [(2, 1), (2, 1)]),  # 1 KV head, 2 ranks
     "llama-uneven": ({"num_attention_heads": 6, "num_key_value_heads": 3,  # as SmolLM2: 3 groups
-                      "intermediate_size": 63}, [(2, 1), (4, 2)])}        # MLP 31 + 32
+                      "hidden_size": 48, "intermediate_size": 63}, [(2, 1), (4, 2)]),  # MLP 31+32
+    "llama-biases": ({"attention_bias": True, "mlp_bias": True}, [(2, 1), (2, 1)]),  # o, down: once
+    "qwen2-window": ({"use_sliding_window": True, "sliding_window": 3,  # layer 1 slides
+                      "max_window_layers": 1}, [(2, 1), (2, 1)])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,6 +131,31 @@ def case_logits():
                         block.wqkv.weight.shape[0] == (c.num_heads + 2 * c.num_kv_heads) * 8
                         and block.w2.linear.weight.shape[1] == c.intermediate_size)
     return result
+
+
+def case_read_biases():
+    """Reading a rank's shard of a checkpoint with o and MLP biases (tp.read_shard), against the
+    whole model: the row-split linears' biases are added once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors.torch import save_file
+    from conftest import tiny_config
+    rank = join()
+    c = tiny_config("llama", attention_bias=True, mlp_bias=True, initializer_range=0.3)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(c.pop("model_type"), **c))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    file = os.path.join(sys.argv[2], f"checkpoint{rank}.safetensors")  # the test's tmp_path
+    save_file(state, file)
+    cfg = kernels.ModelConfig.from_hf(hf.config)
+    whole = kernels.model_from_hf_state(cfg, state).eval()
+    local, shard = tp.read_shard(cfg, [file])
+    sharded = tp.wrap(kernels.model_from_hf_state(local, shard).eval(), local)
+    want, got = logits_on(whole), logits_on(sharded)
+    return max(float((w - g).abs().max()) for w, g in zip(want, got))
 
 
 def case_greedy():
@@ -340,6 +368,11 @@ def test_tp2_logits_equal_tp1_for_prefill_decode_verify_and_tree_steps(tmp_path)
             assert diff <= 1e-5 * max(1.0, scale), (rank, family, diff)   # float32 rounding
             assert heads == FAMILIES[family][1][rank], family
             assert cut, family                              # this rank's rows and columns only
+
+
+def test_read_shard_adds_a_row_split_linear_s_bias_once(tmp_path):
+    for diff in ran("read_biases", tmp_path):
+        assert diff <= 1e-4, diff
 
 
 def test_greedy_ar_sd_ssd_on_a_tp2_target_equal_tp1(tmp_path):
