@@ -118,40 +118,123 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
                                                      + (1 - all_hit) * (1 + t_b))
 
 
+BUDGETS = (1, 2, 3, 4, 6, 8)   # the budgets B the auto rule weighs
+
+
 class Estimates(measure.Measurements):
     """The rules, run on what measure.py measures online (a, r, hit rates, latencies): the
-    fan-out schedules, Thm. 7's speed with each backup, and the backup for a batch."""
+    fan-out schedules, Thm. 7's speed with each backup, and the choices of the backup, the
+    budget B and Saguaro's C. budget, c: a number (fixed) or "auto" (chosen by the rules; the
+    budget in use starts at 1 and C at 1 until the rules have seen a round)."""
 
-    def __init__(self, K, budget, fan_out, backup):
+    def __init__(self, K, budget, fan_out, backup, c=1.0, vocab=None):
         super().__init__()
-        self.K, self.budget, self.fan_out, self.backup = K, budget, fan_out, backup
+        self.K, self.budget, self.fan_out, self.backup, self.c_rule = K, budget, fan_out, backup, c
+        self.B = 1 if budget == "auto" else budget         # the budget in use
+        self.c = 1.0 if c == "auto" else c                  # the C in use
+        self.budgets = [b for b in BUDGETS if vocab is None or b < vocab]
+        self.why = {"budget": f"--budget {budget}", "c": f"--saguaro-c {c}"}
 
     def p_hit(self, backup="jit"):
         """The long-run hit rate. JIT: every speculation is the draft's, p_d. Fast: a miss makes
         the next speculation a fast one, whose cache hits at p_f; the stationary hit share of
         that two-state chain is p_f / (1 - p_d + p_f)."""
-        p_d, p_f = self.hit_rate("draft"), self.hit_rate("fast")
+        return self._p_hit(self.hit_rate("draft"), self.hit_rate("fast"), backup)
+
+    @staticmethod
+    def _p_hit(p_d, p_f, backup):
         return p_d if backup != "fast" else p_f / (1 - p_d + p_f)
+
+    def schedule(self, budget, a):
+        """F_0..F_K for `budget` guesses over a speculation whose acceptance is a."""
+        if self.fan_out == "uniform":
+            return uniform_fan_out(budget, self.K)
+        return geometric_fan_out(budget, self.K, a, self.r())
 
     def fan_outs(self, backup):
         """(after a hit, after a miss): the cache built over a speculation bets on ITS outcome
         law, so the acceptance of whoever made that speculation sets the schedule."""
-        if self.fan_out == "uniform":
-            return uniform_fan_out(self.budget, self.K), uniform_fan_out(self.budget, self.K)
-        a_miss, r = self.a("fast" if backup == "fast" else "draft"), self.r()
-        return (geometric_fan_out(self.budget, self.K, self.a("draft"), r),
-                geometric_fan_out(self.budget, self.K, a_miss, r))
+        a_miss = self.a("fast" if backup == "fast" else "draft")
+        return self.schedule(self.B, self.a("draft")), self.schedule(self.B, a_miss)
+
+    def hit_model(self, budget, a):
+        """Thm. 12's objective: the hit rate of `budget` guesses spread by the schedule, with
+        P(k) = a^k (1 - a) (k < K), a^K (k = K) and the fitted miss curve c F^-r per outcome."""
+        K, fan = self.K, self.schedule(budget, a)
+        P = [a ** k * (1 - a) for k in range(K)] + [a ** K]
+        return sum(P_k * (1 - self.miss(F)) for P_k, F in zip(P, fan))
+
+    def t_p(self, budget=None):
+        """Seconds of the draft's build of a cache of `budget` branches per row: the glue plus
+        K tree steps at that width (measured cost line); budget None, or no tree timed yet:
+        the measured build's mean."""
+        verify = self.secs.get("verify", 1.0)
+        step = None if budget is None else self.tree_step(budget)
+        if step is None:
+            return self.secs.get("build", verify)
+        return self.secs.get("step", step) + self.K * step
+
+    def _speed(self, p_d, p_f, a_d, t_p, backup, batch):
+        """Thm. 7's prediction for a draft whose caches hit at p_d (p_f after a fast backup),
+        acceptance a_d and build time t_p (seconds); until the JIT backup has run, K draft
+        steps, one step ~ the glue forward, stand in for its latency."""
+        verify = self.secs.get("verify", 1.0)
+        t_b = (self.secs.get("jit", self.K * self.secs.get("step", t_p / (self.K + 1)))
+               if backup == "jit" else self.secs.get("fast", 0.0))
+        e_miss = expected_tokens(self.a("fast") if backup == "fast" else a_d, self.K)
+        return predicted_speedup(self._p_hit(p_d, p_f, backup), expected_tokens(a_d, self.K),
+                                 e_miss, t_p / verify, t_b / verify, batch)
 
     def speed(self, backup, batch):
-        """Thm. 7's prediction with these estimates (until the JIT backup has run, K draft steps,
-        one step ~ the glue forward, stand in for its latency)."""
-        verify = self.secs.get("verify", 1.0)
-        build = self.secs.get("build", verify)
-        t_b = (self.secs.get("jit", self.K * self.secs.get("step", build / (self.K + 1)))
-               if backup == "jit" else self.secs.get("fast", 0.0))
-        e_miss = expected_tokens(self.a("fast" if backup == "fast" else "draft"), self.K)
-        return predicted_speedup(self.p_hit(backup), expected_tokens(self.a("draft"), self.K),
-                                 e_miss, build / verify, t_b / verify, batch)
+        """Thm. 7's prediction at the budget and C in use, from the measured hit rates."""
+        return self._speed(self.hit_rate("draft"), self.hit_rate("fast"), self.a("draft"),
+                           self.t_p(), backup, batch)
+
+    def speed_at_budget(self, budget, backup, batch):
+        """Thm. 7's prediction at another budget: hit rates from the miss curve (hit_model),
+        the build from the tree step's cost line."""
+        return self._speed(self.hit_model(budget, self.a("draft")),
+                           self.hit_model(budget, self.a("fast")), self.a("draft"),
+                           self.t_p(budget), backup, batch)
+
+    def speed_at_c(self, c, backup, batch):
+        """Thm. 7's prediction had the draft sampled from q'_C: acceptance and the hit rate
+        from the shadow evaluation (measure.learn_c; at k = K the bonus comes from p, so the
+        miss curve gives its hit chance). None before any shadow round."""
+        alpha, held, full, n = self.shadow[c]
+        if n == 0:
+            return None
+        F_K = self.fan_outs(backup)[0][self.K]
+        p_d = held / n + full / n * (1 - self.miss(F_K))
+        return self._speed(p_d, self.hit_rate("fast"), alpha / n, self.t_p(self.B), backup, batch)
+
+    def choose_budget(self, backup, batch):
+        """The budget rule: the B of the highest predicted speed among the candidates (with
+        `backup`, at `batch` rows); a fixed --budget stays. Sets self.B; returns it."""
+        if self.budget != "auto" or not self.tree:  # no tree timed yet: nothing to weigh
+            return self.B
+        speeds = {b: self.speed_at_budget(b, backup, batch) for b in self.budgets}
+        self.B = max(speeds, key=speeds.get)
+        self.why["budget"] = f"b={batch}, {backup}: predicted " + ", ".join(
+            f"B={b} {v:.2f}x" for b, v in speeds.items())
+        return self.B
+
+    def choose_c(self, backup, batch, temperature):
+        """Saguaro sampling's rule: the C of the highest predicted speed among
+        measure.C_CANDIDATES (shadow evaluation); at temperature 0 q is one-hot and C changes
+        nothing: 1. A fixed --saguaro-c stays. Sets self.c; returns it."""
+        if self.c_rule != "auto":
+            return self.c
+        if temperature == 0:
+            self.c, self.why["c"] = 1.0, "temperature 0: q is one-hot, C changes nothing"
+            return self.c
+        speeds = {c: self.speed_at_c(c, backup, batch) for c in measure.C_CANDIDATES}
+        if None in speeds.values():
+            return self.c
+        self.c = max(speeds, key=speeds.get)
+        self.why["c"] = f"b={batch}, {backup}: predicted " + ", ".join(
+            f"C={c} {v:.2f}x" for c, v in speeds.items())
+        return self.c
 
     def choose_backup(self, batch, lost=None):
         """The batch-aware rule: the backup with the higher predicted speed at this batch size
@@ -179,6 +262,8 @@ class Estimates(measure.Measurements):
         per_row = (stats["new_tokens"] - batch) / batch             # the first came at prefill
         return dict(a=self.a("draft"), a_fast=self.a("fast"), r=self.r(), p_hit=self.p_hit(choice),
                     b_star=self.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
+                    budget=self.B, budget_why=self.why["budget"], saguaro_c=self.c,
+                    c_why=self.why["c"],
                     predicted_speedup=self.speed(choice, batch),
                     measured_speedup=per_row / verifies if verifies > 0 else None)
 
@@ -201,6 +286,22 @@ class DraftSide:
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.spec = self.glue = self.prefix = self.next = None
         self.build_s = self.glue_s = 0.0
+        self.tree_s = {w: self.time_tree(w) for w in start.time_widths} or None
+
+    def time_tree(self, width):
+        """Seconds of one tree step at `width` branches per row, timed once on a throwaway
+        tree at the trunk's end (its own coins: the draft's stream stays as it was); for the
+        budget rule before the loop has built trees of that width."""
+        first = self.trunk[:, None].new_zeros(len(self.trunk), width).long()
+        fork = self.cache.lengths[:, None].long().expand(-1, width)
+        q_fn, seconds = saguaro_q(self.sampling, 1.0, [0] * self.K), []
+        for _ in range(2):  # the faster of two: the first call may pay a one-off (a warm-up)
+            tick = time.perf_counter()
+            ssd.draft_branches(self.draft, self.cache, fork, first, self.K, q_fn,
+                               kernels.make_generator(0, self.draft.device), self.V)
+            kernels.sync(self.draft.device)
+            seconds.append((time.perf_counter() - tick) / self.K)
+        return min(seconds)
 
     def answer(self, msg: Round) -> Answer:
         """1) keep t0, x_1..x_k of the last glue (nothing before the first round, k = -1); 2) look
@@ -209,6 +310,7 @@ class DraftSide:
         already holds the KV and logits of t, y_1..y_{K-1} (the hit branch's scratch slots, or
         the trunk the JIT decoded into; not in a mixed batch): the glue reuses them."""
         dev, B, K = self.draft.device, len(msg.k), self.K
+        self.c = self.c if msg.c is None else msg.c   # the rule may move C between rounds
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
         forwards, jit_s, self.prefix = 1 + K, 0.0, None  # the build after this answer: glue + K
@@ -216,8 +318,10 @@ class DraftSide:
         hit, rank = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), -1, device=dev)
         y = torch.zeros(B, K, dtype=torch.long, device=dev)
         q = torch.zeros(B, K, self.V, device=dev)
+        logits_y = torch.zeros(B, K, self.V, device=dev)   # behind q: its plain q, for the shadow
         if self.S is not None:
             hit, y, q = self.S.lookup(k, t)
+            logits_y = self.S.logits[rows, self.S.find(k, t)[1]]
             rank = measure.bonus_rank(self.glue, self.spec, k, t)        # for r
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
             if bool(hit.all()):  # ssd's tree keeps branch n's step-j KV at base + j N + n
@@ -231,12 +335,18 @@ class DraftSide:
             tick = time.perf_counter()
             y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss)
             y, q = torch.where(hit[:, None], y, y_jit), torch.where(hit[:, None, None], q, q_jit)
+            logits_y = torch.where(hit[:, None, None], logits_y, logits)
             jit_s, forwards = timeline.span("jit", tick, "draft"), forwards + K
             in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
             self.prefix = (in_place, logits) if not bool(hit.any()) else None
         self.next = (t, y, source, msg.fan_hit, msg.fan_miss)
-        return Answer(source.cpu(), y.cpu(), rank.cpu(), None if self.sampling[0] == 0 else q,
-                      self.build_s, jit_s, self.glue_s, forwards)
+        greedy, width = self.sampling[0] == 0, 0 if self.S is None else self.S.keys.shape[1]
+        q_plain = (kernels.probs_from_logits(logits_y, *self.sampling)
+                   if msg.shadow and not greedy else None)
+        tree_s, self.tree_s = self.tree_s, None   # sent once
+        return Answer(source.cpu(), y.cpu(), rank.cpu(), None if greedy else q,
+                      self.build_s, jit_s, self.glue_s, forwards, width=width, tree_s=tree_s,
+                      q_plain=q_plain)
 
     def jit_draft(self, t, fanout):
         """The JIT backup: ssd's tree with one branch per row, forked at the trunk's end: its
@@ -318,12 +428,14 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
              backup="auto", budget=None, fast_backup=None):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
     DraftWorker, or what it takes (then one is started for this call; process options:
-    draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f);
-    saguaro_c: C; backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
+    draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f;
+    "auto": the budget rule, Estimates.choose_budget); saguaro_c: C ("auto": Estimates.choose_c);
+    backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
     (default drafts.fast_backup). seed: both processes' coins (reused worker: DraftWorker.reset).
     Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why,
-    b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7), measured_speedup
-    (tokens per row per target verify), draft_wait_s and draft_lost (why, if lost)."""
+    b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, budget and saguaro_c (in use at the end) with
+    budget_why and c_why (the rule's predicted speed per candidate), predicted_speedup (Thm. 7),
+    measured_speedup (tokens per row per target verify), draft_wait_s and draft_lost (why)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, budget or (k + 1) * f
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K)  # verify overshoot
@@ -333,7 +445,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
     fast = fast_backup or drafts.fast_backup(target, prompts)
     settings = (K, budget, fan_out, backup, B, temperature, top_k, top_p, saguaro_c)
-    est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup))  # learned
+    est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup, saguaro_c,
+                                                         Vc))  # learned, kept across calls
+    widths = est.budgets if budget == "auto" else [budget]
+    to_time = tuple(w for w in (widths[0], widths[-1]) if budget == "auto" and w not in est.tree)
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
                  cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,
@@ -343,8 +458,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 
     # 1) prefill: the target gives the first token; the draft reads the prompts too
     t0 = time.perf_counter()
-    draft.exchange(Start(prompts, K, Vc, max_len + 1 + K * budget, temperature, top_k, top_p,
-                         saguaro_c, seed))  # first: the draft prefills while the target does
+    draft.exchange(Start(prompts, K, Vc, max_len + 1 + K * max(widths), temperature, top_k,
+                         top_p, est.c, seed, time_widths=to_time))  # first: the draft prefills
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
     token = kernels.next_token(logits, temperature, top_k, top_p, gen).tolist()  # (B,)
@@ -367,11 +482,15 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         last = torch.tensor([r[-1] for r in rows], device=dev)
         live = ~torch.tensor(done)
         choice, stats["backup_why"] = est.choose_backup(int(live.sum()), draft.lost)
+        est.choose_budget(choice, int(live.sum()))      # NEW: B, C per round, from the estimates
+        c = est.choose_c(choice, int(live.sum()), temperature)
+        shadow = saguaro_c == "auto" and temperature > 0 and stats["target_calls"] % 4 == 1
         fan_hit, fan_miss = est.fan_outs(choice)
         asked = live & ((choice == "fast") | ((backup == "auto") & (live.cumsum(0) <= 4)))
         fast_tokens, fast_probs = serve_fast(fast, rows, asked, K, temperature, gen, Vt, est, stats)
         tick = time.perf_counter()
-        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens))
+        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens,
+                                      c, shadow))
         if answer is None:
             continue  # the draft was lost just now: this round again, all on the fast backup
         if answer.forwards:  # the draft's own answer (a lost draft's stand-in: no wait, no news)
@@ -429,6 +548,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
         est.learn_acceptance(p, draft_probs, live & ~from_fast, from_fast, asked & ~from_fast,
                              fast_probs.to(dev))
+        if answer.q_plain is not None:
+            est.learn_c(p, pad_vocab(answer.q_plain.to(dev), Vt), draft_tokens, fan_hit,
+                        live & ~from_fast)
         outcome, made = torch.tensor(n_accepted), source
         timeline.span("accept", tick)
     draft.exchange(End())
