@@ -589,7 +589,8 @@ def main():
                 args.max_new_tokens, trace=args.trace)
     tokens, stats = tp.led(run, target)
     harness.report(target, tokens, stats, "tau", "hit_rate", "a", "r", "fan_out_hit",
-                   "fan_out_miss", "backup_used", "backup_why", "predicted_speedup",
+                   "fan_out_miss", "backup_used", "backup_why", "budget", "budget_why",
+                   "saguaro_c", "c_why", "predicted_speedup",
                    "measured_speedup")  # both speedups: tokens per row per target verify
 
 
