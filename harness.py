@@ -207,12 +207,14 @@ def add_saguaro_args(parser, budget=None, backup="auto", saguaro_c=1.0) -> None:
     """saguaro's own flags, spelled once for saguaro.py and bench.py's saguaro row."""
     parser.add_argument("--budget", type=or_auto(positive_int), default=budget,
                         help="B, saguaro's guesses per row per round; None: (K+1) f; auto: "
-                             "the budget rule (the speed model's best B, per round)")
+                             "the budget rule (the speed model's best B, per round; like "
+                             "--backup auto it follows measured latencies)")
     parser.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"],
                         help="how B is spread over the outcomes k (geometric: Thm. 12)")
     parser.add_argument("--saguaro-c", type=or_auto(checked(float, check_saguaro_c)),
                         default=saguaro_c, help="Saguaro sampling factor C, in [0, 1]; auto: "
-                        "the speed model's best C, per round (1 at temperature 0)")
+                        "the speed model's best C, per round (1 at temperature 0; like "
+                        "--backup auto it follows measured latencies)")
     parser.add_argument("--backup", default=backup, choices=["auto", "jit", "fast"],
                         help="saguaro's backup on a miss. auto: the batch-aware rule, which "
                              "follows measured latencies, so at temperature > 0 one seed can "

@@ -25,7 +25,7 @@ speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k
 per round); new here: B = that budget, C = Saguaro's factor, r = the miss-curve exponent, a =
 acceptance, b = batch size (README glossary).
 
-    python saguaro.py --prompt "Write a haiku about cacti." --k 3 --budget 1 --backup jit
+    python saguaro.py --prompt "Write a haiku about cacti." --k 3   # B, C, backup: auto
     torchrun --nproc-per-node 4 saguaro.py --tp 4 --prompt "..."   # target on GPUs 0-3, draft on 4
 """
 import argparse
@@ -571,21 +571,23 @@ def main():
     harness.add_common_args(ap, tp=True)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--f", type=harness.positive_int, default=3, help="guesses per k: B = (K+1) f")
-    harness.add_saguaro_args(ap)
+    ap.add_argument("--f", type=harness.positive_int, default=None,
+                    help="guesses per k: B = (K+1) f, in place of the budget rule")
+    harness.add_saguaro_args(ap, budget="auto", saguaro_c="auto")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     args.threads, draft_threads = draft_process.split_threads(args.threads)
     target, _ = harness.load_models(args)  # --tp N: this rank's shard (tp.py)
     ids = kernels.encode_prompt(target, args.prompt)
+    budget = None if args.f and args.budget == "auto" else args.budget   # --f: B = (K+1) f
 
     def run(target):  # --tp N: on rank 0, beside the draft process, while the others follow
         with DraftWorker(args.draft, target, device=tp.draft_device(args, target),
                          threads=draft_threads, timeout_s=args.timeout) as w:
             return harness.after_warm_up(lambda n: generate(
-                target, ids, n, draft=w, k=args.k, f=args.f, fan_out=args.fan_out,
+                target, ids, n, draft=w, k=args.k, f=args.f or 3, fan_out=args.fan_out,
                 saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget),
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=budget),
                 args.max_new_tokens, trace=args.trace)
     tokens, stats = tp.led(run, target)
     harness.report(target, tokens, stats, "tau", "hit_rate", "a", "r", "fan_out_hit",
