@@ -24,6 +24,7 @@ class Measurements:
         self.hits = {"draft": [1.0, 2.0], "fast": [1.0, 2.0]}   # [hits, lookups] per proposer
         self.rank_counts, self.secs = torch.zeros(65), {}
         self.tree = {}    # width (branches per row) -> running mean seconds of one tree step
+        self.verify_at = {}   # budget B -> running mean seconds of a verify beside its build
         self.shadow = {c: [0.0, 0.0, 0.0, 0] for c in C_CANDIDATES}  # see learn_c
 
     def a(self, who) -> float:
@@ -36,11 +37,11 @@ class Measurements:
 
     def miss_curve(self):
         """(c, r) of 1 - p_hit(F) = c F^-r: a least-squares line in log-log over the fan-outs
-        a budget can give, F = 1..16 (up to the largest F some measured rank reached), on the
+        a budget can give, F = 1..32 (up to the largest F some measured rank reached), on the
         measured ranks plus one prior observation that follows F^-1. The prefactor c is fitted
         too, because the measured curves are not a pure power law (the paper's neither).
         r capped to [0.05, 8], c to (0, 1] (c is the miss at F = 1)."""
-        at_least = self.rank_counts.flip(0).cumsum(0).flip(0).double()[1:17]  # ranks >= F
+        at_least = self.rank_counts.flip(0).cumsum(0).flip(0).double()[1:33]  # ranks >= F
         top = max(2, int((at_least > 0).sum()))
         F = torch.arange(1, top + 1, dtype=torch.float64)
         x = F.log()
@@ -76,8 +77,7 @@ class Measurements:
     def learn_tree(self, width, seconds):
         """One tree step's seconds at `width` branches per row (the draft's build after its
         glue, over K steps; or the draft's timing of each width at its start)."""
-        self.time(("tree", width), seconds)
-        self.tree[width] = self.secs[("tree", width)]
+        self.tree[width] = 0.8 * self.tree.get(width, seconds) + 0.2 * seconds   # as time()
 
     def tree_step(self, width) -> float:
         """Seconds of one tree step at `width` branches per row: the least-squares line
@@ -90,6 +90,26 @@ class Measurements:
             return float(s[0])
         slope = ((w - w.mean()) * (s - s.mean())).sum() / ((w - w.mean()) ** 2).sum()
         return max(0.0, float(s.mean() + slope * (width - w.mean())))
+
+    def learn_verify(self, budget, seconds, keep=True):
+        """A verify's seconds while the draft built a cache of `budget` branches per row."""
+        if keep:
+            self.verify_at[budget] = 0.8 * self.verify_at.get(budget, seconds) + 0.2 * seconds
+
+    def verify_beside(self, budget) -> float:
+        """Seconds of a verify while the draft builds `budget` branches per row: the draft's
+        work slows the verify it runs beside (the processes contend for memory bandwidth and,
+        on a shared machine, for cores). Linear between the budgets measured, flat past them
+        (a budget beyond those tried is not charged a slowdown unseen: the rule tries it and
+        learns); the mean verify (1.0) before any."""
+        if not self.verify_at:
+            return self.secs.get("verify", 1.0)
+        below = max((b for b in self.verify_at if b <= budget), default=min(self.verify_at))
+        above = min((b for b in self.verify_at if b >= budget), default=max(self.verify_at))
+        if below == above:
+            return self.verify_at[below]
+        share = (budget - below) / (above - below)
+        return (1 - share) * self.verify_at[below] + share * self.verify_at[above]
 
     def learn_c(self, p, q, x, fanout, rows):
         """The shadow evaluation of Saguaro sampling's C: for each candidate C, what the round

@@ -118,7 +118,7 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
                                                      + (1 - all_hit) * (1 + t_b))
 
 
-BUDGETS = (1, 2, 3, 4, 6, 8)   # the budgets B the auto rule weighs
+BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)
 
 
 class Estimates(measure.Measurements):
@@ -174,11 +174,12 @@ class Estimates(measure.Measurements):
             return self.secs.get("build", verify)
         return self.secs.get("step", step) + self.K * step
 
-    def _speed(self, p_d, p_f, a_d, t_p, backup, batch):
+    def _speed(self, p_d, p_f, a_d, t_p, backup, batch, verify=None):
         """Thm. 7's prediction for a draft whose caches hit at p_d (p_f after a fast backup),
-        acceptance a_d and build time t_p (seconds); until the JIT backup has run, K draft
-        steps, one step ~ the glue forward, stand in for its latency."""
-        verify = self.secs.get("verify", 1.0)
+        acceptance a_d and build time t_p (seconds), in units of a verify of `verify` seconds
+        (default: the measured mean); until the JIT backup has run, K draft steps, one step ~
+        the glue forward, stand in for its latency."""
+        verify = verify or self.secs.get("verify", 1.0)
         t_b = (self.secs.get("jit", self.K * self.secs.get("step", t_p / (self.K + 1)))
                if backup == "jit" else self.secs.get("fast", 0.0))
         e_miss = expected_tokens(self.a("fast") if backup == "fast" else a_d, self.K)
@@ -192,10 +193,13 @@ class Estimates(measure.Measurements):
 
     def speed_at_budget(self, budget, backup, batch):
         """Thm. 7's prediction at another budget: hit rates from the miss curve (hit_model),
-        the build from the tree step's cost line."""
+        the build from the tree step's cost line; the verify beside that build
+        (verify_beside: the two processes contend), rescaled to the mean verify's units."""
+        verify = self.verify_beside(budget)
         return self._speed(self.hit_model(budget, self.a("draft")),
                            self.hit_model(budget, self.a("fast")), self.a("draft"),
-                           self.t_p(budget), backup, batch)
+                           self.t_p(budget), backup, batch, verify) * (
+                               self.secs.get("verify", verify) / verify)
 
     def speed_at_c(self, c, backup, batch):
         """Thm. 7's prediction had the draft sampled from q'_C: acceptance and the hit rate
@@ -448,7 +452,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup, saguaro_c,
                                                          Vc))  # learned, kept across calls
     widths = est.budgets if budget == "auto" else [budget]
-    to_time = tuple(w for w in (widths[0], widths[-1]) if budget == "auto" and w not in est.tree)
+    to_time = tuple(w for w in sorted({widths[0], widths[len(widths) // 2], widths[-1]})
+                    if budget == "auto" and w not in est.tree)   # the cost line's first points
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
                  cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,
@@ -523,6 +528,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         kernels.sync(dev)
         verify_s = timeline.span("verify", tick)
         est.time("verify", verify_s, keep=bool(outcome.min() >= 0))  # not a call's first
+        est.learn_verify(est.B, verify_s, keep=bool(outcome.min() >= 0))  # beside a B-tree
         stats["verify_s"] += verify_s
 
         # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at

@@ -415,6 +415,19 @@ def test_budget_rule_takes_one_guess_when_a_tree_step_is_expensive():
     assert fixed.choose_budget("jit", 1) == 3
 
 
+def test_budget_rule_charges_the_verify_the_draft_slows_beside_a_larger_tree():
+    """The two processes contend: a verify beside a big tree can take longer than beside a
+    small one. The speed model counts in verifies, so the rule must compare budgets with the
+    verify measured beside each (linear between those measured): a free tree that slows the
+    verify threefold is no longer worth it."""
+    est = budget_rule({1: 1e-4, 8: 1e-4}, r=3.0)
+    assert est.choose_budget("jit", 1) == max(saguaro.BUDGETS)   # no slowdown seen yet
+    est.learn_verify(1, 1.0)
+    est.learn_verify(max(saguaro.BUDGETS), 3.0)
+    assert est.choose_budget("jit", 1) < max(saguaro.BUDGETS)
+    assert est.verify_beside(1) == 1.0 and 1.0 < est.verify_beside(8) < 3.0
+
+
 def test_budget_rule_follows_the_batch_size():
     """In a batch any row's miss holds every row: P(all hit) = p_hit^b, so at a larger b a
     hit more is worth more and the chosen B never falls as b grows (the tree's cost, timed at
