@@ -25,6 +25,7 @@ class Measurements:
         self.rank_counts, self.secs = torch.zeros(65), {}
         self.tree = {}    # width (branches per row) -> running mean seconds of one tree step
         self.verify_at = {}   # budget B -> running mean seconds of a verify beside its build
+        self.hits_at = {}     # budget B -> [hits, lookups] of the draft's caches of B branches
         self.shadow = {c: [0.0, 0.0, 0.0, 0] for c in C_CANDIDATES}  # see learn_c
 
     def a(self, who) -> float:
@@ -153,10 +154,14 @@ class Measurements:
         self.acc["fast"][0] += float(torch.minimum(p[shadow, 0], q_shadow[shadow, 0]).sum())
         self.acc["fast"][1] += int(shadow.sum())
 
-    def learn_hit(self, hit, made_by_fast):
-        """One lookup of a cache built over a speculation made by the draft or the fast backup."""
+    def learn_hit(self, hit, made_by_fast, budget=None):
+        """One lookup of a cache built over a speculation made by the draft or the fast backup
+        (with `budget` branches per row, when known)."""
         counts = self.hits["fast" if made_by_fast else "draft"]
         counts[0], counts[1] = counts[0] + hit, counts[1] + 1
+        if budget and not made_by_fast:
+            at = self.hits_at.setdefault(budget, [1.0, 2.0])   # the same prior as above
+            at[0], at[1] = at[0] + hit, at[1] + 1
 
     def time(self, name, seconds, keep=True):
         """A latency in seconds into the running mean `name` (0.8 old + 0.2 new); keep=False

@@ -119,6 +119,7 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
 
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)
+MARGIN = 0.02   # how much faster another budget must be predicted to be taken
 
 
 class Estimates(measure.Measurements):
@@ -157,12 +158,20 @@ class Estimates(measure.Measurements):
         a_miss = self.a("fast" if backup == "fast" else "draft")
         return self.schedule(self.B, self.a("draft")), self.schedule(self.B, a_miss)
 
-    def hit_model(self, budget, a):
+    def hit_model(self, budget, a, anchor=False):
         """Thm. 12's objective: the hit rate of `budget` guesses spread by the schedule, with
-        P(k) = a^k (1 - a) (k < K), a^K (k = K) and the fitted miss curve c F^-r per outcome."""
+        P(k) = a^k (1 - a) (k < K), a^K (k = K) and the fitted miss curve c F^-r per outcome.
+        anchor: the model's miss rate scaled so that at the budget the draft's caches were
+        looked up most at, it equals the miss rate measured there (the model gives the shape
+        across budgets, the measurement its level)."""
         K, fan = self.K, self.schedule(budget, a)
         P = [a ** k * (1 - a) for k in range(K)] + [a ** K]
-        return sum(P_k * (1 - self.miss(F)) for P_k, F in zip(P, fan))
+        p_hit = sum(P_k * (1 - self.miss(F)) for P_k, F in zip(P, fan))
+        if not anchor or not self.hits_at:
+            return p_hit
+        b0, (hits, n) = max(self.hits_at.items(), key=lambda item: item[1][1])
+        miss0 = 1 - self.hit_model(b0, a)
+        return 1 - min(1.0, (1 - p_hit) * (1 - hits / n) / miss0) if miss0 > 0 else p_hit
 
     def t_p(self, budget=None):
         """Seconds of the draft's build of a cache of `budget` branches per row: the glue plus
@@ -192,14 +201,14 @@ class Estimates(measure.Measurements):
                            self.t_p(), backup, batch)
 
     def speed_at_budget(self, budget, backup, batch):
-        """Thm. 7's prediction at another budget: hit rates from the miss curve (hit_model),
-        the build from the tree step's cost line; the verify beside that build
-        (verify_beside: the two processes contend), rescaled to the mean verify's units."""
+        """Thm. 7's prediction at another budget, in tokens per row per second: hit rates from
+        the miss curve (hit_model), the build from the tree step's cost line, and the verify
+        beside that build (verify_beside: the two processes contend, so budgets are compared
+        in seconds, not in verifies of different lengths)."""
         verify = self.verify_beside(budget)
-        return self._speed(self.hit_model(budget, self.a("draft")),
+        return self._speed(self.hit_model(budget, self.a("draft"), anchor=True),
                            self.hit_model(budget, self.a("fast")), self.a("draft"),
-                           self.t_p(budget), backup, batch, verify) * (
-                               self.secs.get("verify", verify) / verify)
+                           self.t_p(budget), backup, batch, verify) / verify
 
     def speed_at_c(self, c, backup, batch):
         """Thm. 7's prediction had the draft sampled from q'_C: acceptance and the hit rate
@@ -214,13 +223,16 @@ class Estimates(measure.Measurements):
 
     def choose_budget(self, backup, batch):
         """The budget rule: the B of the highest predicted speed among the candidates (with
-        `backup`, at `batch` rows); a fixed --budget stays. Sets self.B; returns it."""
+        `backup`, at `batch` rows), if it beats the budget in use by MARGIN (the estimates
+        are noisy: no switching on noise); a fixed --budget stays. Sets self.B; returns it."""
         if self.budget != "auto" or not self.tree:  # no tree timed yet: nothing to weigh
             return self.B
         speeds = {b: self.speed_at_budget(b, backup, batch) for b in self.budgets}
-        self.B = max(speeds, key=speeds.get)
-        self.why["budget"] = f"b={batch}, {backup}: predicted " + ", ".join(
-            f"B={b} {v:.2f}x" for b, v in speeds.items())
+        best = max(speeds, key=speeds.get)
+        if speeds[best] > (1 + MARGIN) * speeds.get(self.B, 0.0):
+            self.B = best
+        self.why["budget"] = f"b={batch}, {backup}: predicted tokens/s per row " + ", ".join(
+            f"B={b} {v:.3g}" for b, v in speeds.items())
         return self.B
 
     def choose_c(self, backup, batch, temperature):
@@ -325,7 +337,8 @@ class DraftSide:
         logits_y = torch.zeros(B, K, self.V, device=dev)   # behind q: its plain q, for the shadow
         if self.S is not None:
             hit, y, q = self.S.lookup(k, t)
-            logits_y = self.S.logits[rows, self.S.find(k, t)[1]]
+            if msg.shadow:
+                logits_y = self.S.logits[rows, self.S.find(k, t)[1]]
             rank = measure.bonus_rank(self.glue, self.spec, k, t)        # for r
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
             if bool(hit.all()):  # ssd's tree keeps branch n's step-j KV at base + j N + n
@@ -550,7 +563,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             if not draft.lost and k_last[b] >= 0:  # the first round had no cache to hit
                 stats["lookups_by_k"][k_last[b]] += 1
                 stats["hits_by_k"][k_last[b]] += hit[b]
-                est.learn_hit(hit[b], made[b] == FAST)
+                est.learn_hit(hit[b], made[b] == FAST, answer.width)
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
         est.learn_acceptance(p, draft_probs, live & ~from_fast, from_fast, asked & ~from_fast,
                              fast_probs.to(dev))

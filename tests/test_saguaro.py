@@ -428,14 +428,30 @@ def test_budget_rule_charges_the_verify_the_draft_slows_beside_a_larger_tree():
     assert est.verify_beside(1) == 1.0 and 1.0 < est.verify_beside(8) < 3.0
 
 
+def test_budget_rule_anchors_the_miss_curve_where_it_measured_hits():
+    """The fitted curve gives the shape across budgets, the hit rate measured at the budget
+    in use its level: a cache of B = 1 that always hit leaves a larger tree nothing to win,
+    so the rule keeps B = 1 even where the tree would be hidden under the verify (without the
+    measurement, the curve's prior alone promises hits from more guesses)."""
+    est = budget_rule({1: 0.05, 8: 0.2}, a=0.97)
+    assert est.choose_budget("jit", 1) > 1   # the curve alone: more guesses, more hits
+    est.B = 1
+    for _ in range(1000):
+        est.learn_hit(True, False, 1)
+    assert est.hit_model(1, est.a("draft"), anchor=True) == pytest.approx(1001 / 1002)
+    assert est.choose_budget("jit", 1) == 1
+    assert est.hit_model(1, est.a("draft")) < 0.95   # the model alone, unanchored
+
+
 def test_budget_rule_follows_the_batch_size():
-    """In a batch any row's miss holds every row: P(all hit) = p_hit^b, so at a larger b a
-    hit more is worth more and the chosen B never falls as b grows (the tree's cost, timed at
-    the call's rows, stays); as rows finish the rule re-chooses with the live rows' b."""
-    est = budget_rule({1: 0.05, 8: 0.6}, r=0.8)
-    chosen = [est.choose_budget("jit", b) for b in (1, 2, 4)]
-    assert chosen == sorted(chosen) and chosen[0] < chosen[-1], chosen
-    assert est.why["budget"].startswith("b=4, jit: predicted")
+    """In a batch any row's miss holds every row: P(all hit) = p_hit^b. A tree worth its
+    cost at b = 1 buys almost no miss-free round at b = 8, where the rule keeps one guess; as
+    rows finish, the loop asks again with the live rows' b."""
+    est = budget_rule({1: 0.05, 8: 0.3})
+    assert est.choose_budget("jit", 1) > 1
+    est.B = 1
+    assert est.choose_budget("jit", 8) == 1
+    assert est.why["budget"].startswith("b=8, jit: predicted tokens/s")
 
 
 def shadow_by_hand(p, q, x, F, c):
