@@ -8,6 +8,8 @@ against its width among them) and, for Saguaro sampling's C, what each candidate
 (a shadow evaluation on the p and q rows of each verify). This file measures them; the rules
 stay in saguaro.py (its Estimates extend Measurements).
 """
+import statistics
+
 import torch
 
 C_CANDIDATES = (1.0, 0.7, 0.5, 0.3)   # Saguaro's C the auto rule weighs (C > 0: q is recoverable)
@@ -26,6 +28,7 @@ class Measurements:
         self.tree = {}    # width (branches per row) -> running mean seconds of one tree step
         self.verify_at = {}   # budget B -> running mean seconds of a verify beside its build
         self.hits_at = {}     # budget B -> [hits, lookups] of the draft's caches of B branches
+        self.ranks_seen, self.curve = 0, (None, None)   # the fit (c, r) at ranks_seen ranks
         self.shadow = {c: [0.0, 0.0, 0.0, 0] for c in C_CANDIDATES}  # see learn_c
 
     def a(self, who) -> float:
@@ -42,6 +45,8 @@ class Measurements:
         measured ranks plus one prior observation that follows F^-1. The prefactor c is fitted
         too, because the measured curves are not a pure power law (the paper's neither).
         r capped to [0.05, 8], c to (0, 1] (c is the miss at F = 1)."""
+        if self.curve[0] == self.ranks_seen:  # the rules ask many times a round: fit once
+            return self.curve[1]
         at_least = self.rank_counts.flip(0).cumsum(0).flip(0).double()[1:33]  # ranks >= F
         top = max(2, int((at_least > 0).sum()))
         F = torch.arange(1, top + 1, dtype=torch.float64)
@@ -49,7 +54,9 @@ class Measurements:
         y = ((at_least[:top] + F ** -1.0) / (self.rank_counts.sum() + 1)).log()
         slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
         r = float((-slope).clamp(0.05, 8.0))
-        return min(1.0, float((y.mean() + r * x.mean()).exp())), r
+        fit = min(1.0, float((y.mean() + r * x.mean()).exp())), r
+        self.curve = (self.ranks_seen, fit)
+        return fit
 
     def r(self) -> float:
         """The miss curve's exponent r (miss_curve)."""
@@ -65,6 +72,7 @@ class Measurements:
         seconds of a tree step at the width its build used (and at the widths it timed once)."""
         for rank in answer.rank[live & (answer.rank >= 0)].tolist():
             self.rank_counts[min(rank, 64)] += 1
+            self.ranks_seen += 1
         if not first_round:  # the first round had no cache built before it
             self.time("build", answer.build_s)
             self.time("step", answer.glue_s)
@@ -83,14 +91,10 @@ class Measurements:
     def tree_step(self, width) -> float:
         """Seconds of one tree step at `width` branches per row: the least-squares line
         s_0 + s_1 width through the widths measured (one width: its own time; none: None)."""
-        if not self.tree:
-            return None
-        w = torch.tensor(list(self.tree), dtype=torch.float64)
-        s = torch.tensor(list(self.tree.values()), dtype=torch.float64)
-        if len(w) == 1:
-            return float(s[0])
-        slope = ((w - w.mean()) * (s - s.mean())).sum() / ((w - w.mean()) ** 2).sum()
-        return max(0.0, float(s.mean() + slope * (width - w.mean())))
+        if len(self.tree) < 2:
+            return next(iter(self.tree.values()), None)
+        slope, intercept = statistics.linear_regression(list(self.tree), list(self.tree.values()))
+        return max(0.0, intercept + slope * width)
 
     def learn_verify(self, budget, seconds, keep=True):
         """A verify's seconds while the draft built a cache of `budget` branches per row."""
