@@ -119,7 +119,7 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
 
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)
-MARGIN = 0.02   # how much faster another budget must be predicted to be taken
+MARGIN = 0.05   # how much faster another budget must be predicted to be taken (model error)
 
 
 class Estimates(measure.Measurements):
