@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-C_CANDIDATES = (1.0, 0.7, 0.5, 0.3)   # Saguaro's C the auto rule weighs (C > 0: q is recoverable)
+C_CANDIDATES = (1.0, 0.7, 0.5, 0.3)   # Saguaro's C the auto rule weighs
 
 
 class Measurements:
@@ -77,7 +77,8 @@ class Measurements:
             self.time("build", answer.build_s)
             self.time("step", answer.glue_s)
             if answer.width:  # the build's tree: K steps of `width` branches per row
-                self.learn_tree(answer.width, (answer.build_s - answer.glue_s) / answer.tokens.shape[1])
+                K = answer.tokens.shape[1]
+                self.learn_tree(answer.width, (answer.build_s - answer.glue_s) / K)
         for width, seconds in (answer.tree_s or {}).items():
             self.learn_tree(width, seconds)
         if answer.jit_s > 0:

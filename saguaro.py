@@ -567,7 +567,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
         est.learn_acceptance(p, draft_probs, live & ~from_fast, from_fast, asked & ~from_fast,
                              fast_probs.to(dev))
-        if answer.q_plain is not None:
+        if answer.q_plain is not None:  # the shadow of C; a cached q' may date from an older
+            # schedule than fan_hit, which stands in for it (an estimate, not the law)
             est.learn_c(p, pad_vocab(answer.q_plain.to(dev), Vt), draft_tokens, fan_hit,
                         live & ~from_fast)
         outcome, made = torch.tensor(n_accepted), source
