@@ -127,23 +127,27 @@ class Measurements:
         that the round ends at k < K with a bonus the cache holds (the residual
         max(0, p - q')'s mass on the top-F_k tokens but x_{k+1}) and the chance of k = K."""
         K = q.shape[1]
-        p, q, x = p[rows].double(), q[rows].double(), x[rows]
+        p, q, x = p[rows].float(), q[rows].float(), x[rows]
         if len(x) == 0:
             return
-        for c, sums in self.shadow.items():
-            alpha, held = torch.zeros(len(x), K), torch.zeros(len(x), K)
-            for j in range(K):
-                top = q[:, j].topk(min(fanout[j] + 1, q.shape[-1]), dim=-1).indices
+        alpha = {c: torch.zeros(len(x), K) for c in self.shadow}
+        held = {c: torch.zeros(len(x), K) for c in self.shadow}
+        for j in range(K):
+            top = q[:, j].topk(min(fanout[j] + 1, q.shape[-1]), dim=-1).indices  # scaled by C
+            bet = top.clone()
+            bet[top == x[:, j:j + 1]] = -1         # the cache's bets: the top but x_{j+1}
+            for c in self.shadow:
                 qc = q[:, j].scatter(-1, top, q[:, j].gather(-1, top) * c)
                 qc = qc / qc.sum(-1, keepdim=True).clamp_min(1e-30)
-                alpha[:, j] = torch.minimum(p[:, j], qc).sum(-1)
+                alpha[c][:, j] = torch.minimum(p[:, j], qc).sum(-1)
                 residual = (p[:, j] - qc).clamp_min(0)
-                bet = torch.zeros_like(residual).scatter(-1, top, 1.0)
-                bet.scatter_(-1, x[:, j:j + 1], 0.0)
-                held[:, j] = (residual * bet).sum(-1) / residual.sum(-1).clamp_min(1e-30)
-            before = torch.cat((torch.ones(len(x), 1), alpha.cumprod(1)), 1)   # P(k >= j)
-            sums[0] += float(alpha.sum()) / K
-            sums[1] += float((before[:, :K] * (1 - alpha) * held).sum())
+                on_bets = torch.where(bet >= 0, residual.gather(-1, bet.clamp_min(0)), 0.0)
+                held[c][:, j] = on_bets.sum(-1) / residual.sum(-1).clamp_min(1e-30)
+        for c, sums in self.shadow.items():
+            alpha_c, held_c = alpha[c], held[c]
+            before = torch.cat((torch.ones(len(x), 1), alpha_c.cumprod(1)), 1)  # P(k >= j)
+            sums[0] += float(alpha_c.sum()) / K
+            sums[1] += float((before[:, :K] * (1 - alpha_c) * held_c).sum())
             sums[2] += float(before[:, K].sum())
             sums[3] += len(x)
 
