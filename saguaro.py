@@ -222,15 +222,18 @@ class Estimates(measure.Measurements):
         return self._speed(p_d, self.hit_rate("fast"), alpha / n, self.t_p(self.B), backup, batch)
 
     def choose_budget(self, backup, batch):
-        """The budget rule: the B of the highest predicted speed among the candidates (with
-        `backup`, at `batch` rows), if it beats the budget in use by MARGIN (the estimates
-        are noisy: no switching on noise); a fixed --budget stays. Sets self.B; returns it."""
+        """The budget rule: if the candidate B of the highest predicted speed (with `backup`,
+        at `batch` rows) beats the budget in use by MARGIN (the estimates are noisy: no
+        switching on noise), move one candidate towards it, so that what each budget costs
+        beside the verify is measured before the next step. A fixed --budget stays. Sets
+        self.B; returns it."""
         if self.budget != "auto" or not self.tree:  # no tree timed yet: nothing to weigh
             return self.B
         speeds = {b: self.speed_at_budget(b, backup, batch) for b in self.budgets}
         best = max(speeds, key=speeds.get)
         if speeds[best] > (1 + MARGIN) * speeds.get(self.B, 0.0):
-            self.B = best
+            i = min(range(len(self.budgets)), key=lambda i: abs(self.budgets[i] - self.B))
+            self.B = self.budgets[i + (1 if best > self.B else -1)] if best != self.B else best
         self.why["budget"] = f"b={batch}, {backup}: predicted tokens/s per row " + ", ".join(
             f"B={b} {v:.3g}" for b, v in speeds.items())
         return self.B

@@ -395,21 +395,38 @@ def budget_rule(tree, verify=1.0, a=0.8, r=1.0, batch=1):
     return est
 
 
-def test_budget_rule_takes_the_largest_budget_when_the_tree_is_free():
+def settle(est, backup="jit", batch=1):
+    """The budget rule asked round after round with these estimates: it moves one candidate
+    a round, towards the best predicted; returns where it stays (and the steps it took)."""
+    steps = [est.B]
+    for _ in saguaro.BUDGETS:
+        steps.append(est.choose_budget(backup, batch))
+    return est.B, steps
+
+
+def test_budget_rule_climbs_to_the_largest_budgets_when_the_tree_is_free():
     """A tree step that costs (next to) nothing at any width: every guess more is a hit more
-    at no cost, so the rule takes the largest candidate B, and says what it weighed."""
-    est = budget_rule({1: 1e-4, 8: 1e-4}, r=3.0)
-    assert est.choose_budget("jit", 1) == max(saguaro.BUDGETS) == est.B
-    assert all(f"B={b}" in est.why["budget"] for b in saguaro.BUDGETS)
-    speeds = [est.speed_at_budget(b, "jit", 1) for b in saguaro.BUDGETS]
-    assert speeds == sorted(speeds)   # more guesses, more hits, same time
+    at no cost, so the best predicted budget is the largest; the rule climbs there one
+    candidate a round (each step measured) and stops where the next promises less than
+    MARGIN more; and says what it weighed."""
+    for r in (0.5, 3.0):   # a shallow miss curve (every guess counts) and a steep one
+        est = budget_rule({1: 1e-4, 8: 1e-4}, r=r)
+        speeds = [est.speed_at_budget(b, "jit", 1) for b in saguaro.BUDGETS]
+        assert speeds == sorted(speeds)   # more guesses, more hits, same time
+        assert est.choose_budget("jit", 1) == 2
+        B, steps = settle(est)
+        assert steps == sorted(steps) and B > (8 if r < 1 else 1), steps
+        assert est.speed_at_budget(B, "jit", 1) * (1 + saguaro.MARGIN) >= speeds[-1]
+        assert all(f"B={b}" in est.why["budget"] for b in saguaro.BUDGETS)
 
 
 def test_budget_rule_takes_one_guess_when_a_tree_step_is_expensive():
     """A tree step whose cost grows with its width past what a verify hides: B = 1."""
     est = budget_rule({1: 0.2, 8: 1.6})
     assert est.tree_step(4) == pytest.approx(0.2 + 3 * 0.2)   # the cost line through both
-    assert est.choose_budget("jit", 1) == 1
+    assert settle(est)[0] == 1
+    est.B = 8
+    assert settle(est)[0] == 1   # and from a larger budget, back down
     fixed = budget_rule({1: 1e-4, 8: 1e-4})
     fixed.budget = fixed.B = 3   # a fixed --budget stays whatever the model says
     assert fixed.choose_budget("jit", 1) == 3
@@ -420,11 +437,11 @@ def test_budget_rule_charges_the_verify_the_draft_slows_beside_a_larger_tree():
     small one. The speed model counts in verifies, so the rule must compare budgets with the
     verify measured beside each (linear between those measured): a free tree that slows the
     verify threefold is no longer worth it."""
-    est = budget_rule({1: 1e-4, 8: 1e-4}, r=3.0)
-    assert est.choose_budget("jit", 1) == max(saguaro.BUDGETS)   # no slowdown seen yet
+    est = budget_rule({1: 1e-4, 8: 1e-4}, r=0.5)
+    assert settle(est)[0] >= 12   # no slowdown seen yet
     est.learn_verify(1, 1.0)
     est.learn_verify(max(saguaro.BUDGETS), 3.0)
-    assert est.choose_budget("jit", 1) < max(saguaro.BUDGETS)
+    assert settle(est)[0] < 12
     assert est.verify_beside(1) == 1.0 and 1.0 < est.verify_beside(8) < 3.0
 
 
@@ -434,12 +451,12 @@ def test_budget_rule_anchors_the_miss_curve_where_it_measured_hits():
     so the rule keeps B = 1 even where the tree would be hidden under the verify (without the
     measurement, the curve's prior alone promises hits from more guesses)."""
     est = budget_rule({1: 0.05, 8: 0.2}, a=0.97)
-    assert est.choose_budget("jit", 1) > 1   # the curve alone: more guesses, more hits
+    assert settle(est)[0] > 1   # the curve alone: more guesses, more hits
     est.B = 1
     for _ in range(1000):
         est.learn_hit(True, False, 1)
     assert est.hit_model(1, est.a("draft"), anchor=True) == pytest.approx(1001 / 1002)
-    assert est.choose_budget("jit", 1) == 1
+    assert settle(est)[0] == 1
     assert est.hit_model(1, est.a("draft")) < 0.95   # the model alone, unanchored
 
 
@@ -448,9 +465,9 @@ def test_budget_rule_follows_the_batch_size():
     cost at b = 1 buys almost no miss-free round at b = 8, where the rule keeps one guess; as
     rows finish, the loop asks again with the live rows' b."""
     est = budget_rule({1: 0.05, 8: 0.3})
-    assert est.choose_budget("jit", 1) > 1
+    assert settle(est)[0] > 1
     est.B = 1
-    assert est.choose_budget("jit", 8) == 1
+    assert settle(est, batch=8)[0] == 1
     assert est.why["budget"].startswith("b=8, jit: predicted tokens/s")
 
 
