@@ -47,7 +47,8 @@ class Measurements:
         r capped to [0.05, 8], c to (0, 1] (c is the miss at F = 1)."""
         if self.curve[0] == self.ranks_seen:  # the rules ask many times a round: fit once
             return self.curve[1]
-        at_least = self.rank_counts.flip(0).cumsum(0).flip(0).double()[1:33]  # ranks >= F
+        tail = self.rank_counts.flip(0).cumsum(0).flip(0).double()   # [F]: ranks >= F
+        at_least = tail[1:33]
         top = max(2, int((at_least > 0).sum()))
         F = torch.arange(1, top + 1, dtype=torch.float64)
         x = F.log()
@@ -55,7 +56,7 @@ class Measurements:
         slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
         r = float((-slope).clamp(0.05, 8.0))
         fit = min(1.0, float((y.mean() + r * x.mean()).exp())), r
-        self.curve = (self.ranks_seen, fit)
+        self.curve = (self.ranks_seen, fit, tail.tolist())
         return fit
 
     def r(self) -> float:
@@ -63,9 +64,15 @@ class Measurements:
         return self.miss_curve()[1]
 
     def miss(self, F: int) -> float:
-        """1 - p_hit(F) for F guesses at one outcome, from the fitted curve (F = 0: 1)."""
+        """1 - p_hit(F) for F guesses at one outcome: the share of measured ranks >= F, with
+        the fit's prior observation (F^-1); past the ranks counted, the fitted curve c F^-r.
+        The budgets' fan-outs are small F, where a line in log-log misses the curve's bend:
+        there the ranks themselves say it (F = 0: 1)."""
         c, r = self.miss_curve()
-        return 1.0 if F < 1 else min(1.0, c * F ** -r)
+        if F < 1 or F > 64:
+            return 1.0 if F < 1 else min(1.0, c * F ** -r)
+        tail = self.curve[2]
+        return min(1.0, (tail[F] + F ** -1.0) / (tail[0] + 1))
 
     def learn_from_draft(self, answer, live, first_round):
         """The draft process's Answer: ranks of the true bonus (for r), its latencies, the
