@@ -233,7 +233,7 @@ class Estimates(measure.Measurements):
         best = max(speeds, key=speeds.get)
         if speeds[best] > (1 + MARGIN) * speeds.get(self.B, 0.0):
             i = min(range(len(self.budgets)), key=lambda i: abs(self.budgets[i] - self.B))
-            self.B = self.budgets[i + (1 if best > self.B else -1)] if best != self.B else best
+            self.B = self.budgets[i + (1 if best > self.B else -1)]
         self.why["budget"] = f"b={batch}, {backup}: predicted tokens/s per row " + ", ".join(
             f"B={b} {v:.3g}" for b, v in speeds.items())
         return self.B
