@@ -210,6 +210,8 @@ def summarize(results, args):
             used = {b: sum(r["backup_used"][b] for r in runs) for b in runs[0]["backup_used"]}
             row["backup"] = ", ".join(f"{b} {n}" for b, n in used.items())
             row["backup_why"] = runs[-1]["backup_why"]
+            for key in ("budget", "budget_why", "saguaro_c", "c_why"):  # the rules' last word
+                row[key] = runs[-1][key]
         hits = sum(r["cache_hits"] for r in runs)
         misses = sum(r["cache_misses"] for r in runs)
         if hits + misses:
@@ -326,6 +328,7 @@ def conditions(args, target, draft, prompts):
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "k": args.k, "saguaro_k": args.saguaro_k or args.k, "f": args.f,
             "budget": args.budget if "saguaro" in args.methods else None,
+            "saguaro_c": args.saguaro_c if "saguaro" in args.methods else None,
             "backup": args.backup if "saguaro" in args.methods else None,
             "torch": torch.__version__}
 
@@ -362,6 +365,8 @@ def print_table(table, cond, acc=None, sol=None):
                           f"time; medians), p_hit {f2(row['p_hit'])}, a {f2(row['a'])}, r "
                           f"{f2(row['r'])}; backups (row-rounds) {row['backup']}; rule: "
                           f"{row['backup_why']}")
+            console.print(f"{name}: budget B = {row['budget']} ({row['budget_why']}); C = "
+                          f"{row['saguaro_c']} ({row['c_why']})")
     for label, a in (acc or {}).items():
         fmt_x = lambda v: "-" if v is None else f"{v:.2f}x"
         console.print(f"saguaro, {label.replace('_', ' ')} accounting (ar/sd on "
@@ -470,8 +475,9 @@ def main(argv=None):
                     help="prompts per generate call")
     # saguaro's defaults fit the built-in pair on a 2-core CPU, one core per process: the
     # draft must build its cache within one verify, so a small tree: one guess (B = 1) on
-    # "all accepted", and a miss served by the draft itself (jit). README: the runs.
-    harness.add_saguaro_args(ap, budget=1, backup="jit")
+    # "all accepted", and a miss served by the draft itself (jit). C follows its rule (1 at
+    # temperature 0); --budget auto lets the budget rule choose B too. README: the runs.
+    harness.add_saguaro_args(ap, budget=1, backup="jit", saguaro_c="auto")
     ap.add_argument("--saguaro-k", type=harness.positive_int, default=None,
                     help="K for the saguaro row; None: --k. Its draft process must build "
                          "K + 1 forwards within one verify, which a slow draft may not")

@@ -62,6 +62,7 @@ class Start:
     c: float               # Saguaro's C
     seed: int
     trace: bool = False    # record the draft's spans (timeline.py): set by exchange()
+    time_widths: tuple = ()  # tree widths (branches per row) to time once, before the first answer
 
 
 @dataclasses.dataclass
@@ -73,6 +74,8 @@ class Round:
     fan_hit: list          # F_0..F_K for caches built after a hit
     fan_miss: list         # ... after a miss
     fast: torch.Tensor = None  # (B, K) the fast backup's speculation, for the rows that miss
+    c: float = None        # Saguaro's C for this round's drafting (None: the Start's)
+    shadow: bool = False   # send the plain q of the answer too (measure.learn_c's shadow of C)
 
 
 HIT, JIT, FAST = 0, 1, 2   # Answer.source: where a row's next speculation comes from
@@ -89,6 +92,9 @@ class Answer:
     glue_s: float = 0.0
     forwards: int = 0      # draft forwards of this round: the answer's, the build's after it
     spans: list = None     # the draft's timeline since its last answer, when recording
+    width: int = 0         # branches per row of the build that made this round's cache
+    tree_s: dict = None    # width -> seconds of one tree step: the Start's time_widths, timed
+    q_plain: torch.Tensor = None  # (B, K, V) the draft's q before C, when the Round asked
 
 
 @dataclasses.dataclass

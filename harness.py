@@ -62,11 +62,12 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
     if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
         raise ValueError(f"fan_out is geometric|uniform and backup auto|jit|fast; got "
                          f"{fan_out!r}, {backup!r}.")
-    check_saguaro_c(saguaro_c)
-    if budget is not None and (not isinstance(budget, int) or budget < 1):
-        raise ValueError(f"budget (B) must be an integer >= 1, got {budget!r}.")
-    B = budget or (k + 1) * f
-    if fan_out == "uniform" and B < k + 1:
+    if saguaro_c != "auto":
+        check_saguaro_c(saguaro_c)
+    if budget not in (None, "auto") and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget (B) must be an integer >= 1 or 'auto', got {budget!r}.")
+    B = 1 if budget == "auto" else budget or (k + 1) * f   # auto weighs only B < vocabulary
+    if fan_out == "uniform" and budget != "auto" and B < k + 1:
         # the paper's uniform fan-out is F guesses per outcome, B = (K + 1) F: below K + 1 the
         # even split must leave outcomes without a guess, and it leaves out the highest k,
         # k = K first, where most rounds land with a good draft (a hit rate near 0)
@@ -82,7 +83,7 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
 
 def check_saguaro_c(c) -> None:
     """C, Saguaro's sampling factor (Def. 14), lies in [0, 1]; ValueError otherwise."""
-    if not 0 <= c <= 1:
+    if not isinstance(c, (int, float)) or not 0 <= c <= 1:
         raise ValueError(f"saguaro_c (C) must lie in [0, 1], got {c}.")
 
 
@@ -218,14 +219,23 @@ def check_seconds(name, value, low=1e-3, high=86400.0):
     return float(value)
 
 
-def add_saguaro_args(parser, budget=None, backup="auto") -> None:
+def or_auto(kind):
+    """argparse type: the word auto, or what `kind` reads."""
+    return lambda text: "auto" if text == "auto" else kind(text)
+
+
+def add_saguaro_args(parser, budget=None, backup="auto", saguaro_c=1.0) -> None:
     """saguaro's own flags, spelled once for saguaro.py and bench.py's saguaro row."""
-    parser.add_argument("--budget", type=positive_int, default=budget,
-                        help="B, saguaro's guesses per row per round; None: (K+1) f")
+    parser.add_argument("--budget", type=or_auto(positive_int), default=budget,
+                        help="B, saguaro's guesses per row per round; None: (K+1) f; auto: "
+                             "the budget rule (the speed model's best B, per round; like "
+                             "--backup auto it follows measured latencies)")
     parser.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"],
                         help="how B is spread over the outcomes k (geometric: Thm. 12)")
-    parser.add_argument("--saguaro-c", type=checked(float, check_saguaro_c), default=1.0,
-                        help="Saguaro sampling factor C, in [0, 1]")
+    parser.add_argument("--saguaro-c", type=or_auto(checked(float, check_saguaro_c)),
+                        default=saguaro_c, help="Saguaro sampling factor C, in [0, 1]; auto: "
+                        "the speed model's best C, per round (1 at temperature 0; like "
+                        "--backup auto it follows measured latencies)")
     parser.add_argument("--backup", default=backup, choices=["auto", "jit", "fast"],
                         help="saguaro's backup on a miss. auto: the batch-aware rule, which "
                              "follows measured latencies, so at temperature > 0 one seed can "

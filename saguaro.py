@@ -25,7 +25,7 @@ speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k
 per round); new here: B = that budget, C = Saguaro's factor, r = the miss-curve exponent, a =
 acceptance, b = batch size (README glossary).
 
-    python saguaro.py --prompt "Write a haiku about cacti." --k 3 --budget 1 --backup jit
+    python saguaro.py --prompt "Write a haiku about cacti." --k 3   # B, C, backup: auto
     torchrun --nproc-per-node 4 saguaro.py --tp 4 --prompt "..."   # target on GPUs 0-3, draft on 4
 """
 import argparse
@@ -120,40 +120,142 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
                                                      + (1 - all_hit) * (1 + t_b))
 
 
+BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)
+MARGIN = 0.05   # how much faster another budget must be predicted to be taken (model error)
+
+
 class Estimates(measure.Measurements):
     """The rules, run on what measure.py measures online (a, r, hit rates, latencies): the
-    fan-out schedules, Thm. 7's speed with each backup, and the backup for a batch."""
+    fan-out schedules, Thm. 7's speed with each backup, and the choices of the backup, the
+    budget B and Saguaro's C. budget, c: a number (fixed) or "auto" (chosen by the rules; the
+    budget in use starts at 1 and C at 1 until the rules have seen a round)."""
 
-    def __init__(self, K, budget, fan_out, backup):
+    def __init__(self, K, budget, fan_out, backup, c=1.0, vocab=None):
         super().__init__()
-        self.K, self.budget, self.fan_out, self.backup = K, budget, fan_out, backup
+        self.K, self.budget, self.fan_out, self.backup, self.c_rule = K, budget, fan_out, backup, c
+        self.B = 1 if budget == "auto" else budget         # the budget in use
+        self.c = 1.0 if c == "auto" else c                  # the C in use
+        self.budgets = [b for b in BUDGETS if vocab is None or b < vocab]
+        self.why = {"budget": f"--budget {budget}", "c": f"--saguaro-c {c}"}
 
     def p_hit(self, backup="jit"):
         """The long-run hit rate. JIT: every speculation is the draft's, p_d. Fast: a miss makes
         the next speculation a fast one, whose cache hits at p_f; the stationary hit share of
         that two-state chain is p_f / (1 - p_d + p_f)."""
-        p_d, p_f = self.hit_rate("draft"), self.hit_rate("fast")
+        return self._p_hit(self.hit_rate("draft"), self.hit_rate("fast"), backup)
+
+    @staticmethod
+    def _p_hit(p_d, p_f, backup):
         return p_d if backup != "fast" else p_f / (1 - p_d + p_f)
+
+    def schedule(self, budget, a):
+        """F_0..F_K for `budget` guesses over a speculation whose acceptance is a."""
+        if self.fan_out == "uniform":
+            return uniform_fan_out(budget, self.K)
+        return geometric_fan_out(budget, self.K, a, self.r())
 
     def fan_outs(self, backup):
         """(after a hit, after a miss): the cache built over a speculation bets on ITS outcome
         law, so the acceptance of whoever made that speculation sets the schedule."""
-        if self.fan_out == "uniform":
-            return uniform_fan_out(self.budget, self.K), uniform_fan_out(self.budget, self.K)
-        a_miss, r = self.a("fast" if backup == "fast" else "draft"), self.r()
-        return (geometric_fan_out(self.budget, self.K, self.a("draft"), r),
-                geometric_fan_out(self.budget, self.K, a_miss, r))
+        a_miss = self.a("fast" if backup == "fast" else "draft")
+        return self.schedule(self.B, self.a("draft")), self.schedule(self.B, a_miss)
+
+    def hit_model(self, budget, a, anchor=False):
+        """Thm. 12's objective: the hit rate of `budget` guesses spread by the schedule, with
+        P(k) = a^k (1 - a) (k < K), a^K (k = K) and the fitted miss curve c F^-r per outcome.
+        anchor: the model's miss rate scaled so that at the budget the draft's caches were
+        looked up most at, it equals the miss rate measured there (the model gives the shape
+        across budgets, the measurement its level)."""
+        K, fan = self.K, self.schedule(budget, a)
+        P = [a ** k * (1 - a) for k in range(K)] + [a ** K]
+        p_hit = sum(P_k * (1 - self.miss(F)) for P_k, F in zip(P, fan))
+        if not anchor or not self.hits_at:
+            return p_hit
+        b0, (hits, n) = max(self.hits_at.items(), key=lambda item: item[1][1])
+        miss0 = 1 - self.hit_model(b0, a)
+        return 1 - min(1.0, (1 - p_hit) * (1 - hits / n) / miss0) if miss0 > 0 else p_hit
+
+    def t_p(self, budget=None):
+        """Seconds of the draft's build of a cache of `budget` branches per row: the glue plus
+        K tree steps at that width (measured cost line); budget None, or no tree timed yet:
+        the measured build's mean."""
+        verify = self.secs.get("verify", 1.0)
+        step = None if budget is None else self.tree_step(budget)
+        if step is None:
+            return self.secs.get("build", verify)
+        return self.secs.get("step", step) + self.K * step
+
+    def _speed(self, p_d, p_f, a_d, t_p, backup, batch, verify=None):
+        """Thm. 7's prediction for a draft whose caches hit at p_d (p_f after a fast backup),
+        acceptance a_d and build time t_p (seconds), in units of a verify of `verify` seconds
+        (default: the measured mean); until the JIT backup has run, K draft steps, one step ~
+        the glue forward, stand in for its latency."""
+        verify = verify or self.secs.get("verify", 1.0)
+        t_b = (self.secs.get("jit", self.K * self.secs.get("step", t_p / (self.K + 1)))
+               if backup == "jit" else self.secs.get("fast", 0.0))
+        e_miss = expected_tokens(self.a("fast") if backup == "fast" else a_d, self.K)
+        return predicted_speedup(self._p_hit(p_d, p_f, backup), expected_tokens(a_d, self.K),
+                                 e_miss, t_p / verify, t_b / verify, batch)
 
     def speed(self, backup, batch):
-        """Thm. 7's prediction with these estimates (until the JIT backup has run, K draft steps,
-        one step ~ the glue forward, stand in for its latency)."""
-        verify = self.secs.get("verify", 1.0)
-        build = self.secs.get("build", verify)
-        t_b = (self.secs.get("jit", self.K * self.secs.get("step", build / (self.K + 1)))
-               if backup == "jit" else self.secs.get("fast", 0.0))
-        e_miss = expected_tokens(self.a("fast" if backup == "fast" else "draft"), self.K)
-        return predicted_speedup(self.p_hit(backup), expected_tokens(self.a("draft"), self.K),
-                                 e_miss, build / verify, t_b / verify, batch)
+        """Thm. 7's prediction at the budget and C in use, from the measured hit rates."""
+        return self._speed(self.hit_rate("draft"), self.hit_rate("fast"), self.a("draft"),
+                           self.t_p(), backup, batch)
+
+    def speed_at_budget(self, budget, backup, batch):
+        """Thm. 7's prediction at another budget, in tokens per row per second: hit rates from
+        the miss curve (hit_model), the build from the tree step's cost line, and the verify
+        beside that build (verify_beside: the two processes contend, so budgets are compared
+        in seconds, not in verifies of different lengths)."""
+        verify = self.verify_beside(budget)
+        return self._speed(self.hit_model(budget, self.a("draft"), anchor=True),
+                           self.hit_model(budget, self.a("fast")), self.a("draft"),
+                           self.t_p(budget), backup, batch, verify) / verify
+
+    def speed_at_c(self, c, backup, batch):
+        """Thm. 7's prediction had the draft sampled from q'_C: acceptance and the hit rate
+        from the shadow evaluation (measure.learn_c; at k = K the bonus comes from p, so the
+        miss curve gives its hit chance). None before any shadow round."""
+        alpha, held, full, n = self.shadow[c]
+        if n == 0:
+            return None
+        F_K = self.fan_outs(backup)[0][self.K]
+        p_d = held / n + full / n * (1 - self.miss(F_K))
+        return self._speed(p_d, self.hit_rate("fast"), alpha / n, self.t_p(self.B), backup, batch)
+
+    def choose_budget(self, backup, batch):
+        """The budget rule: if the candidate B of the highest predicted speed (with `backup`,
+        at `batch` rows) beats the budget in use by MARGIN (the estimates are noisy: no
+        switching on noise), move one candidate towards it, so that what each budget costs
+        beside the verify is measured before the next step. A fixed --budget stays. Sets
+        self.B; returns it."""
+        if self.budget != "auto" or not self.tree:  # no tree timed yet: nothing to weigh
+            return self.B
+        speeds = {b: self.speed_at_budget(b, backup, batch) for b in self.budgets}
+        best = max(speeds, key=speeds.get)
+        if speeds[best] > (1 + MARGIN) * speeds.get(self.B, 0.0):
+            i = min(range(len(self.budgets)), key=lambda i: abs(self.budgets[i] - self.B))
+            self.B = self.budgets[i + (1 if best > self.B else -1)]
+        self.why["budget"] = f"b={batch}, {backup}: predicted tokens/s per row " + ", ".join(
+            f"B={b} {v:.3g}" for b, v in speeds.items())
+        return self.B
+
+    def choose_c(self, backup, batch, temperature):
+        """Saguaro sampling's rule: the C of the highest predicted speed among
+        measure.C_CANDIDATES (shadow evaluation); at temperature 0 q is one-hot and C changes
+        nothing: 1. A fixed --saguaro-c stays. Sets self.c; returns it."""
+        if self.c_rule != "auto":
+            return self.c
+        if temperature == 0:
+            self.c, self.why["c"] = 1.0, "temperature 0: q is one-hot, C changes nothing"
+            return self.c
+        speeds = {c: self.speed_at_c(c, backup, batch) for c in measure.C_CANDIDATES}
+        if None in speeds.values():
+            return self.c
+        self.c = max(speeds, key=speeds.get)
+        self.why["c"] = f"b={batch}, {backup}: predicted " + ", ".join(
+            f"C={c} {v:.2f}x" for c, v in speeds.items())
+        return self.c
 
     def choose_backup(self, batch, lost=None):
         """The batch-aware rule: the backup with the higher predicted speed at this batch size
@@ -181,6 +283,8 @@ class Estimates(measure.Measurements):
         per_row = (stats["new_tokens"] - batch) / batch             # the first came at prefill
         return dict(a=self.a("draft"), a_fast=self.a("fast"), r=self.r(), p_hit=self.p_hit(choice),
                     b_star=self.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
+                    budget=self.B, budget_why=self.why["budget"], saguaro_c=self.c,
+                    c_why=self.why["c"],
                     predicted_speedup=self.speed(choice, batch),
                     measured_speedup=per_row / verifies if verifies > 0 else None)
 
@@ -203,6 +307,22 @@ class DraftSide:
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.spec = self.glue = self.prefix = self.next = None
         self.build_s = self.glue_s = 0.0
+        self.tree_s = {w: self.time_tree(w) for w in start.time_widths} or None
+
+    def time_tree(self, width):
+        """Seconds of one tree step at `width` branches per row, timed once on a throwaway
+        tree at the trunk's end (its own coins: the draft's stream stays as it was); for the
+        budget rule before the loop has built trees of that width."""
+        first = self.trunk[:, None].new_zeros(len(self.trunk), width).long()
+        fork = self.cache.lengths[:, None].long().expand(-1, width)
+        q_fn, seconds = saguaro_q(self.sampling, 1.0, [0] * self.K), []
+        for _ in range(2):  # the faster of two: the first call may pay a one-off (a warm-up)
+            tick = time.perf_counter()
+            ssd.draft_branches(self.draft, self.cache, fork, first, self.K, q_fn,
+                               kernels.make_generator(0, self.draft.device), self.V)
+            kernels.sync(self.draft.device)
+            seconds.append((time.perf_counter() - tick) / self.K)
+        return min(seconds)
 
     def answer(self, msg: Round) -> Answer:
         """1) keep t0, x_1..x_k of the last glue (nothing before the first round, k = -1); 2) look
@@ -211,6 +331,7 @@ class DraftSide:
         already holds the KV and logits of t, y_1..y_{K-1} (the hit branch's scratch slots, or
         the trunk the JIT decoded into; not in a mixed batch): the glue reuses them."""
         dev, B, K = self.draft.device, len(msg.k), self.K
+        self.c = self.c if msg.c is None else msg.c   # the rule may move C between rounds
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
         forwards, jit_s, self.prefix = 1 + K, 0.0, None  # the build after this answer: glue + K
@@ -218,8 +339,11 @@ class DraftSide:
         hit, rank = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), -1, device=dev)
         y = torch.zeros(B, K, dtype=torch.long, device=dev)
         q = torch.zeros(B, K, self.V, device=dev)
+        logits_y = torch.zeros(B, K, self.V, device=dev)   # behind q: its plain q, for the shadow
         if self.S is not None:
             hit, y, q = self.S.lookup(k, t)
+            if msg.shadow:
+                logits_y = self.S.logits[rows, self.S.find(k, t)[1]]
             rank = measure.bonus_rank(self.glue, self.spec, k, t)        # for r
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
             if bool(hit.all()):  # ssd's tree keeps branch n's step-j KV at base + j N + n
@@ -233,12 +357,18 @@ class DraftSide:
             tick = time.perf_counter()
             y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss)
             y, q = torch.where(hit[:, None], y, y_jit), torch.where(hit[:, None, None], q, q_jit)
+            logits_y = torch.where(hit[:, None, None], logits_y, logits)
             jit_s, forwards = timeline.span("jit", tick, "draft"), forwards + K
             in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
             self.prefix = (in_place, logits) if not bool(hit.any()) else None
         self.next = (t, y, source, msg.fan_hit, msg.fan_miss)
-        return Answer(source.cpu(), y.cpu(), rank.cpu(), None if self.sampling[0] == 0 else q,
-                      self.build_s, jit_s, self.glue_s, forwards)
+        greedy, width = self.sampling[0] == 0, 0 if self.S is None else self.S.keys.shape[1]
+        q_plain = (kernels.probs_from_logits(logits_y, *self.sampling)
+                   if msg.shadow and not greedy else None)
+        tree_s, self.tree_s = self.tree_s, None   # sent once
+        return Answer(source.cpu(), y.cpu(), rank.cpu(), None if greedy else q,
+                      self.build_s, jit_s, self.glue_s, forwards, width=width, tree_s=tree_s,
+                      q_plain=q_plain)
 
     def jit_draft(self, t, fanout):
         """The JIT backup: ssd's tree with one branch per row, forked at the trunk's end: its
@@ -322,12 +452,14 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
              backup="auto", budget=None, fast_backup=None):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
     DraftWorker, or what it takes (then one is started for this call; process options:
-    draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f);
-    saguaro_c: C; backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
+    draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f;
+    "auto": the budget rule, Estimates.choose_budget); saguaro_c: C ("auto": Estimates.choose_c);
+    backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
     (default drafts.fast_backup). seed: both processes' coins (reused worker: DraftWorker.reset).
     Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why,
-    b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, predicted_speedup (Thm. 7), measured_speedup
-    (tokens per row per target verify), draft_wait_s and draft_lost (why, if lost)."""
+    b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, budget and saguaro_c (in use at the end) with
+    budget_why and c_why (the rule's predicted speed per candidate), predicted_speedup (Thm. 7),
+    measured_speedup (tokens per row per target verify), draft_wait_s and draft_lost (why)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, budget or (k + 1) * f
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
@@ -339,7 +471,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     fast = fast_backup or drafts.fast_backup(target, prompts)
     check_draft(target, fast, K)  # a proposer over the target's vocabulary
     settings = (K, budget, fan_out, backup, B, temperature, top_k, top_p, saguaro_c)
-    est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup))  # learned
+    est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup, saguaro_c,
+                                                         Vc))  # learned, kept across calls
+    widths = est.budgets if budget == "auto" else [budget]
+    to_time = tuple(w for w in sorted({widths[0], widths[len(widths) // 2], widths[-1]})
+                    if budget == "auto" and w not in est.tree)   # the cost line's first points
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
                  cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,
@@ -349,8 +485,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 
     # 1) prefill: the target gives the first token; the draft reads the prompts too
     t0 = time.perf_counter()
-    draft.exchange(Start(prompts, K, Vc, max_len + 1 + K * budget, temperature, top_k, top_p,
-                         saguaro_c, seed))  # first: the draft prefills while the target does
+    draft.exchange(Start(prompts, K, Vc, max_len + 1 + K * max(widths), temperature, top_k,
+                         top_p, est.c, seed, time_widths=to_time))  # first: the draft prefills
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
     token = kernels.next_token(logits, temperature, top_k, top_p, gen,
@@ -374,11 +510,15 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         last = torch.tensor([r[-1] for r in rows], device=dev)
         live = ~torch.tensor(done)
         choice, stats["backup_why"] = est.choose_backup(int(live.sum()), draft.lost)
+        est.choose_budget(choice, int(live.sum()))      # NEW: B, C per round, from the estimates
+        c = est.choose_c(choice, int(live.sum()), temperature)
+        shadow = saguaro_c == "auto" and temperature > 0 and stats["target_calls"] % 4 == 1
         fan_hit, fan_miss = est.fan_outs(choice)
         asked = live & ((choice == "fast") | ((backup == "auto") & (live.cumsum(0) <= 4)))
         fast_tokens, fast_probs = serve_fast(fast, rows, asked, K, temperature, gen, Vt, est, stats)
         tick = time.perf_counter()
-        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens))
+        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens,
+                                      c, shadow))
         if answer is None:
             continue  # the draft was lost just now: this round again, all on the fast backup
         if answer.forwards:  # the draft's own answer (a lost draft's stand-in: no wait, no news)
@@ -412,6 +552,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         kernels.sync(dev)
         verify_s = timeline.span("verify", tick)
         est.time("verify", verify_s, keep=bool(outcome.min() >= 0))  # not a call's first
+        est.learn_verify(est.B, verify_s, keep=bool(outcome.min() >= 0))  # beside a B-tree
         stats["verify_s"] += verify_s
 
         # 2d) accept: each live row emits x_1..x_k and the bonus t (truncated at EOS or at
@@ -433,10 +574,14 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             if not draft.lost and k_last[b] >= 0:  # the first round had no cache to hit
                 stats["lookups_by_k"][k_last[b]] += 1
                 stats["hits_by_k"][k_last[b]] += hit[b]
-                est.learn_hit(hit[b], made[b] == FAST)
+                est.learn_hit(hit[b], made[b] == FAST, answer.width)
         cache.lengths.copy_(torch.tensor([len(r) - 1 for r in rows]))
         est.learn_acceptance(p, draft_probs, live & ~from_fast, from_fast, asked & ~from_fast,
                              fast_probs.to(dev))
+        if answer.q_plain is not None:  # the shadow of C; a cached q' may date from an older
+            # schedule than fan_hit, which stands in for it (an estimate, not the law)
+            est.learn_c(p, pad_vocab(answer.q_plain.to(dev), Vt), draft_tokens, fan_hit,
+                        live & ~from_fast)
         outcome, made = torch.tensor(n_accepted), source
         timeline.span("accept", tick)
     draft.exchange(End())
@@ -457,25 +602,28 @@ def main():
     harness.add_common_args(ap, tp=True)
     ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
-    ap.add_argument("--f", type=harness.positive_int, default=3, help="guesses per k: B = (K+1) f")
-    harness.add_saguaro_args(ap)
+    ap.add_argument("--f", type=harness.positive_int, default=None,
+                    help="guesses per k: B = (K+1) f, in place of the budget rule")
+    harness.add_saguaro_args(ap, budget="auto", saguaro_c="auto")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
     args.threads, draft_threads = draft_process.split_threads(args.threads)
     target, _ = harness.load_models(args)  # --tp N: this rank's shard (tp.py)
     ids = kernels.encode_prompt(target, args.prompt)
+    budget = None if args.f and args.budget == "auto" else args.budget   # --f: B = (K+1) f
 
     def run(target):  # --tp N: on rank 0, beside the draft process, while the others follow
         with DraftWorker(args.draft, target, device=tp.draft_device(args, target),
                          threads=draft_threads, timeout_s=args.timeout) as w:
             return harness.after_warm_up(lambda n: generate(
-                target, ids, n, draft=w, k=args.k, f=args.f, fan_out=args.fan_out,
+                target, ids, n, draft=w, k=args.k, f=args.f or 3, fan_out=args.fan_out,
                 saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget),
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=budget),
                 args.max_new_tokens, trace=args.trace)
     tokens, stats = tp.led(run, target)
     harness.report(target, tokens, stats, "tau", "hit_rate", "a", "r", "fan_out_hit",
-                   "fan_out_miss", "backup_used", "backup_why", "predicted_speedup",
+                   "fan_out_miss", "backup_used", "backup_why", "budget", "budget_why",
+                   "saguaro_c", "c_why", "predicted_speedup",
                    "measured_speedup")  # both speedups: tokens per row per target verify
 
 

@@ -27,6 +27,7 @@ import torch
 import autoregressive
 import exact
 import kernels
+import measure
 import saguaro
 import speculative
 import timeline
@@ -78,6 +79,37 @@ def scripted_backup(monkeypatch):
     script = ScriptedBackup(saguaro.Estimates.choose_backup)
     monkeypatch.setattr(saguaro.Estimates, "choose_backup",
                         lambda est, batch, lost=None: script(est, batch, lost))
+    return script
+
+
+class ScriptedChoices:
+    """Estimates.choose_budget and choose_c replaced, for budget / saguaro_c "auto", by a
+    cycle through the candidates, one step per round: B and C change every round whatever the
+    machine's speed (the real rules pick from measured latencies), so the law tests see
+    caches built with one C answered after C moved."""
+
+    def __init__(self, choose_budget, choose_c):
+        self.calls, self.rules = 0, (choose_budget, choose_c)
+
+    def budget(self, est, backup, batch):
+        if est.budget != "auto":
+            return self.rules[0](est, backup, batch)
+        self.calls += 1
+        est.B = est.budgets[self.calls % len(est.budgets)]
+        return est.B
+
+    def c(self, est, backup, batch, temperature):
+        if est.c_rule != "auto":
+            return self.rules[1](est, backup, batch, temperature)
+        est.c = measure.C_CANDIDATES[self.calls % len(measure.C_CANDIDATES)]
+        return est.c
+
+
+@pytest.fixture
+def scripted_choices(monkeypatch):
+    script = ScriptedChoices(saguaro.Estimates.choose_budget, saguaro.Estimates.choose_c)
+    monkeypatch.setattr(saguaro.Estimates, "choose_budget", lambda est, *a: script.budget(est, *a))
+    monkeypatch.setattr(saguaro.Estimates, "choose_c", lambda est, *a: script.c(est, *a))
     return script
 
 
@@ -337,6 +369,180 @@ def test_r_estimate_recovers_a_power_law_miss_curve():
         assert est.r() == pytest.approx(r, rel=0.15), r
 
 
+def test_miss_curve_fits_its_prefactor():
+    """The measured miss curves are c F^-r with c < 1 (not a pure power law): the fit recovers
+    both, and the predicted miss at F guesses follows it."""
+    est = saguaro.Estimates(K=4, budget="auto", fan_out="geometric", backup="jit")
+    u = torch.rand(50_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    miss_at_1, r = 0.4, 1.5    # rank 0 w.p. 0.6; past it P(rank >= F) = 0.4 F^-1.5
+    ranks = torch.where(u < 1 - miss_at_1, 0, (((u - 0.6) / 0.4) ** (-1 / r)).floor().long())
+    est.rank_counts += torch.bincount(ranks.clamp_max(64), minlength=65).float()
+    c, r_fit = est.miss_curve()
+    assert c == pytest.approx(miss_at_1, rel=0.15) and r_fit == pytest.approx(r, rel=0.15)
+    assert est.miss(4) == pytest.approx(0.4 * 4 ** -1.5, rel=0.2) and est.miss(0) == 1.0
+
+
+def budget_rule(tree, verify=1.0, a=0.8, r=1.0, batch=1):
+    """An Estimates with budget auto, measured as if over many rounds: acceptance a, ranks
+    with P(rank >= F) = (F + 1)^-r, tree step seconds per width `tree`, verify and JIT
+    latencies."""
+    est = saguaro.Estimates(K=4, budget="auto", fan_out="geometric", backup="jit")
+    n = 1e6
+    est.acc = {"draft": [a * n, n], "fast": [0.3 * n, n]}
+    u = torch.rand(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    est.rank_counts += torch.bincount((u ** (-1 / r)).floor().long().clamp_max(65) - 1,
+                                      minlength=65).float()
+    est.secs = {"verify": verify, "step": tree[1], "jit": 0.5 * verify}
+    for width, seconds in tree.items():
+        est.learn_tree(width, seconds)
+    return est
+
+
+def settle(est, backup="jit", batch=1):
+    """The budget rule asked round after round with these estimates: it moves one candidate
+    a round, towards the best predicted; returns where it stays (and the steps it took)."""
+    steps = [est.B]
+    for _ in saguaro.BUDGETS:
+        steps.append(est.choose_budget(backup, batch))
+    return est.B, steps
+
+
+def test_budget_rule_climbs_to_the_largest_budgets_when_the_tree_is_free():
+    """A tree step that costs (next to) nothing at any width: every guess more is a hit more
+    at no cost, so the best predicted budget is the largest; the rule climbs there one
+    candidate a round (each step measured) and stops where the next promises less than
+    MARGIN more; and says what it weighed."""
+    for r in (0.5, 3.0):   # a shallow miss curve (every guess counts) and a steep one
+        est = budget_rule({1: 1e-4, 8: 1e-4}, r=r)
+        speeds = [est.speed_at_budget(b, "jit", 1) for b in saguaro.BUDGETS]
+        assert speeds == sorted(speeds)   # more guesses, more hits, same time
+        assert est.choose_budget("jit", 1) == 2
+        B, steps = settle(est)
+        assert steps == sorted(steps) and B > (8 if r < 1 else 1), steps
+        assert est.speed_at_budget(B, "jit", 1) * (1 + saguaro.MARGIN) >= speeds[-1]
+        assert all(f"B={b}" in est.why["budget"] for b in saguaro.BUDGETS)
+
+
+def test_budget_rule_takes_one_guess_when_a_tree_step_is_expensive():
+    """A tree step whose cost grows with its width past what a verify hides: B = 1."""
+    est = budget_rule({1: 0.2, 8: 1.6})
+    assert est.tree_step(4) == pytest.approx(0.2 + 3 * 0.2)   # the cost line through both
+    assert settle(est)[0] == 1
+    est.B = 8
+    assert settle(est)[0] == 1   # and from a larger budget, back down
+    fixed = budget_rule({1: 1e-4, 8: 1e-4})
+    fixed.budget = fixed.B = 3   # a fixed --budget stays whatever the model says
+    assert fixed.choose_budget("jit", 1) == 3
+
+
+def test_budget_rule_charges_the_verify_the_draft_slows_beside_a_larger_tree():
+    """The two processes contend: a verify beside a big tree can take longer than beside a
+    small one. The speed model counts in verifies, so the rule must compare budgets with the
+    verify measured beside each (linear between those measured): a free tree that slows the
+    verify threefold is no longer worth it."""
+    est = budget_rule({1: 1e-4, 8: 1e-4}, r=0.5)
+    assert settle(est)[0] >= 12   # no slowdown seen yet
+    est.learn_verify(1, 1.0)
+    est.learn_verify(max(saguaro.BUDGETS), 3.0)
+    assert settle(est)[0] < 12
+    assert est.verify_beside(1) == 1.0 and 1.0 < est.verify_beside(8) < 3.0
+
+
+def test_budget_rule_anchors_the_miss_curve_where_it_measured_hits():
+    """The fitted curve gives the shape across budgets, the hit rate measured at the budget
+    in use its level: a cache of B = 1 that always hit leaves a larger tree nothing to win,
+    so the rule keeps B = 1 even where the tree would be hidden under the verify (without the
+    measurement, the curve's prior alone promises hits from more guesses)."""
+    est = budget_rule({1: 0.05, 8: 0.2}, a=0.97)
+    assert settle(est)[0] > 1   # the curve alone: more guesses, more hits
+    est.B = 1
+    for _ in range(1000):
+        est.learn_hit(True, False, 1)
+    assert est.hit_model(1, est.a("draft"), anchor=True) == pytest.approx(1001 / 1002)
+    assert settle(est)[0] == 1
+    assert est.hit_model(1, est.a("draft")) < 0.95   # the model alone, unanchored
+
+
+def test_budget_rule_follows_the_batch_size():
+    """In a batch any row's miss holds every row: P(all hit) = p_hit^b. A tree worth its
+    cost at b = 1 buys almost no miss-free round at b = 8, where the rule keeps one guess; as
+    rows finish, the loop asks again with the live rows' b."""
+    est = budget_rule({1: 0.05, 8: 0.3})
+    assert settle(est)[0] > 1
+    est.B = 1
+    assert settle(est, batch=8)[0] == 1
+    assert est.why["budget"].startswith("b=8, jit: predicted tokens/s")
+
+
+def shadow_by_hand(p, q, x, F, c):
+    """K = 1: q'_C (the top F+1 of q scaled by c), alpha = sum min(p, q'), and the residual's
+    share on the top F+1 but x."""
+    top = sorted(range(len(q)), key=lambda i: -q[i])[: F + 1]
+    qc = [qi * (c if i in top else 1) for i, qi in enumerate(q)]
+    qc = [v / sum(qc) for v in qc]
+    alpha = sum(min(a, b) for a, b in zip(p, qc))
+    residual = [max(0.0, a - b) for a, b in zip(p, qc)]
+    held = sum(residual[i] for i in top if i != x) / sum(residual)
+    return alpha, held
+
+
+def test_shadow_evaluation_of_c_matches_the_formulas():
+    """learn_c's sums for one row, K = 1: the acceptance with q'_C, the chance of a rejection
+    whose bonus the cache holds, and of a full acceptance; a smaller C moves residual mass
+    onto the tokens the cache bets on (Def. 14), which the shadow sees."""
+    p, q, x, F = [0.1, 0.5, 0.4], [0.6, 0.3, 0.1], 0, 1
+    est = saguaro.Estimates(K=1, budget="auto", fan_out="geometric", backup="jit", c="auto")
+    P = torch.tensor([p + [1 / 3, 1 / 3, 1 / 3]]).view(1, 2, 3)   # p_1, then p_2 (unused)
+    est.learn_c(P, torch.tensor([[q]]), torch.tensor([[x]]), [F, 1], torch.tensor([True]))
+    for c in measure.C_CANDIDATES:
+        alpha, held = shadow_by_hand(p, q, x, F, c)
+        s_alpha, s_held, s_full, n = est.shadow[c]
+        assert n == 1 and s_alpha == pytest.approx(alpha) and s_full == pytest.approx(alpha)
+        assert s_held == pytest.approx((1 - alpha) * held)
+    held = {c: sums[1] / (1 - sums[0]) for c, sums in est.shadow.items()}  # given a rejection
+    assert held[0.3] > held[1.0]
+
+
+def test_c_rule_takes_one_at_temperature_0_and_the_best_predicted_c_above():
+    """At temperature 0 q is one-hot and C changes nothing: C = 1. Above it, the C of the
+    highest predicted speed, once a shadow round was seen (before: the C in use)."""
+    est = budget_rule({1: 0.01, 8: 0.02})
+    est.c_rule = "auto"
+    assert est.choose_c("jit", 1, 0.0) == 1.0 and "temperature 0" in est.why["c"]
+    assert est.choose_c("jit", 1, 1.0) == 1.0   # no shadow round yet
+    est.secs["jit"] = 2.0   # a miss costs two verifies: hits matter
+    for c, sums in est.shadow.items():   # C = 0.5: the best hit rate at a small acceptance cost
+        sums[:] = [0.8 - 0.02 * (1 - c), 0.1 + (0.3 if c == 0.5 else 0.0), 0.3, 1]
+    assert est.choose_c("jit", 1, 1.0) == 0.5 == est.c
+    speeds = {c: est.speed_at_c(c, "jit", 1) for c in measure.C_CANDIDATES}
+    assert max(speeds, key=speeds.get) == 0.5 and f"C=0.5 {speeds[0.5]:.2f}x" in est.why["c"]
+    fixed = budget_rule({1: 0.01, 8: 0.02})
+    fixed.c_rule, fixed.c = 0.7, 0.7
+    assert fixed.choose_c("jit", 1, 1.0) == 0.7
+
+
+def test_the_draft_times_its_tree_widths_once_and_says_its_build_width():
+    """With budget auto the rule needs a tree step's cost against its width before it has
+    built trees of every width: the draft times the widths the Start names (its own coins:
+    the stream it drafts from is untouched) and sends them with its first answer only; each
+    answer names the width of the build that made its cache."""
+    draft, K = tiny_model(0, vocab_size=64, scale=3.0), 2
+    args = ([[1, 2, 3], [5, 6]], K, 64, 64, 0.7, None, None, 1.0, 0)
+    timed = saguaro.DraftSide(draft, saguaro.Start(*args, time_widths=(1, 8)))
+    plain = saguaro.DraftSide(draft, saguaro.Start(*args))
+    live, fan = torch.tensor([True, True]), [1, 1, 2]
+    first = saguaro.Round(torch.full((2,), -1), torch.tensor([4, 7]), live, "jit", fan, fan)
+    a1, b1 = timed.answer(first), plain.answer(first)
+    assert set(a1.tree_s) == {1, 8} and all(v > 0 for v in a1.tree_s.values())
+    assert b1.tree_s is None and torch.equal(a1.tokens, b1.tokens) and a1.width == 0
+    timed.work()
+    again = saguaro.Round(torch.zeros(2, dtype=torch.long), torch.tensor([3, 3]), live, "jit",
+                          fan, fan, shadow=True)
+    a2 = timed.answer(again)
+    assert a2.tree_s is None and a2.width == sum(fan)
+    torch.testing.assert_close(a2.q_plain.sum(-1), torch.ones(2, K))
+
+
 # ----------------------------------------------------------------------------------------------
 # two processes, temperature 0: token for token equal to autoregressive.py
 
@@ -379,7 +585,8 @@ def tiny_pair():
 RAGGED = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]]
 CONFIGS = [dict(k=3, f=2), dict(k=2, f=1, fan_out="uniform", backup="jit"),
            dict(k=4, f=3, backup="fast", saguaro_c=0.5), dict(k=1, f=4, backup="auto"),
-           dict(k=3, f=1, budget=1, backup="jit")]
+           dict(k=3, f=1, budget=1, backup="jit"),
+           dict(k=3, budget="auto", saguaro_c="auto", backup="jit")]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in
@@ -682,6 +889,9 @@ LAW_CASES = {
     "C=0.5 jit geometric, EOS live": dict(saguaro_c=0.5, backup="jit", f=1, eos=True),
     "C=0.5 fast uniform, EOS live": dict(saguaro_c=0.5, backup="fast", f=1, fan_out="uniform",
                                          eos=True),
+    "B, C auto (scripted: both move every round) jit, EOS live": dict(
+        budget="auto", saguaro_c="auto", backup="jit", eos=True),
+    "B, C auto (scripted) fast": dict(budget="auto", saguaro_c="auto", backup="fast"),
 }
 NUM_STAT_TESTS = len(LAW_CASES) + 6   # + the PIT tests of the draft's answers
 
@@ -714,7 +924,8 @@ def law_test(target, generate, alpha=ALPHA / NUM_STAT_TESTS, **kwargs):
 
 
 @pytest.mark.parametrize("case", list(LAW_CASES))
-def test_sampled_output_follows_the_exact_target_law(law_pair, case, scripted_backup):
+def test_sampled_output_follows_the_exact_target_law(law_pair, case, scripted_backup,
+                                                    scripted_choices):
     target, worker = law_pair
     kwargs = dict(LAW_CASES[case])
     if kwargs.pop("eos", False):  # the likeliest second token ends a row (often mid-round)
@@ -729,6 +940,8 @@ def test_sampled_output_follows_the_exact_target_law(law_pair, case, scripted_ba
     for backup in ("jit", "fast"):   # "auto" ran both, as scripted
         if kwargs["backup"] in (backup, "auto"):
             assert totals[backup] > 0.1 * (SAMPLES + totals["cache_misses"]), shown
+    if kwargs.get("budget") == "auto":  # B and C moved every round, as scripted
+        assert scripted_choices.calls >= N_TOKENS // 3, scripted_choices.calls
     assert passed, shown
 
 
@@ -972,7 +1185,8 @@ def test_bad_arguments_are_refused_with_clear_errors():
     target = tiny_model(0, vocab_size=64)
     draft = functools.partial(tiny_model, 1, vocab_size=64)
     cases = [(dict(f=0), "k and f"), (dict(k=0), "k and f"), (dict(fan_out="cone"), "fan_out"),
-             (dict(budget=0), "budget"),
+             (dict(budget=0), "budget"), (dict(budget="lots"), "integer >= 1 or 'auto'"),
+             (dict(saguaro_c="high"), r"\[0, 1\]"),
              (dict(backup="maybe"), "backup"), (dict(saguaro_c=1.5), r"\[0, 1\]"),
              (dict(k=7, f=8), "budget")]
     for kwargs, match in cases:
