@@ -217,7 +217,8 @@ def summarize(results, args):
         if hits + misses:
             row["hit_rate"] = hits / (hits + misses)
         if ar is not None:
-            row["speedup_vs_ar"] = row["decode_tokens_per_s"] / median_speed(ar)
+            ar_speed = median_speed(ar)  # 0 when every ar row ended at prefill (EOS first)
+            row["speedup_vs_ar"] = row["decode_tokens_per_s"] / ar_speed if ar_speed else None
             if args.temperature == 0:
                 row["match"] = all(r["tokens"] == a["tokens"] for r, a in zip(runs, ar))
                 row["match_claimed"] = kernels.resolve_dtype(args.dtype) == torch.float32
@@ -483,7 +484,8 @@ def main(argv=None):
                          "K + 1 forwards within one verify, which a slow draft may not")
     ap.add_argument("--accounting", action=argparse.BooleanOptionalAction, default=True,
                     help="the ar/sd rows on the target's cores that saguaro adds")
-    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--json", default=None, type=harness.output_path(),
+                    help="also write the results to this file")
     ap.add_argument("--sweep", default=None, type=parse_sweep,
                     help="grid, e.g. 'k=2,4,6;f=1,3;batch=1,4;temperature=0,1' (no HF rows)")
     ap.add_argument("--out", default="results/sweep", help="sweep output prefix (.json, .csv)")
@@ -498,6 +500,9 @@ def main(argv=None):
                      f"choose from {', '.join(TP_METHODS)}")
     if args.tp > 1 and args.sweep:
         ap.error("--sweep is not yet supported with --tp")
+    if args.max_new_tokens < 2:  # one token is the prefill's: no decode step to time
+        ap.error("bench.py times decoding: --max-new-tokens must be >= 2 (with 1, every row "
+                 "ends at its prefill token)")
     if args.threads is None:
         args.threads = torch.get_num_threads()
 

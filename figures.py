@@ -550,13 +550,16 @@ def parse_args(argv=None):
                     help="Fig. 7's rows (bench.py's names)")
     ap.add_argument("--timeout", type=float, default=10.0,
                     help="seconds to wait for saguaro's draft process")
-    ap.add_argument("--out", default="results/figures", help="folder for the PNGs and JSON")
+    ap.add_argument("--out", default="results/figures", type=harness.output_path("folder"),
+                    help="folder for the PNGs and JSON")
     args = ap.parse_args(argv)
     which = FIGURES if args.all else tuple(args.fig or ())
     if not which:
         ap.error("name the figures: --all, or --fig 3 --fig 4 ...")
     if "thm7" in which and not {"4", "5", "6"} & set(which):
         ap.error("--fig thm7 plots the points of Figs. 4-6: add --fig 4, 5 or 6")
+    if args.max_new_tokens is not None and args.max_new_tokens < 2:
+        ap.error("figures.py times decoding: --max-new-tokens must be >= 2")
     size = SIZES["quick" if args.quick else "full"]
     args.threads = args.threads or torch.get_num_threads()
     args.max_new_tokens = args.max_new_tokens or size["tokens"]

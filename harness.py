@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import warnings
 
 import kernels
@@ -163,6 +164,30 @@ def report(target, tokens, stats, *names) -> None:
     print(f"\n[{', '.join(shown)}]")
 
 
+def output_path(kind: str = "file"):
+    """argparse type for what a run writes at its end: a file (kind "file", its folder must
+    exist) or a folder ("folder", made if missing). Refused at parse time when it cannot be
+    written (a file where a folder is wanted, no such folder, no permission), not found out
+    after minutes of measuring."""
+    def check(text: str) -> str:
+        path = os.path.abspath(os.path.expanduser(text))
+        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
+            raise argparse.ArgumentTypeError(f"{text!r} is a {'folder' if kind == 'file' else 'file'}"
+                                             f"; give a {kind} to write")
+        parent = path if kind == "folder" else os.path.dirname(path)
+        while kind == "folder" and not os.path.exists(parent):
+            parent = os.path.dirname(parent)   # the folders still to make go under this one
+        if not os.path.isdir(parent):
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: no folder {parent}")
+        try:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot write {text!r} in {parent}: {e.strerror}")
+        return text
+    return check
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (k, f, budget, threads, token counts)."""
     try:
@@ -269,7 +294,7 @@ def add_common_args(parser, tp: bool = False) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=64,
                         help="tokens to generate per prompt")
     parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
-    parser.add_argument("--trace", default=None, metavar="FILE.json",
+    parser.add_argument("--trace", default=None, metavar="FILE.json", type=output_path(),
                         help="write the timed run's timeline (Chrome trace format) and print it")
     parser.add_argument("--tp", type=_tp_flag if tp else _not_yet(parser.prog), default="1",
                         help="tensor-parallel ranks for the target (launch with torchrun "

@@ -155,11 +155,19 @@ def main():
     ap.add_argument("--width", type=int, default=100)
     ap.add_argument("--svg", default=None, help="also save the picture as SVG")
     args = ap.parse_args()
-    with open(args.trace) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e["ph"] != "M"]
+    if args.rounds < 1 or args.width < 20:
+        ap.error("--rounds must be >= 1 and --width >= 20")
+    try:
+        with open(args.trace) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e["ph"] != "M"]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # no file, not JSON, not a trace
+        ap.error(f"cannot read {args.trace!r} as a Chrome trace ({type(e).__name__}: {e})")
     console = show(events, args.rounds, args.width)
     if args.svg:
-        console.save_svg(args.svg, title=os.path.basename(args.trace))
+        try:
+            console.save_svg(args.svg, title=os.path.basename(args.trace))
+        except OSError as e:
+            ap.error(f"cannot write {args.svg!r}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 right behaviour of every loop: rows finished at prefill, prompt ids past the tokenizer, the dtype
 scope of greedy equality, stop ids from generation_config.json, a kernel build killed midway,
 timeouts, what a seed reproduces, draft names, tiny temperatures, lost draft processes."""
+import argparse
 import functools
 import json
 import os
@@ -656,3 +657,38 @@ def test_a_bad_sweep_grid_is_a_bad_flag(grid, monkeypatch, capsys):
         bench.main(["--sweep", grid])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--sweep: bad part" in err and "keys k, f, batch" in err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys):
+    """--json, --trace and figures' --out are checked at parse time (exit 2, one line), not
+    found out by a traceback after minutes of measuring (found by a newcomer run)."""
+    import bench
+    import figures
+    import harness
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv in (["--json", str(a_file / "x.json")], ["--max-new-tokens", "1"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        figures.parse_args(["--fig", "3", "--out", str(a_file)])
+    assert e.value.code == 2
+    assert "is a file" in capsys.readouterr().err
+    check_file, check_folder = harness.output_path(), harness.output_path("folder")
+    assert check_file(str(tmp_path / "t.json")) == str(tmp_path / "t.json")
+    assert check_folder(str(tmp_path / "new" / "deeper"))  # made later, under a writable folder
+    for check, bad in ((check_file, tmp_path), (check_file, a_file / "t.json"),
+                       (check_folder, a_file)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            check(str(bad))
+
+
+def test_timeline_cli_refuses_a_missing_or_foreign_file_in_one_line(tmp_path):
+    not_json = tmp_path / "x.json"
+    not_json.write_text("not json")
+    for path in (tmp_path / "missing.json", not_json):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "timeline.py"), str(path)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert "cannot read" in out.stderr
