@@ -172,8 +172,8 @@ def output_path(kind: str = "file"):
     def check(text: str) -> str:
         path = os.path.abspath(os.path.expanduser(text))
         if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
-            raise argparse.ArgumentTypeError(f"{text!r} is a {'folder' if kind == 'file' else 'file'}"
-                                             f"; give a {kind} to write")
+            other = "folder" if kind == "file" else "file"
+            raise argparse.ArgumentTypeError(f"{text!r} is a {other}; give a {kind} to write")
         parent = path if kind == "folder" else os.path.dirname(path)
         while kind == "folder" and not os.path.exists(parent):
             parent = os.path.dirname(parent)   # the folders still to make go under this one

@@ -637,6 +637,10 @@ def _hf_to_ours(name: str) -> str | None:
     return f"layers.{i}.{sub[rest]}" if rest in sub else f"layers.{i}.{rest}"
 
 
+_HF_NAMES = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
+             "norm": "model.norm.weight"}  # for errors: the names a checkpoint uses
+
+
 def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
     """Build our Model from a transformers-named state dict (fuses q/k/v and gate/up, weights
     and biases). Every tensor is used or named in a ValueError, except the rotary_emb.inv_freq
@@ -655,8 +659,17 @@ def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
         for kind in ("weight", "bias"):
             for fused, parts in fuse.items():
                 keys = [f"layers.{i}.{part}.{kind}" for part in parts]
-                if all(k in ours for k in keys):  # a partial set stays, and is named below
+                if all(k in ours for k in keys):
                     ours[f"layers.{i}.{fused}.{kind}"] = torch.cat([ours.pop(k) for k in keys])
+                    source[f"layers.{i}.{fused}.{kind}"] = " + ".join(source[k] for k in keys)
+                elif any(k in ours for k in keys) and (kind == "weight" or (
+                        cfg.qkv_bias if fused == "wqkv" else cfg.mlp_bias)):  # else: spares
+                    lacks = [f"model.layers.{i}.{p}.{kind}" for p, k in zip(parts, keys)
+                             if k not in ours]
+                    kin = " / ".join(p.split(".")[-1] for p in parts)
+                    raise ValueError(f"the checkpoint lacks {lacks} beside the other {kin} "
+                                     f"{kind} tensors of that layer: a damaged or partial "
+                                     "checkpoint.")
     head, embed = ours.get("head.weight"), ours.get("embed.weight")
     if cfg.tie_embeddings and head is not None and not (embed is not None
                                                         and torch.equal(head, embed)):
@@ -677,12 +690,20 @@ def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
                          f"config.json does not use: {unused[:6]}{more} (a bias its config "
                          "does not declare, or another architecture's weights); fix config.json "
                          "or the checkpoint.")
+    params = dict(model.named_parameters())
+    wrong = [f"{source.get(n, n)} {tuple(t.shape)} (expected {tuple(params[n].shape)})"
+             for n, t in ours.items() if t.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"checkpoint tensors of the wrong shape for this config.json: "
+                         f"{wrong[:3]}; the config and the weights come from different models.")
     model.load_state_dict(ours, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [_HF_NAMES.get(n, n) for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ValueError(f"checkpoint lacks tensors {missing[:4]}... for a {cfg.model_type} model")
+        raise ValueError(f"the checkpoint lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+                         f" that a {cfg.model_type} model with this config.json needs: a partial"
+                         " download or another architecture's weights.")
     model.inv_freq = _rope_inv_freq(cfg)
     return model
 
@@ -712,7 +733,11 @@ def load_model(name: str = "default", device: str = "auto", dtype: str = "float3
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder.")
     with open(cfg_file) as f:
-        cfg = ModelConfig.from_hf(json.load(f))
+        try:
+            cfg = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON ({e}).") from e
+    cfg = ModelConfig.from_hf(cfg)
     cfg.eos_token_ids = stop_ids(path, cfg.eos_token_ids)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:

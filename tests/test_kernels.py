@@ -1,6 +1,7 @@
 """kernels.py: our forward equals transformers', the cache and masks behave, inputs are checked."""
 import collections
 import os
+import re
 import shutil
 import copy
 import warnings
@@ -551,3 +552,20 @@ def test_stack_is_rebuilt_when_a_layer_changes():
     finally:
         kernels_cpu._cpu_ops, kernels_cpu.CPU_KERNELS = saved, "fused"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_damaged_checkpoint_is_refused_with_the_checkpoint_s_own_names():
+    """A wrong-shaped tensor, one of a declared q/k/v bias set missing, a missing embedding:
+    each named as the checkpoint names it (not our fused names), not a state_dict traceback
+    (found by a newcomer run)."""
+    hf, _ = hf_and_ours("llama", attention_bias=True)
+    cfg = kernels.ModelConfig.from_hf(hf.config)
+    state = dict(hf.state_dict())
+    up = "model.layers.1.mlp.up_proj.weight"
+    for damaged, named in (
+            ({up: state[up][:-4]}, up),
+            ({"model.layers.0.self_attn.q_proj.bias": None}, "q_proj.bias"),
+            ({"model.embed_tokens.weight": None}, "model.embed_tokens.weight")):
+        broken = {n: t for n, t in {**state, **damaged}.items() if t is not None}
+        with pytest.raises(ValueError, match=re.escape(named)):
+            kernels.model_from_hf_state(cfg, broken)
