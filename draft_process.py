@@ -25,6 +25,7 @@ DraftSide): this module never imports saguaro.py. It calls, in the draft process
     state.work()                     then, while the target verifies: the next cache
 """
 import atexit
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -358,6 +359,9 @@ class DraftWorker:
         return None
 
     def _lose(self, reason):
+        with contextlib.suppress(Exception):  # the draft's own error, if it died of one
+            if self.store.check(["died"]):
+                reason += f"; the draft process raised {self.store.get('died').decode()}"
         self.lost = reason
         _warn(reason)
         self.close()
@@ -505,6 +509,17 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
         traceback.print_exc()
         store.set("ready", "error")
         return
+    try:
+        _answer_rounds(side, draft, link)
+    except Exception as e:  # told to the target, which warns with it (DraftWorker._lose)
+        with contextlib.suppress(Exception):  # unless the target is gone too
+            store.set("died", f"{type(e).__name__}: {e}")
+        raise
+    link.close()
+
+
+def _answer_rounds(side, draft, link):
+    """The draft process's loop: one reply per record until Shutdown."""
     state, idle = None, time.perf_counter()
     with torch.inference_mode():
         while not isinstance(msg := recv(link), Shutdown):
@@ -526,4 +541,3 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
                 timeline.span("answer", tick, "draft")  # shipped with the next answer
                 state.work()           # then the next cache, while the target verifies
             idle = time.perf_counter()
-    link.close()

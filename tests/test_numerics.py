@@ -99,7 +99,8 @@ def test_minus_inf_beside_finite_logits_is_a_zero_probability_not_an_error():
 def test_a_nan_draft_in_saguaro_s_process_is_named_and_the_target_finishes_alone(capfd):
     """The draft process raises the same error (its traceback, on stderr, names the draft);
     saguaro then finishes on the target alone, as for any lost draft: the output stays the
-    target's."""
+    target's, and the warning and stats["draft_lost"] carry the draft's error (they said only
+    that the connection closed)."""
     target = tiny_model(0, vocab_size=64, scale=3.0)
     ref, _ = autoregressive.generate(target, PROMPTS, 12)
     with pytest.warns(RuntimeWarning, match="the draft process"):
@@ -109,6 +110,7 @@ def test_a_nan_draft_in_saguaro_s_process_is_named_and_the_target_finishes_alone
     assert out == ref and stats["draft_lost"]
     error = "the draft (in its process) at step 1 produced non-finite logits"
     assert error in capfd.readouterr().err
+    assert error in stats["draft_lost"]  # the warning and the stats say why, not just "lost"
 
 
 def test_a_nan_past_the_first_rejection_never_reaches_saguaro_s_estimates():
