@@ -245,8 +245,15 @@ def check_seconds(name, value, low=1e-3, high=86400.0):
 
 
 def or_auto(kind):
-    """argparse type: the word auto, or what `kind` reads."""
-    return lambda text: "auto" if text == "auto" else kind(text)
+    """argparse type: the word auto, or what `kind` reads (its error then says auto too)."""
+    def read(text):
+        if text == "auto":
+            return "auto"
+        try:
+            return kind(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{str(e).rstrip('.')} (or auto)") from None
+    return read
 
 
 def add_saguaro_args(parser, budget=None, backup="auto", saguaro_c=1.0) -> None:

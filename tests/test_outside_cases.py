@@ -412,13 +412,15 @@ def test_saguaro_draft_process_resolves_names_through_drafts_load_draft(monkeypa
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--k", "0"], "must be an integer >= 1"),
     (["--timeout", "0.0001"], r"seconds in \[0.001, 86400\]"),
-    (["--saguaro-c", "2"], r"saguaro_c \(C\) must lie in \[0, 1\], got 2.0")])
+    (["--saguaro-c", "2"], r"saguaro_c \(C\) must lie in \[0, 1\], got 2.0 \(or auto\)"),
+    (["--budget", "abc"], r"must be an integer >= 1, got 'abc' \(or auto\)")])
 def test_every_cli_refuses_bad_flags_before_loading_a_model(module, flags, message, monkeypatch,
                                                           capsys):
     """Found by a newcomer run: these were refused only after a model had loaded (40-130 s
     on a busy machine), with a traceback. Now argparse names the flag, exit status 2."""
     if (module == "autoregressive" and "--k" in flags) or (
-            {"--timeout", "--saguaro-c"} & set(flags) and module not in ("saguaro", "bench")):
+            {"--timeout", "--saguaro-c", "--budget"} & set(flags)
+            and module not in ("saguaro", "bench")):
         return  # AR has no K; only saguaro (and bench's saguaro row) has saguaro's flags
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     prompt = [] if module == "bench" else ["--prompt", "hi"]
