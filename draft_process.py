@@ -511,6 +511,8 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
         return
     try:
         _answer_rounds(side, draft, link)
+    except DraftLost:  # the target is gone or closed the link: no one to tell, no traceback
+        return
     except Exception as e:  # told to the target, which warns with it (DraftWorker._lose)
         with contextlib.suppress(Exception):  # unless the target is gone too
             store.set("died", f"{type(e).__name__}: {e}")
