@@ -38,7 +38,7 @@ import prompts as prompt_sets
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                           "paper_figures.json")
 FIGURES = ("3", "4", "5", "6", "7", "thm7")
-# per-figure sizes: --quick fits every figure in ~10 minutes on 2 quiet cores with the default
+# per-figure sizes: --quick fits every figure in ~7 minutes on 2 quiet cores with the default
 # pair (~80 cache lookups per point: a hit rate's standard error ~0.05); full: ~4x that
 SIZES = {
     "full": dict(prompts=12, tokens=96, temperatures=(0.0, 0.3, 0.7, 1.0), cs=(1.0, 0.7, 0.4, 0.2,
@@ -542,7 +542,7 @@ def parse_args(argv=None):
     ap.add_argument("--fig", action="append", choices=FIGURES, help="a figure (repeatable)")
     ap.add_argument("--all", action="store_true", help="every figure")
     ap.add_argument("--quick", action="store_true",
-                    help="fewer prompts, tokens and points: ~20 minutes on 2 cores")
+                    help="fewer prompts, tokens and points: ~7 minutes per pair on 2 quiet cores")
     ap.add_argument("--budget", type=harness.positive_int, default=None, dest="fig4_budget",
                     help="B for Figs. 4 and 5; None: K + 1 (uniform = one guess per k)")
     ap.add_argument("--dataset", default="alpaca", help="the prompt set of Figs. 4 and 5")
