@@ -355,6 +355,12 @@ if __name__ == "__main__":
     case, folder = sys.argv[1], sys.argv[2]
     out = globals()[f"case_{case}"]()
     torch.save(out, os.path.join(folder, f"rank{os.environ['RANK']}.pt"))
+    # the case is over and its result saved: leave without the interpreter's teardown, where a
+    # gloo group whose peer was lost or hung can still abort the process (SIGABRT, "terminate
+    # called without an active exception": a C++ thread alive at exit; seen in CI, not yet
+    # fixed in tp.py). What these tests check is the case's result, not that teardown.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------
