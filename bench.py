@@ -146,6 +146,9 @@ def build_rows(args, target, draft):
                                                k=args.k)
         else:
             raise SystemExit(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    if not rows:  # every method asked for was skipped (the reasons are printed above)
+        raise ValueError(f"nothing to measure: {', '.join(args.methods)} skipped (see above); "
+                         "add a method that runs here, e.g. --methods ar,sd.")
     return rows
 
 
@@ -203,10 +206,11 @@ def summarize(results, args):
             for key in ("predicted_speedup", "measured_speedup", "p_hit", "a", "r"):
                 vals = [r[key] for r in runs if r.get(key) is not None]
                 row[key] = statistics.median(vals) if vals else None
-            per_round = lambda key: 1e3 * sum(r[key] for r in runs) / sum(
-                r["target_calls"] for r in runs)
+            calls = sum(r["target_calls"] for r in runs)  # 0: every row ended at prefill
+            per_round = lambda key: 1e3 * sum(r[key] for r in runs) / calls if calls else None
             row["verify_ms"] = per_round("verify_s")        # a verify beside the draft process
             row["round_ms"], row["wait_ms"] = per_round("decode_s"), per_round("draft_wait_s")
+            row["build_ms"] = per_round("cache_build_s")    # the draft's build, beside the verify
             used = {b: sum(r["backup_used"][b] for r in runs) for b in runs[0]["backup_used"]}
             row["backup"] = ", ".join(f"{b} {n}" for b, n in used.items())
             row["backup_why"] = runs[-1]["backup_why"]
@@ -283,7 +287,7 @@ def speed_of_light(table, target, prompts, args):
     more than one of a single row. efficiency = measured speed / speed of light: what the losses
     (a slower verify beside the draft, misses, glue, messages) leave of the idea."""
     row = table.get("saguaro")
-    if not row or not row.get("tau"):
+    if not row or not row.get("tau") or row.get("round_ms") is None:
         return None
     K, (threads, cpus) = args.saguaro_k or args.k, args.saguaro_cores
     batch = [ids for _, ids in prompts[:args.batch_size]]  # b rows, as the measured batches
@@ -299,6 +303,10 @@ def speed_of_light(table, target, prompts, args):
                 - row["wait_ms"]},
             "speed_of_light_vs_ar": row["tau"] * t1 / tk, "speed_of_light_tokens_per_s": sol,
             "efficiency": row["decode_tokens_per_s"] / sol,
+            # a round lasts at least the draft's build too (measured beside the verify): the
+            # ceiling this draft allows on these cores, whatever the rules choose
+            "build_ms": row["build_ms"], "draft_bound_tokens_per_s":
+                args.batch_size * row["tau"] / max(tk, 1e-3 * row["build_ms"]),
             "predicted_speedup": row["predicted_speedup"],
             "measured_speedup": row["measured_speedup"]}
 
@@ -384,6 +392,9 @@ def print_table(table, cond, acc=None, sol=None):
             f"verify time: speed model (Thm. 7) {f2(sol['predicted_speedup'])}x, measured "
             f"{f2(sol['measured_speedup'])}x, speed of light {sol['tau']:.2f}x; a verify beside "
             f"the draft took {sol['verify_beside_draft_ms']:.1f} ms")
+        console.print(f"the draft's build beside it: {sol['build_ms']:.1f} ms a round, so a "
+                      f"round lasts at least max(verify alone, build): at most "
+                      f"{sol['draft_bound_tokens_per_s']:.1f} tok/s with this draft")
         console.print(f"saguaro's mean round: {sol['round_ms']:.1f} ms = a verify alone "
                       f"{sol['verify_ms']:.1f} ms + " + " + ".join(
                           f"{name} {ms:.1f} ms" for name, ms in sol["losses_ms"].items()))

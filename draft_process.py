@@ -489,9 +489,6 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
     """The draft process: load the draft, then serve generations until Shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the target: it closes us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    if cpus:
-        os.sched_setaffinity(0, cpus)  # before torch starts its threads: they inherit it
-    kernels.set_threads(threads)
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -499,6 +496,11 @@ def _serve(side, spec, target_ref, device, threads, cpus, backend, port, parent_
     store.set("joined", "1")
     link = Link(store, 1, backend, dev if backend == "nccl" else "cpu",
                 datetime.timedelta(days=7))  # idle between runs is fine
+    if cpus:  # this thread, and torch's compute threads, which inherit it, on the draft's
+        # cores; the link's I/O threads, started above, may run on any core: pinned beside a
+        # busy compute thread each of their wake-ups waited for a time slice (ms per message)
+        os.sched_setaffinity(0, cpus)
+    kernels.set_threads(threads)
     try:
         draft = load_draft(spec, target_ref, dev)
         store.set("ready", f"{draft.cfg.vocab_size} {draft.cfg.max_positions}")

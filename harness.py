@@ -5,10 +5,13 @@ flags every script spells the same way (each checked as it is parsed)."""
 from __future__ import annotations
 
 import argparse
+import operator
 import os
 import sys
 import tempfile
 import warnings
+
+import torch
 
 import kernels
 import timeline
@@ -37,6 +40,9 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
                                 f"of the {V}-row embedding)" if tok is not None else
                                 "the model's vocabulary") + ". Encode prompts with the "
                              "target's tokenizer (kernels.encode_prompt).")
+    if room > max_new_tokens:  # legal, exact, and wasteful: say so rather than run it silently
+        warnings.warn(f"K = {room} draft tokens a round for max_new_tokens = {max_new_tokens}: "
+                      f"a round can use at most {max_new_tokens}; a smaller K is as fast.")
     need = max(len(p) for p in prompts) + max_new_tokens
     if need > model.cfg.max_positions:
         raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
@@ -89,10 +95,25 @@ def check_saguaro_c(c) -> None:
 
 
 def as_batch(prompt_ids) -> list:
-    """A single prompt (list of ints) or a batch (list of lists) -> a batch."""
-    if len(prompt_ids) and isinstance(prompt_ids[0], int):
-        return [list(prompt_ids)]
-    return [list(p) for p in prompt_ids]
+    """A single prompt (list of ints) or a batch (list of lists) -> a batch. ValueError for
+    text (the loops take token ids) and for anything that is not ids."""
+    def ids(p):
+        if isinstance(p, (str, bytes)):
+            raise ValueError(f"a prompt is token ids, not text ({str(p)[:40]!r}): encode it "
+                             "first, e.g. kernels.encode_prompt(target, text).")
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        try:
+            return [operator.index(t) for t in p]
+        except TypeError:
+            raise ValueError(f"a prompt is a list of token ids (ints), got {type(p).__name__} "
+                             f"{str(p)[:60]}.") from None
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if isinstance(prompt_ids, (str, bytes)) or (len(prompt_ids) and not isinstance(
+            prompt_ids[0], (list, tuple, torch.Tensor, str, bytes))):
+        return [ids(prompt_ids)]
+    return [ids(p) for p in prompt_ids]
 
 
 def new_stats(k: int = 0) -> dict:

@@ -505,8 +505,8 @@ def check_logits(top: torch.Tensor, who: str) -> None:
         bad = torch.nonzero(~torch.isfinite(top.reshape(-1)))[0].item()
         raise ValueError(f"{who} produced non-finite logits (NaN or inf; first in row {bad} of "
                          f"{top.numel()}), so there is no distribution to sample: its forward "
-                         "overflowed or its weights hold NaN. float16 overflows past 65504: try "
-                         "--dtype bfloat16 or float32; else check the checkpoint's weights.")
+                         "overflowed (in float16, past 65504: run it in bfloat16 or float32) "
+                         "or its weights hold NaN (check the checkpoint).")
 
 
 def check_sampling(temperature, top_k=None, top_p=None) -> None:
@@ -637,8 +637,20 @@ def _hf_to_ours(name: str) -> str | None:
     return f"layers.{i}.{sub[rest]}" if rest in sub else f"layers.{i}.{rest}"
 
 
-_HF_NAMES = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
-             "norm": "model.norm.weight"}  # for errors: the names a checkpoint uses
+def _ours_to_hf(name: str) -> str:
+    """For errors: the checkpoint's name(s) for one of our parameters (the fused q/k/v and
+    gate/up name the tensors they are made of)."""
+    top = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
+           "norm": "model.norm.weight"}
+    if name in top:
+        return top[name]
+    _, i, rest = name.split(".", 2)
+    part, _, kind = rest.partition(".")
+    fused = {"wqkv": "self_attn.{q,k,v}_proj", "w13": "mlp.{gate,up}_proj",
+             "wo": "self_attn.o_proj", "w2": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+             "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+    return f"model.layers.{i}.{fused.get(part, part)}.{kind or 'weight'}"
 
 
 def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
@@ -699,7 +711,7 @@ def model_from_hf_state(cfg: ModelConfig, state: dict) -> Model:
     model.load_state_dict(ours, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    missing = [_HF_NAMES.get(n, n) for n, p in model.named_parameters() if p.is_meta]
+    missing = [_ours_to_hf(n) for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"the checkpoint lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}"
                          f" that a {cfg.model_type} model with this config.json needs: a partial"

@@ -28,7 +28,8 @@ class Measurements:
         self.tree = {}    # width (branches per row) -> running mean seconds of one tree step
         self.verify_at = {}   # budget B -> running mean seconds of a verify beside its build
         self.hits_at = {}     # budget B -> [hits, lookups] of the draft's caches of B branches
-        self.ranks_seen, self.curve = 0, (None, None)   # the fit (c, r) at ranks_seen ranks
+        self.ranks_seen = 0
+        self.curve = (None, None, None)  # (ranks_seen at the fit, (c, r), ranks >= F per F)
         self.shadow = {c: [0.0, 0.0, 0.0, 0] for c in C_CANDIDATES}  # see learn_c
 
     def a(self, who) -> float:

@@ -456,10 +456,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     "auto": the budget rule, Estimates.choose_budget); saguaro_c: C ("auto": Estimates.choose_c);
     backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
     (default drafts.fast_backup). seed: both processes' coins (reused worker: DraftWorker.reset).
-    Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why,
-    b_star, a, a_fast, r, p_hit, fan_out_hit/_miss, budget and saguaro_c (in use at the end) with
-    budget_why and c_why (the rule's predicted speed per candidate), predicted_speedup (Thm. 7),
-    measured_speedup (tokens per row per target verify), draft_wait_s and draft_lost (why)."""
+    Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why (at
+    the widest batch, or why the draft was lost), b_star, a, a_fast, r, p_hit, fan_out_hit/_miss,
+    budget and saguaro_c (in use at the end) with budget_why and c_why (the rule's predicted
+    speed per candidate), predicted_speedup (Thm. 7), measured_speedup (tokens per row per
+    target verify), draft_wait_s and draft_lost (why)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, budget or (k + 1) * f
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
@@ -500,6 +501,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     # 2) decode: per round, the target verifies a speculation while the draft prepares the next
     t0 = time.perf_counter()
     accepted = 0
+    widest = 0                          # the most live rows a round has had
     outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
     made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
     while not all(done):
@@ -509,9 +511,12 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         # or the fast backup, run here and sent along (auto mode: also on a few shadow rows).
         last = torch.tensor([r[-1] for r in rows], device=dev)
         live = ~torch.tensor(done)
-        choice, stats["backup_why"] = est.choose_backup(int(live.sum()), draft.lost)
-        est.choose_budget(choice, int(live.sum()))      # NEW: B, C per round, from the estimates
-        c = est.choose_c(choice, int(live.sum()), temperature)
+        b_live = int(live.sum())
+        choice, why = est.choose_backup(b_live, draft.lost)
+        if draft.lost or b_live >= widest:  # the reason at the full batch (or the loss) is kept
+            stats["backup_why"], widest = why, b_live
+        est.choose_budget(choice, b_live)               # NEW: B, C per round, from the estimates
+        c = est.choose_c(choice, b_live, temperature)
         shadow = saguaro_c == "auto" and temperature > 0 and stats["target_calls"] % 4 == 1
         fan_hit, fan_miss = est.fan_outs(choice)
         asked = live & ((choice == "fast") | ((backup == "auto") & (live.cumsum(0) <= 4)))
@@ -607,6 +612,8 @@ def main():
     harness.add_saguaro_args(ap, budget="auto", saguaro_c="auto")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
+    if args.f and args.budget != "auto":
+        ap.error(f"--f {args.f} sets B = (K+1) f and --budget {args.budget} sets B: give one")
     args.threads, draft_threads = draft_process.split_threads(args.threads)
     target, _ = harness.load_models(args)  # --tp N: this rank's shard (tp.py)
     ids = kernels.encode_prompt(target, args.prompt)

@@ -565,7 +565,11 @@ def test_a_damaged_checkpoint_is_refused_with_the_checkpoint_s_own_names():
     for damaged, named in (
             ({up: state[up][:-4]}, up),
             ({"model.layers.0.self_attn.q_proj.bias": None}, "q_proj.bias"),
-            ({"model.embed_tokens.weight": None}, "model.embed_tokens.weight")):
+            ({"model.embed_tokens.weight": None}, "model.embed_tokens.weight"),
+            ({"model.layers.1.post_attention_layernorm.weight": None},
+             "model.layers.1.post_attention_layernorm.weight"),
+            ({f"model.layers.0.mlp.{p}_proj.weight": None for p in ("gate", "up")},
+             "model.layers.0.mlp.{gate,up}_proj.weight")):
         broken = {n: t for n, t in {**state, **damaged}.items() if t is not None}
         with pytest.raises(ValueError, match=re.escape(named)):
             kernels.model_from_hf_state(cfg, broken)

@@ -143,6 +143,38 @@ def test_prompt_ids_past_the_tokenizer_are_refused_by_every_loop_with_a_clear_er
         assert not saguaro.draft_process._LIVE, name  # refused before any draft process started
 
 
+@pytest.mark.parametrize("bad, message", [("hello", "not text.*encode_prompt"),
+                                           (["hi", "there"], "not text"),
+                                           ([[1.5, 2]], "list of token ids"),
+                                           ([None], "list of token ids")])
+def test_text_or_non_ids_as_a_prompt_are_refused_by_every_loop_with_a_clear_error(bad, message):
+    """A newcomer passes text (or floats) where token ids go: one ValueError that says what a
+    prompt is, in every loop, before any draft process starts (was a TypeError deep inside)."""
+    target, draft = padded_pair()
+    runs = {"ar": lambda: autoregressive.generate(target, bad, 4),
+            "sd": lambda: speculative.generate(target, bad, 4, draft=draft),
+            "ssd": lambda: ssd.generate(target, bad, 4, draft=draft, k=2, f=1),
+            "saguaro": lambda: saguaro.generate(target, bad, 4, draft=draft, k=2, f=1)}
+    for name, run in runs.items():
+        with pytest.raises(ValueError, match=message):
+            run()
+        assert not saguaro.draft_process._LIVE, name
+
+
+def test_a_k_longer_than_the_request_warns_and_still_matches_autoregressive():
+    target, draft = padded_pair()
+    ref = autoregressive.generate(target, [3, 7, 1, 5], 3)[0]
+    with pytest.warns(UserWarning, match="K = 8 draft tokens a round for max_new_tokens = 3"):
+        assert speculative.generate(target, [3, 7, 1, 5], 3, draft=draft, k=8)[0] == ref
+
+
+def test_prompts_as_tensors_or_numpy_ids_run_as_lists_do():
+    target, draft = padded_pair()
+    ref = autoregressive.generate(target, [[3, 7, 1, 5]], 4)[0]
+    assert autoregressive.generate(target, torch.tensor([3, 7, 1, 5]), 4)[0] == ref
+    assert speculative.generate(target, torch.tensor([[3, 7, 1, 5]]), 4, draft=draft)[0] == ref
+
+
 def test_padded_vocabularies_over_one_tokenizer_still_match_autoregressive():
     target, draft = padded_pair()
     good = [[3, 50, 1, 5], [59, 58]]
@@ -428,6 +460,25 @@ def test_every_cli_refuses_bad_flags_before_loading_a_model(module, flags, messa
     with pytest.raises(SystemExit) as exit_:
         __import__(module).main()
     assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_bench_with_every_method_skipped_is_an_error_not_an_empty_table(capsys):
+    """--methods hf-assisted with a draft that is no transformers model printed an empty table
+    and exit 0 (a newcomer run)."""
+    import bench
+    args = argparse.Namespace(methods=["hf-assisted"], batch_size=1, draft="default")
+    with pytest.raises(ValueError, match="nothing to measure: hf-assisted skipped"):
+        bench.build_rows(args, tiny_model(0), tiny_model(1))
+    assert "hf-assisted skipped" in capsys.readouterr().out
+
+
+def test_saguaro_refuses_two_flags_that_both_set_the_budget(monkeypatch, capsys):
+    """--f 2 --budget 3 ran with B = 3 and said nothing of --f (a newcomer run)."""
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(sys, "argv", ["saguaro", "--prompt", "hi", "--f", "2", "--budget", "3"])
+    with pytest.raises(SystemExit) as exit_:
+        saguaro.main()
+    assert exit_.value.code == 2 and "give one" in capsys.readouterr().err
 
 
 def test_an_empty_prompt_is_refused_before_loading_a_model(monkeypatch, capsys):
