@@ -741,6 +741,14 @@ def test_each_process_gets_its_own_cores_and_the_caller_gets_its_own_back(tiny_p
     assert draft_cpus and not draft_cpus & set(worker.target_cpus)
     saguaro.generate(target, RAGGED, 5, draft=worker, k=2, f=1)
     assert os.sched_getaffinity(0) == before
+    # only the draft's compute thread (and torch's, which inherit it) is pinned: its link's
+    # I/O threads may run on any core (pinned beside the busy compute thread, each message
+    # waited a time slice to be read; tests/ cannot time that reliably, so the fact is checked)
+    task = f"/proc/{worker.process.pid}/task"
+    threads = {int(t): open(f"{task}/{t}/comm").read().strip() for t in os.listdir(task)}
+    gloo = [t for t, name in threads.items() if "gloo" in name]
+    assert gloo and all(os.sched_getaffinity(t) == before for t in gloo), threads
+    assert os.sched_getaffinity(worker.process.pid) == draft_cpus  # its main thread
 
 
 def test_eos_inside_an_accepted_block_ends_the_row(self_pair):
