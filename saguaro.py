@@ -112,12 +112,14 @@ def expected_tokens(a: float, K: int) -> float:
 
 def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
     """Thm. 7 over AR, times in units of one target verify (= one AR step, memory-bound):
-    [p_hit E_hit + (1 - p_hit) E_miss] / [P max(1, T_p) + (1 - P)(1 + T_b)]: a hit round's verify
-    and cache build (T_p) overlap, a miss adds the backup (T_b); with b rows the batch waits when
-    any row misses, so P = P(all hit) = p_hit^b (Sec. 4.3)."""
+    [p_hit E_hit + (1 - p_hit) E_miss] / [max(1, T_p) + (1 - P) T_b]: a round's verify and the
+    draft's build of the next cache (T_p) overlap, a miss first waits for the backup (T_b);
+    with b rows the batch waits when any row misses, so P = P(all hit) = p_hit^b (Sec. 4.3).
+    The paper charges a miss round 1 + T_b, assuming the build hidden (T_p <= 1, where the
+    two agree); here a miss round also waits for a build longer than the verify, as the loop
+    does (the next answer comes after it)."""
     all_hit = p_hit ** batch
-    return (p_hit * e_hit + (1 - p_hit) * e_miss) / (all_hit * max(1.0, t_p)
-                                                     + (1 - all_hit) * (1 + t_b))
+    return (p_hit * e_hit + (1 - p_hit) * e_miss) / (max(1.0, t_p) + (1 - all_hit) * t_b)
 
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)

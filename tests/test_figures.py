@@ -109,12 +109,14 @@ def test_speed_of_light_at_batch_b_times_a_verify_of_b_rows(monkeypatch):
                              "batch_size": 4})()
     table = {"saguaro": {"tau": 3.0, "decode_tokens_per_s": 160.0, "verify_ms": 70.0,
                          "round_ms": 75.0, "wait_ms": 1.0, "predicted_speedup": 2.0,
-                         "measured_speedup": 2.0}}
+                         "measured_speedup": 2.0, "build_ms": 90.0}}
     prompts = [("alpaca", [1, 2, 3 + i]) for i in range(4)]
     sol = bench.speed_of_light(table, None, prompts, args)
     assert seen == [[ids for _, ids in prompts]]
     assert sol["speed_of_light_tokens_per_s"] == pytest.approx(4 * 3.0 / 0.060)   # every row
     assert sol["efficiency"] == pytest.approx(0.8) and sol["efficiency"] <= 1
+    # a round lasts at least the draft's build (90 ms, longer than the 60 ms verify)
+    assert sol["draft_bound_tokens_per_s"] == pytest.approx(4 * 3.0 / 0.090)
 
 
 def test_step_times_runs_a_verify_of_every_row():

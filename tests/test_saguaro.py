@@ -258,6 +258,8 @@ def test_expected_tokens_and_speed_model_at_known_points():
         (p * eh + (1 - p) * em) / (p * 1.0 + (1 - p) * (1 + tb)))
     assert saguaro.predicted_speedup(p, eh, em, tp, tb, batch=3) == pytest.approx(
         (p * eh + (1 - p) * em) / (p ** 3 * 1.0 + (1 - p ** 3) * (1 + tb)))
+    # a build longer than the verify: every round waits for it, a miss round for the backup too
+    assert saguaro.predicted_speedup(0.5, 3.0, 2.0, 1.5, 1.0) == pytest.approx(2.5 / 2.0)
 
 
 def rule(p_hit=0.8, a=0.8, a_fast=0.4, jit_s=0.3, fast_s=0.001, backup="auto"):

@@ -209,7 +209,7 @@ def test_speed_of_light_is_tau_over_a_verify_alone_and_efficiency_the_measured_s
                              "batch_size": 1})()
     table = {"saguaro": {"tau": 3.6, "decode_tokens_per_s": 80.0, "verify_ms": 40.0,
                          "round_ms": 45.0, "wait_ms": 3.0, "predicted_speedup": 3.0,
-                         "measured_speedup": 2.9}}
+                         "measured_speedup": 2.9, "build_ms": 30.0}}
     sol = bench.speed_of_light(table, None, [("alpaca", [1, 2, 3])], args)
     assert sol["speed_of_light_tokens_per_s"] == pytest.approx(3.6 / 0.036)   # 100 tok/s
     assert sol["speed_of_light_vs_ar"] == pytest.approx(3.6 * 0.030 / 0.036)
@@ -218,3 +218,5 @@ def test_speed_of_light_is_tau_over_a_verify_alone_and_efficiency_the_measured_s
     bench.print_table({}, {"dtype": "float32"}, sol=sol)
     out = capsys.readouterr().out
     assert "efficiency 0.80" in out and "mean round: 45.0 ms = a verify alone 36.0 ms" in out
+    assert sol["draft_bound_tokens_per_s"] == pytest.approx(3.6 / 0.036)  # a build within tk
+    assert "build beside it: 30.0 ms a round" in out
