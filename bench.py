@@ -485,11 +485,10 @@ def main(argv=None):
                     help="prompts per dataset")
     ap.add_argument("--batch-size", type=harness.positive_int, default=1,
                     help="prompts per generate call")
-    # saguaro's defaults fit the built-in pair on a 2-core CPU, one core per process: the
-    # draft must build its cache within one verify, so a small tree: one guess (B = 1) on
-    # "all accepted", and a miss served by the draft itself (jit). C follows its rule (1 at
-    # temperature 0); --budget auto lets the budget rule choose B too. README: the runs.
-    harness.add_saguaro_args(ap, budget=1, backup="jit", saguaro_c="auto")
+    # saguaro's B, C and backup: chosen by its rules from what the draft measures (the speed
+    # model, Thm. 7), as saguaro.py does: a user who sets nothing gets what they predict best
+    # for this pair, these cores, this temperature and batch size. README: the runs.
+    harness.add_saguaro_args(ap, budget="auto", backup="auto", saguaro_c="auto")
     ap.add_argument("--saguaro-k", type=harness.positive_int, default=None,
                     help="K for the saguaro row; None: --k. Its draft process must build "
                          "K + 1 forwards within one verify, which a slow draft may not")

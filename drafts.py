@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -406,11 +407,17 @@ DRAFT_HELP = ("default (the target's int4 self-draft), ngram (model-free), self 
               "itself), another drafts.py candidate, or a model folder / hub id")
 
 
+_FAST_BACKUPS = weakref.WeakKeyDictionary()  # target -> its shipped n-gram drafter
+
+
 def fast_backup(target: kernels.Model, prompts: list):
     """saguaro.py's fast backup: the n-gram drafter (prompt lookup + the target's shipped n-gram
-    tables); for a target without shipped tables, prompt lookup over n-grams of the prompts."""
+    tables, read once per target: ~0.4 s a call before); for a target without shipped tables,
+    prompt lookup over n-grams of the prompts."""
     try:
-        return load_draft("ngram", target)
+        if target not in _FAST_BACKUPS:
+            _FAST_BACKUPS[target] = load_draft("ngram", target)
+        return _FAST_BACKUPS[target]
     except ValueError:
         counts = NGramDrafter.count(prompts, [0] * len(prompts))
         return NGramDrafter.from_counts(counts, target.cfg.vocab_size)

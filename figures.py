@@ -4,8 +4,9 @@
     python figures.py --all --quick --draft int4-h8k        # a weaker draft (acceptance < 0.85)
     python figures.py --fig 4 --fig 5 --out results/figures  # some figures, full size
 
-bench.py measures the ladder at its default regime (T = 0, batch 1, budget B = 1), where the
-three ideas that make Saguaro more than SSD cannot show. Each figure here isolates one:
+bench.py measures the ladder at its default regime (T = 0, batch 1, where its rules mostly
+choose B = 1), where the three ideas that make Saguaro more than SSD cannot show. Each figure
+here isolates one:
   Fig. 3  the miss curve 1 - p_hit(F), by the paper's cheap method: one teacher-forced forward of
           target and draft over text, no decoding (timing-free), and the fitted exponent r.
   Fig. 4  geometric vs uniform fan-out (Thm. 12) at an equal budget B, per temperature, SD beside.
