@@ -285,6 +285,21 @@ def test_batch_aware_rule_takes_jit_below_b_star_and_fast_from_it():
     assert rule(backup="jit").choose_backup(1000) == ("jit", "--backup jit")
 
 
+def test_before_any_jit_ran_the_rule_charges_it_k_one_branch_tree_steps_not_k_glues():
+    """A JIT is K tree steps of one branch per row. The glue after a fast backup reads K + 1
+    tokens of every row: charged for each JIT step (as before), it made the JIT look so slow
+    at b = 8 that the rule kept the fast backup and never measured the JIT."""
+    est = rule()
+    del est.secs["jit"]
+    est.secs["step"] = 2.0                   # a glue of K + 1 tokens per row, after a fast round
+    est.tree = {1: 0.05, 6: 0.3}             # a tree step of one branch per row: 0.05 verifies
+    assert est._speed(0.5, 0.5, 0.8, 0.9, "jit", 8) == pytest.approx(saguaro.predicted_speedup(
+        0.5, saguaro.expected_tokens(0.8, 4), saguaro.expected_tokens(0.8, 4), 0.9, 4 * 0.05, 8))
+    est.tree = {}                            # nothing timed: the old stand-in
+    assert est._speed(0.5, 0.5, 0.8, 0.9, "jit", 8) == pytest.approx(saguaro.predicted_speedup(
+        0.5, saguaro.expected_tokens(0.8, 4), saguaro.expected_tokens(0.8, 4), 0.9, 4 * 2.0, 8))
+
+
 def test_fan_outs_follow_the_acceptance_of_whoever_made_the_speculation():
     """After a hit the cache was built over the draft's speculation: its acceptance a sets the
     schedule. After a miss served by the fast backup it was built over the fast one's: a_fast.
