@@ -9,6 +9,7 @@ import operator
 import os
 import sys
 import tempfile
+import traceback
 import warnings
 
 import torch
@@ -159,15 +160,34 @@ def cli(main) -> None:
     """Run a script's main(): bad input found after parsing (a ValueError: an impossible length,
     a prompt past the context, a draft over another tokenizer; a FileNotFoundError: no such
     model or draft) ends it as argparse ends a bad flag, one line on stderr and exit code 2, not
-    a traceback. Ctrl-C ends it with one line and code 130."""
+    a traceback. Ctrl-C ends it with one line and code 130. A tensor-parallel rank that left its
+    group after a failure (tp.abandoned) ends with os._exit and the same code (1 for any other
+    error, after its traceback): its group's threads could abort the interpreter's teardown."""
     try:
         main()
     except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: no such model or draft
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:  # Ctrl-C: stopped as asked (a draft process is closed at exit)
         print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
+    except Exception:
+        if not _left_group():
+            raise
+        traceback.print_exc()
+        _exit(1)
+
+
+def _left_group() -> bool:
+    tp = sys.modules.get("tp")  # imported only by runs with --tp
+    return tp is not None and tp.abandoned()
+
+
+def _exit(code: int) -> None:
+    if not _left_group():
+        sys.exit(code)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
 
 
 def report(target, tokens, stats, *names) -> None:

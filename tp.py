@@ -132,8 +132,21 @@ def abandon() -> None:
     group closes this rank's connections, so a rank waiting for it fails now with RankLost
     instead of after TIMEOUT_S. (gloo sees the closed sockets; NCCL ranks still wait for their
     own timeout.) Any later collective on this rank raises RankLost."""
+    global _ABANDONED
     if dist.is_initialized():
         dist.destroy_process_group()
+        _ABANDONED = True
+
+
+_ABANDONED = False
+
+
+def abandoned() -> bool:
+    """Whether this rank left its group after a failure (abandon). Its process must then end
+    with os._exit (harness.cli does): a gloo group whose peer was lost or hung can still hold
+    C++ threads that abort the interpreter's teardown (SIGABRT, "terminate called without an
+    active exception"), which would replace the error's exit code."""
+    return _ABANDONED
 
 
 def _collective(fn, tensor, what):

@@ -507,3 +507,30 @@ def test_a_rank_that_raises_ends_every_rank_at_once_and_only_it_prints_the_error
     # time is the property: each rank ends as soon as the fault is seen; 45 s is generous room
     # on a busy machine, far below the 600 s SSD_TP_TIMEOUT a missed fault would wait for
     assert max(o["seconds"] for o in outs) < 45, outs
+
+
+def test_a_rank_that_left_its_group_ends_with_os_exit_and_the_error_s_code(monkeypatch, capsys):
+    """After tp.abandon a gloo group's threads can abort the interpreter's teardown (SIGABRT,
+    seen in CI), replacing the exit code: harness.cli then leaves with os._exit, the same code
+    (2 bad input, 1 any other error, after its traceback). Without --tp nothing changes."""
+    import harness
+    codes = []
+    monkeypatch.setattr(os, "_exit", codes.append)
+
+    def fail(error):
+        def main():
+            raise error
+        return main
+    monkeypatch.setattr(tp, "_ABANDONED", True)
+    harness.cli(fail(ValueError("a bad length")))
+    harness.cli(fail(RuntimeError("tensor parallelism: rank 1 lost its peers")))
+    assert codes == [2, 1]
+    err = capsys.readouterr().err
+    assert "error: a bad length" in err and "Traceback" in err and "lost its peers" in err
+    monkeypatch.setattr(tp, "_ABANDONED", False)
+    with pytest.raises(SystemExit) as exit_:
+        harness.cli(fail(ValueError("a bad length")))
+    assert exit_.value.code == 2
+    with pytest.raises(RuntimeError):
+        harness.cli(fail(RuntimeError("not a tp failure")))
+    assert codes == [2, 1]
