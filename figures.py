@@ -265,8 +265,7 @@ def plot_fig3(fig, paper, path):
     for name, miss in paper["fig3"]["curves"].items():
         ax.loglog(paper["fig3"]["F"], miss, "--", marker=".", label=f"paper: {name}")
     ax.set(xlabel="F (guesses)", ylabel="miss rate 1 - p_hit(F)", title="Fig. 3: the miss curve")
-    ax.legend(fontsize=7)
-    save(ax, path)
+    save(path, ax)
 
 
 def plot_fig4(fig, paper, path):
@@ -286,9 +285,7 @@ def plot_fig4(fig, paper, path):
     axes[0].set(xlabel="temperature T", ylabel="cache hit rate",
                 title=f"Fig. 4: fan-out at budget B = {fig['budget']} (ours)")
     axes[1].set(xlabel="temperature T", ylabel="decode tokens/s / SD's", title="speed vs SD")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    save(axes[0], path)
+    save(path, *axes)
 
 
 def plot_fig5(fig, paper, path):
@@ -305,9 +302,7 @@ def plot_fig5(fig, paper, path):
     axes[0].set(xlabel="cache hit rate", ylabel="acceptance rate",
                 title="Fig. 5: Saguaro sampling, C from 1 towards 0")
     axes[1].set(xlabel="C", ylabel="decode tokens/s", title="speed per C (ours)")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    save(axes[0], path)
+    save(path, *axes)
 
 
 def plot_fig6(fig, paper, path):
@@ -324,9 +319,7 @@ def plot_fig6(fig, paper, path):
                 title="Fig. 6: the backup vs batch size (ours)")
     axes[1].set(xscale="log", xlabel="batch size b", ylabel="decode tokens/s per sequence",
                 title="the paper's (H100s)")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    save(axes[0], path)
+    save(path, *axes)
 
 
 def plot_fig7(fig, paper, path):
@@ -345,8 +338,7 @@ def plot_fig7(fig, paper, path):
                label=f"paper: {m}", hatch="//")
     ax.set_xticks([j + 0.4 for j in range(len(names))], names)
     ax.set(ylabel="decode speedup vs AR", title="Fig. 7: per data set")
-    ax.legend(fontsize=7)
-    save(ax, path)
+    save(path, ax)
 
 
 def plot_thm7(fig, paper, path):
@@ -363,15 +355,18 @@ def plot_thm7(fig, paper, path):
     ax.plot([0, top], [0, 0.85 * top], "k:")
     ax.set(xlabel="measured (tokens per row per verify time)", ylabel="predicted by Thm. 7",
            title="Thm. 7: the speed model vs measurement")
-    ax.legend(fontsize=7)
-    save(ax, path)
+    save(path, ax)
 
 
-def save(ax, path):
+def save(path, *axes):
+    """Every plot's end: a legend on each of its axes, then its figure written to `path`."""
     import matplotlib.pyplot as plt
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=110)
-    plt.close(ax.figure)
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig = axes[0].figure
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
