@@ -196,12 +196,13 @@ class Estimates(measure.Measurements):
         row: at b = 8 it charged the JIT ~2.5 verifies, so the rule kept the fast backup and
         never measured the JIT (1.6x measured with fast, 2.9x with JIT, T = 1)."""
         verify = verify or self.secs.get("verify", 1.0)
-        if backup == "jit":
-            step = self.tree_step(1)
-            t_b = self.secs.get("jit", self.K * (self.secs.get("step", t_p / (self.K + 1))
-                                                 if step is None else step))
-        else:
+        if backup == "fast":
             t_b = self.secs.get("fast", 0.0)
+        elif "jit" in self.secs:
+            t_b = self.secs["jit"]
+        else:  # not run yet: no fit of the tree's cost line once the JIT is measured
+            step = self.tree_step(1)
+            t_b = self.K * (self.secs.get("step", t_p / (self.K + 1)) if step is None else step)
         e_miss = expected_tokens(self.a("fast") if backup == "fast" else a_d, self.K)
         return predicted_speedup(self._p_hit(p_d, p_f, backup), expected_tokens(a_d, self.K),
                                  e_miss, t_p / verify, t_b / verify, batch)
