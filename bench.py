@@ -133,7 +133,7 @@ def build_rows(args, target, draft):
             args.saguaro_cores = (half, worker.target_cpus if worker else None)  # speed of light
             kw = dict(draft=worker, k=args.saguaro_k or args.k, f=args.f, fan_out=args.fan_out,
                       saguaro_c=args.saguaro_c, backup=args.backup, target_threads=half,
-                      budget=args.budget)
+                      budget=args.budget, couple_bonus=args.couple_bonus)
             rows["saguaro"] = lambda batch, kw=kw: tp.led(
                 lambda t: ours(saguaro, t, args, half, **kw)(batch), target)
             if args.accounting and half != args.threads:

@@ -62,6 +62,7 @@ class Start:
     top_p: float | None
     c: float               # Saguaro's C
     seed: int
+    race_vocab: int = 0    # the target's vocabulary if the bonus is a shared race (0: it is not)
     trace: bool = False    # record the draft's spans (timeline.py): set by exchange()
     time_widths: tuple = ()  # tree widths (branches per row) to time once, before the first answer
 

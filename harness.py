@@ -313,6 +313,10 @@ def add_saguaro_args(parser, budget=None, backup="auto", saguaro_c=1.0) -> None:
                         help="saguaro's backup on a miss. auto: the batch-aware rule, which "
                              "follows measured latencies, so at temperature > 0 one seed can "
                              "give other text run to run (jit and fast repeat it)")
+    parser.add_argument("--couple-bonus", default=True, action=argparse.BooleanOptionalAction,
+                        help="at temperature > 0, draw the bonus by a race whose clocks the "
+                             "draft process shares, so its guess predicts the draw (saguaro.py, "
+                             "idea 7: ours, not the paper's; the same law either way)")
     parser.add_argument("--timeout", default=10.0, help="seconds to wait for saguaro's draft "
                         "process (1 ms to 1 day)", type=checked(float, lambda s: check_seconds(
                             "--timeout", s)))

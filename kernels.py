@@ -28,6 +28,7 @@ Both return logits (B, T, V) in float32.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -535,6 +536,22 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     u = torch.rand(flat.shape[0], 1, dtype=torch.float64, device=flat.device, generator=generator)
     token = torch.searchsorted(cum, u * cum[:, -1:], right=True)
     return token.clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])
+
+
+def race_clocks(seed: int, rows, positions, vocab: int, device="cpu") -> torch.Tensor:
+    """E (B, vocab), i.i.d. Exp(1), for the draws at token `positions` (B,) of batch `rows` (B,):
+    a function of (seed, row, position) alone, so two processes that share the seed hold the
+    same E for the same draw. argmax_x w_x / E_x is a draw from w / sum(w) (the exponential
+    race: token x arrives at time E_x / w_x, the first arrival wins; it is the Gumbel-max trick
+    with g = -log E), so whoever knows E and a law close to w can predict the draw. Drawn on the
+    CPU in float64 (the same numbers whatever the device), then moved to `device`."""
+    out = torch.empty(len(rows), vocab, dtype=torch.float64)
+    for i, (row, position) in enumerate(zip(rows, positions)):
+        key = hashlib.blake2b(f"{seed}/{row}/{position}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        torch.rand(vocab, dtype=torch.float64, generator=gen, out=out[i])
+    # -log(1 - U) for U ~ U[0, 1); never 0, so w = 0 stays 0 / E = 0 and is never drawn
+    return out.neg_().log1p_().neg_().clamp_min_(torch.finfo(torch.float64).tiny).to(device)
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

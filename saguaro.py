@@ -19,6 +19,13 @@ ssd.py shows the idea on one device, step by step. New here (Kumar, Dao, May 202
    speed model (Thm. 7) decides.
 6. Faults: if the draft process dies or stops answering, the target finishes alone with the fast
    backup, after a warning; no token is lost or repeated (the target owns all state).
+7. Ours, not the paper's: the coupled bonus. At temperature > 0 the bonus after a full
+   acceptance is a fresh draw from p_{K+1}, which one guess of the draft's top token hits about
+   as often as p's top token is drawn. Here the bonus is the winner of an exponential race,
+   argmax p / E with E ~ Exp(1) i.i.d. per token (the same law), and E is a function of the seed,
+   the row and the position that both processes compute (kernels.race_clocks): the draft's
+   first guess at k = K is argmax q_{K+1} / E, which is the target's draw whenever q and p are
+   close. E is used for nothing else, so the output law is unchanged (couple_bonus=False: off).
 
 Notation (Speculative Speculative Decoding, Kumar, Dao, May 2026): p = target, q = draft, K =
 speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k branches per row
@@ -312,10 +319,11 @@ class DraftSide:
         self.draft, self.K, self.V, self.c = draft, start.K, start.vocab, start.c
         self.sampling = (start.temperature, start.top_k, start.top_p)
         self.gen = kernels.make_generator(start.seed + 1, draft.device)  # the draft's own coins
+        self.seed, self.race_vocab = start.seed, start.race_vocab
         self.cache = draft.new_cache(len(start.prompts), start.max_len)
         draft.prefill(start.prompts, self.cache)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
-        self.S = self.spec = self.glue = self.prefix = self.next = None
+        self.S = self.spec = self.glue = self.ranks = self.prefix = self.next = None
         self.build_s = self.glue_s = 0.0
         self.tree_s = {w: self.time_tree(w) for w in start.time_widths} or None
 
@@ -354,7 +362,7 @@ class DraftSide:
             hit, y, q = self.S.lookup(k, t)
             if msg.shadow:
                 logits_y = self.S.logits[rows, self.S.find(k, t)[1]]
-            rank = measure.bonus_rank(self.glue, self.spec, k, t)        # for r
+            rank = measure.bonus_rank(self.ranks, self.spec, k, t)       # for r
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
             if bool(hit.all()):  # ssd's tree keeps branch n's step-j KV at base + j N + n
                 branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
@@ -404,11 +412,26 @@ class DraftSide:
             glue = self.draft(glue_in, self.cache)                           # (B, K+1, V_draft)
         self.glue, self.spec = glue[..., : self.V], y
         self.glue_s = timeline.span("glue", tick, "draft")
+        self.ranks = self.race_ranks() if self.race_vocab else self.glue
         fanouts = [fan_hit if s == HIT else fan_miss for s in source.tolist()]
-        self.S = ssd.build_speculation_cache(self.draft, self.cache, self.glue, y, fanouts,
+        self.S = ssd.build_speculation_cache(self.draft, self.cache, self.ranks, y, fanouts,
                                              saguaro_q(self.sampling, self.c, fan_hit), self.gen,
                                              vocab=self.V)
         self.build_s = timeline.span("build", tick, "draft")
+
+
+    def race_ranks(self):
+        """What ssd.predict_outcomes ranks the guesses by, (B, K+1, V): the glue's logits, but at
+        k = K the draft's q_{K+1} / E with the target's race clocks E for that position (the
+        coupled bonus, idea 7): its top guess is the token the target's race gives when p = q.
+        Row b's bonus after k accepted lands at token len(row) + k = trunk + 1 + k."""
+        K, B = self.K, len(self.trunk)
+        q = kernels.probs_from_logits(self.glue[:, K], *self.sampling)          # (B, V)
+        E = kernels.race_clocks(self.seed, range(B), (self.trunk + 1 + K).tolist(),
+                                self.race_vocab, q.device)[:, : self.V]
+        ranks = self.glue.to(torch.float32, copy=True)  # only its order is read
+        ranks[:, K] = q.double().log() - E.log()        # log(q / E): finite where q > 0
+        return ranks
 
 
 def reuse_branch(draft, cache, slots, logits, y):
@@ -459,13 +482,14 @@ def serve_fast(fast, rows, asked, K, temperature, gen, V, est, stats):
 @torch.inference_mode()
 def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temperature=0.0,
              top_k=None, top_p=None, seed=0, eos=True, fan_out="geometric", saguaro_c=1.0,
-             backup="auto", budget=None, fast_backup=None):
+             backup="auto", budget=None, fast_backup=None, couple_bonus=True):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
     DraftWorker, or what it takes (then one is started for this call; process options:
     draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f;
     "auto": the budget rule, Estimates.choose_budget); saguaro_c: C ("auto": Estimates.choose_c);
     backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
     (default drafts.fast_backup). seed: both processes' coins (reused worker: DraftWorker.reset).
+    couple_bonus: at temperature > 0 the bonus is a race both processes' clocks share (idea 7).
     Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why (at
     the widest batch, or why the draft was lost), b_star, a, a_fast, r, p_hit, fan_out_hit/_miss,
     budget and saguaro_c (in use at the end) with budget_why and c_why (the rule's predicted
@@ -481,7 +505,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
     fast = fast_backup or drafts.fast_backup(target, prompts)
     check_draft(target, fast, K)  # a proposer over the target's vocabulary
-    settings = (K, budget, fan_out, backup, B, temperature, top_k, top_p, saguaro_c)
+    race = couple_bonus and temperature > 0   # at temperature 0 the bonus is p's argmax
+    settings = (K, budget, fan_out, backup, B, temperature, top_k, top_p, saguaro_c, race)
     est = draft.estimates.setdefault(settings, Estimates(K, budget, fan_out, backup, saguaro_c,
                                                          Vc))  # learned, kept across calls
     widths = est.budgets if budget == "auto" else [budget]
@@ -497,7 +522,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     # 1) prefill: the target gives the first token; the draft reads the prompts too
     t0 = time.perf_counter()
     draft.exchange(Start(prompts, K, Vc, max_len + 1 + K * max(widths), temperature, top_k,
-                         top_p, est.c, seed, time_widths=to_time))  # first: the draft prefills
+                         top_p, est.c, seed, Vt if race else 0,
+                         time_widths=to_time))  # first: the draft prefills
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
     token = kernels.next_token(logits, temperature, top_k, top_p, gen,
@@ -566,7 +592,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         logits = target(tokens_in, cache)                                   # (B, K+1, Vt)
         p = kernels.probs_from_logits(logits, temperature, top_k, top_p,
                                       f"the target's verify in round {stats['target_calls'] + 1}")
-        n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen)
+        bonus_race = (lambda n: kernels.race_clocks(  # NEW: row b's bonus lands at len + n
+            seed, range(B), [len(r) + int(m) for r, m in zip(rows, n)], Vt, dev)) if race else None
+        n_accepted, bonus = verify(p, draft_probs, draft_tokens, gen, bonus_race)
         stats["target_calls"] += 1
         kernels.sync(dev)
         verify_s = timeline.span("verify", tick)
@@ -639,7 +667,8 @@ def main():
             return harness.after_warm_up(lambda n: generate(
                 target, ids, n, draft=w, k=args.k, f=args.f or 3, fan_out=args.fan_out,
                 saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=budget),
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=budget,
+                couple_bonus=args.couple_bonus),
                 args.max_new_tokens, trace=args.trace)
     tokens, stats = tp.led(run, target)
     harness.report(target, tokens, stats, "tau", "hit_rate", "a", "r", "fan_out_hit",

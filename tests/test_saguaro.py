@@ -817,6 +817,27 @@ def test_draft_equal_to_target_hits_every_time_at_temperature_0(self_pair):
     assert est.rank_counts.sum() == sum(stats["lookups_by_k"]) and est.rank_counts[0] > 0
 
 
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_at_temperature_1_a_draft_equal_to_the_target_predicts_every_coupled_bonus(self_pair,
+                                                                                   top_p):
+    """The coupled bonus (idea 7): with q = p every draft token is accepted, so every round
+    ends at k = K with a bonus drawn from p_{K+1}; the draft's one guess, argmax q / E with the
+    target's clocks E for that row and position, is that draw every time. Uncoupled, one guess
+    hits only when p's draw is its top token. A clock off by one position or row, or another
+    vocabulary slice, would be a different race: it would hit no more than the uncoupled guess.
+    Only each row's first lookup may miss: its cache was built before any acceptance was
+    measured, when the fan-out's prior put the one guess on k = 0."""
+    target, worker = self_pair
+    misses = {}
+    for couple in (True, False):
+        _, stats = saguaro.generate(target, RAGGED, 40, k=3, budget=1, backup="jit",
+                                    draft=worker, temperature=1.0, top_p=top_p, seed=5,
+                                    couple_bonus=couple)
+        assert stats["acceptance_rate"] == 1.0 and stats["lookups_by_k"][:3] == [0, 0, 0]
+        misses[couple] = stats["cache_misses"]
+    assert misses[True] <= len(RAGGED) and misses[False] >= 3 * len(RAGGED), misses
+
+
 def test_draft_calls_count_every_draft_forward(self_pair):
     """draft_calls: the cold start's JIT (K forwards), then per round the glue and K tree
     steps, plus K for every JIT backup."""
@@ -917,6 +938,8 @@ LAW_CASES = {
     "B, C auto (scripted: both move every round) jit, EOS live": dict(
         budget="auto", saguaro_c="auto", backup="jit", eos=True),
     "B, C auto (scripted) fast": dict(budget="auto", saguaro_c="auto", backup="fast"),
+    "C=0.5 jit, the bonus drawn apart (not coupled), EOS live": dict(
+        saguaro_c=0.5, backup="jit", f=1, eos=True, couple_bonus=False),
 }
 NUM_STAT_TESTS = len(LAW_CASES) + 6   # + the PIT tests of the draft's answers
 
@@ -1055,6 +1078,21 @@ def test_negative_control_verifying_with_q_instead_of_q_prime_fails():
     draft = SaguaroDraftLyingAboutQ(tiny_model(3, vocab_size=V), c=0.0)
     passed, worst, _, shown = law_test(target, speculative.generate, draft=draft, k=2)
     assert not passed and worst > 5, shown
+
+
+def test_negative_control_race_clocks_shared_by_rows_fail(law_pair, monkeypatch):
+    """The coupled bonus is exact only because each draw has fresh clocks E: a function of
+    (seed, row, position) that nothing else reads. Clocks that leave the row out of their key
+    make every row of a batch run the same race at a position: rows with the same context then
+    draw the same bonus, so the law test (each sample is a row of one batch) must fail, by a
+    wide margin, on the pair and window that pass with the real clocks."""
+    target, worker = law_pair
+    real = kernels.race_clocks
+    monkeypatch.setattr(kernels, "race_clocks", lambda seed, rows, positions, vocab, device="cpu":
+                        real(seed, [0] * len(rows), positions, vocab, device))
+    passed, worst, _, shown = law_test(target, saguaro.generate, draft=worker, k=2, f=1,
+                                       backup="jit")
+    assert not passed and worst > 3, shown
 
 
 # ----------------------------------------------------------------------------------------------
