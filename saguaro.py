@@ -419,7 +419,6 @@ class DraftSide:
                                              vocab=self.V)
         self.build_s = timeline.span("build", tick, "draft")
 
-
     def race_ranks(self):
         """What ssd.predict_outcomes ranks the guesses by, (B, K+1, V): the glue's logits, but at
         k = K the draft's q_{K+1} / E with the target's race clocks E for that position (the

@@ -79,6 +79,11 @@ def test_geometric_beats_uniform_when_every_round_accepts_all_k(pair):
     (point,) = fig["points"]
     assert point["sd"]["acceptance_rate"] == pytest.approx(1.0)
     assert point["geometric"]["hit_rate"] > point["uniform"]["hit_rate"]
+    # and with the coupled bonus the one bet on k = K is the target's own draw (p = q): each
+    # prompt's first lookup can miss (the fan-out's prior), none after it
+    coupled = point["coupled"]
+    assert coupled["hit_rate"] > point["geometric"]["hit_rate"]
+    assert sum(coupled["lookups_by_k"]) - sum(coupled["hits_by_k"]) <= len(prompts)
 
 
 def test_quick_run_writes_every_figure_json_and_png(pair, tmp_path):
@@ -92,7 +97,7 @@ def test_quick_run_writes_every_figure_json_and_png(pair, tmp_path):
     for name in ("fig3", "fig4", "fig5", "fig6", "fig7", "thm7"):
         assert os.path.getsize(tmp_path / f"{name}.png") > 0
     assert on_disk["conditions"]["k"] == 2
-    assert len(on_disk["thm7"]["points"]) == 2 * 2 + 2 + 3 * 2   # Figs. 4, 5, 6
+    assert len(on_disk["thm7"]["points"]) == 2 * 3 + 2 + 3 * 2   # Figs. 4, 5, 6
     assert [p["b"] for p in on_disk["fig6"]["points"]] == [1, 2]
     assert set(on_disk["fig7"]["datasets"]) == {"alpaca", "gsm8k"}
     assert set(on_disk["fig7"]["datasets"]["gsm8k"]) == {"ar", "sd", "saguaro"}
