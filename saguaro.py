@@ -198,10 +198,9 @@ class Estimates(measure.Measurements):
         """Thm. 7's prediction for a draft whose caches hit at p_d (p_f after a fast backup),
         acceptance a_d and build time t_p (seconds), in units of a verify of `verify` seconds
         (default: the measured mean). Until the JIT backup has run, its latency is what it is
-        made of, K tree steps of one branch per row (tree_step(1)); the glue forward stood in
-        for a step before, but after a fast backup the glue reads all K + 1 tokens of every
-        row: at b = 8 it charged the JIT ~2.5 verifies, so the rule kept the fast backup and
-        never measured the JIT (1.6x measured with fast, 2.9x with JIT, T = 1)."""
+        made of, K tree steps of one branch per row (tree_step(1)), not K glue forwards: after
+        a fast backup the glue reads all K + 1 tokens of every row, so that stand-in made the
+        JIT look slow at large b, the rule kept the fast backup and never measured the JIT."""
         verify = verify or self.secs.get("verify", 1.0)
         if backup == "fast":
             t_b = self.secs.get("fast", 0.0)
