@@ -636,6 +636,13 @@ def test_same_seed_same_tokens_at_temperature_above_0(tiny_pair):
     runs = [saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
                              temperature=1.0, saguaro_c=0.5, seed=s)[0] for s in (4, 4, 5)]
     assert runs[0] == runs[1] != runs[2]
+    # seed=None is seed 0, as in every loop (kernels.make_generator); the draft process once
+    # failed on it (None + 1) and the run finished on the fast backup, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        none, zero = (saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
+                                       temperature=1.0, seed=s) for s in (None, 0))
+    assert none[0] == zero[0] and none[1]["backup_used"]["fast"] == 0
 
 
 @pytest.mark.parametrize("draft_vocab", [7, 10])
