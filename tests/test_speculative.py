@@ -243,6 +243,34 @@ def test_verify_one_round_follows_p(q_kind):
     assert passed, f"chi2 {stat:.1f} > {threshold:.1f}"
 
 
+def test_a_bonus_drawn_by_race_clocks_follows_the_residual_and_the_clocks_are_exp_1():
+    """verify(..., bonus_race): the bonus is argmax residual / E with kernels.race_clocks' E,
+    which must be i.i.d. Exp(1) per token and a function of (seed, row, position) alone, so
+    the same law as the generator's draw: the rejected rows' bonus follows the residual
+    norm(max(0, p - q)), the accepted rows' p_2 (chi-square, 40,000 rows, one race each)."""
+    B, V = 40_000, 5
+    E = kernels.race_clocks(3, range(4), [7, 7, 8, 8], 1000)
+    assert torch.equal(E, kernels.race_clocks(3, range(4), [7, 7, 8, 8], 1000))   # recomputed
+    assert not torch.equal(E[0], E[1]) and not torch.equal(E[0], E[2])           # row, position
+    assert bool((E > 0).all()) and abs(float(E.mean()) - 1) < 0.05               # Exp(1): mean 1
+    p = torch.tensor([[0.05, 0.4, 0.3, 0.15, 0.1], [0.3, 0.1, 0.1, 0.2, 0.3]])[None].expand(B, 2, V)
+    q1 = torch.tensor([0.5, 0.1, 0.1, 0.2, 0.1])
+    x = kernels.sample(q1.expand(B, V), kernels.make_generator(0, "cpu"))[:, None]
+    seen = []
+
+    def race(n):
+        seen.append(n.clone())
+        return kernels.race_clocks(9, range(B), (10 + n).tolist(), V)
+    n, bonus = speculative.verify(p, q1.expand(B, 1, V), x, kernels.make_generator(1, "cpu"), race)
+    assert torch.equal(seen[0], n)
+    residual = (p[0, 0] - q1).clamp_min(0)
+    for rows, law in ((n == 0, residual / residual.sum()), (n == 1, p[0, 1])):
+        counts = dict(enumerate(torch.bincount(bonus[rows], minlength=V).tolist()))
+        passed, stat, threshold = exact.chi_square_test(counts, dict(enumerate(law.tolist())),
+                                                        ALPHA / NUM_STAT_TESTS)
+        assert passed, f"chi2 {stat:.1f} > {threshold:.1f}"
+
+
 # ----------------------------------------------------------------------------------------------
 # temperature 0: token for token the autoregressive output
 
@@ -443,7 +471,7 @@ LAW_CASES = {
     "V8_top_k_top_p": (target8, lambda t: noisy_copy(t, 0.5), 1,
                        {"temperature": 0.8, "top_k": 3, "top_p": 0.9}),
 }
-NUM_STAT_TESTS = len(LAW_CASES) + 6   # + the chi-square tests of verify above
+NUM_STAT_TESTS = len(LAW_CASES) + 8   # + the chi-square tests of verify above
 
 
 def law_test(target, draft, k, sampling, seed=0, alpha=ALPHA / NUM_STAT_TESTS):
