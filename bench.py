@@ -339,6 +339,7 @@ def conditions(args, target, draft, prompts):
             "budget": args.budget if "saguaro" in args.methods else None,
             "saguaro_c": args.saguaro_c if "saguaro" in args.methods else None,
             "backup": args.backup if "saguaro" in args.methods else None,
+            "couple_bonus": args.couple_bonus if "saguaro" in args.methods else None,
             "torch": torch.__version__}
 
 

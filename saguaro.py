@@ -492,7 +492,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     the widest batch, or why the draft was lost), b_star, a, a_fast, r, p_hit, fan_out_hit/_miss,
     budget and saguaro_c (in use at the end) with budget_why and c_why (the rule's predicted
     speed per candidate), predicted_speedup (Thm. 7), measured_speedup (tokens per row per
-    target verify), draft_wait_s and draft_lost (why)."""
+    target verify), draft_wait_s, draft_lost (why) and couple_bonus (whether the bonus raced)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, budget or (k + 1) * f
     seed = 0 if seed is None else seed   # as kernels.make_generator reads None, in every loop
@@ -639,7 +639,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
     stats = harness.finish_stats(stats, tokens)
-    stats.update(est.summary(stats, B), draft_lost=draft.lost)
+    stats.update(est.summary(stats, B), draft_lost=draft.lost, couple_bonus=race)
     return tokens, stats
 
 
