@@ -503,6 +503,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     methods = args.methods or ",".join(METHODS if args.tp == 1 else TP_METHODS)
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not args.methods:
+        ap.error(f"--methods {methods!r} names no method: choose from {', '.join(METHODS)}")
     for m in args.methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")

@@ -307,10 +307,15 @@ class DraftWorker:
         so that Ctrl-C, the process dying and the deadline are each noticed at once."""
         while not self.store.check([key]):
             if not self.process.is_alive():
+                code = self.process.exitcode
+                if code is not None and code < 0:  # a signal: it printed nothing
+                    raise RuntimeError(f"the draft process was killed by signal {-code} "
+                                       f"({signal.Signals(-code).name}) before it could {what}; "
+                                       "start the run again.")
                 raise RuntimeError(
-                    f"the draft process exited (code {self.process.exitcode}) before it could "
-                    f"{what}; its error is printed above. Processes are spawned, so a script "
-                    "that starts saguaro must do it under `if __name__ == '__main__':`.")
+                    f"the draft process exited (code {code}) before it could {what}; its error "
+                    "is printed above. Processes are spawned, so a script that starts saguaro "
+                    "must do it under `if __name__ == '__main__':`.")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the draft process did not {what} within "
                                    f"{deadline - self.started:.0f} s.")
@@ -405,7 +410,8 @@ class DraftWorker:
 
 def _warn(reason):
     warnings.warn(f"saguaro: the draft process {reason}; finishing on the target alone (the "
-                  "output is unchanged; only speed drops).", RuntimeWarning, stacklevel=4)
+                  "output's law is unchanged, and at temperature 0 its tokens; only speed "
+                  "drops).", RuntimeWarning, stacklevel=4)
 
 
 def _close_link(link):

@@ -62,9 +62,10 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
 
 def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0.0, top_k=None,
                 top_p=None, fan_out="geometric", saguaro_c=1.0, backup="auto", budget=None,
-                **_):
+                seed=0, **_):
     """What saguaro.generate refuses (ValueError), checked before its draft process starts."""
     kernels.check_sampling(temperature, top_k, top_p)
+    kernels.check_seed(seed)
     if not isinstance(k, int) or k < 1 or not isinstance(f, int) or f < 1:
         raise ValueError(f"k and f must be integers >= 1, got k={k!r}, f={f!r}.")
     if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
@@ -345,7 +346,8 @@ def add_common_args(parser, tp: bool = False) -> None:
                         help="sample from the smallest set of mass >= p only; None: all")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64,
                         help="tokens to generate per prompt")
-    parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
+    parser.add_argument("--seed", type=checked(int, kernels.check_seed), default=0,
+                        help="the sampling generator's seed, in [0, 2^63 - 1)")
     parser.add_argument("--trace", default=None, metavar="FILE.json", type=output_path(),
                         help="write the timed run's timeline (Chrome trace format) and print it")
     parser.add_argument("--tp", type=_tp_flag if tp else _not_yet(parser.prog), default="1",

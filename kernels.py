@@ -569,9 +569,22 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     return sample(probs_from_logits(logits, temperature, top_k, top_p, who), generator)
 
 
+SEED_LIMIT = 2 ** 63 - 1   # saguaro's draft process seeds itself with seed + 1 (< 2^64)
+
+
+def check_seed(seed) -> int:
+    """seed: None (= 0) or an integer in [0, SEED_LIMIT) -> the integer. ValueError otherwise
+    (torch.Generator takes [-2^63, 2^64), folding negatives onto large seeds)."""
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2^63 - 1), got {seed!r}.")
+    return seed
+
+
 def make_generator(seed: int | None, device) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(0 if seed is None else seed)
+    g.manual_seed(check_seed(seed))
     return g
 
 

@@ -495,7 +495,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     target verify), draft_wait_s, draft_lost (why) and couple_bonus (whether the bonus raced)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, budget or (k + 1) * f
-    seed = 0 if seed is None else seed   # as kernels.make_generator reads None, in every loop
+    seed = kernels.check_seed(seed)   # None is 0, as in every loop
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
                                     draft=draft)
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size

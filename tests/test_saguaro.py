@@ -1196,12 +1196,26 @@ class DiesWhenUnpacked:
         return os._exit, (3,)
 
 
-def test_a_draft_process_that_dies_while_starting_is_reported_at_once():
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledWhileStarting:
+    """... and one SIGKILLed while starting (by a user, the OOM killer): it prints nothing."""
+
+    def __reduce__(self):
+        return kill_self, ()
+
+
+@pytest.mark.parametrize("spec, message", [
+    (DiesWhenUnpacked(), r"exited \(code 3\) before it could connect; its error is printed"),
+    (KilledWhileStarting(), r"killed by signal 9 \(SIGKILL\) before it could connect; start")])
+def test_a_draft_process_that_dies_while_starting_is_reported_at_once(spec, message):
     close_worker()
     target = tiny_model(0, vocab_size=64)
     t0 = time.time()
-    with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it could connect"):
-        saguaro.DraftWorker(DiesWhenUnpacked(), target, threads=1)
+    with pytest.raises(RuntimeError, match=message):
+        saguaro.DraftWorker(spec, target, threads=1)
     # time is the property: the death is seen at once, not after the 300 s load timeout
     assert time.time() - t0 < 30 and not draft_processes()
 
@@ -1258,7 +1272,8 @@ def test_bad_arguments_are_refused_with_clear_errors():
              (dict(budget=0), "budget"), (dict(budget="lots"), "integer >= 1 or 'auto'"),
              (dict(saguaro_c="high"), r"\[0, 1\]"),
              (dict(backup="maybe"), "backup"), (dict(saguaro_c=1.5), r"\[0, 1\]"),
-             (dict(k=7, f=8), "budget")]
+             (dict(k=7, f=8), "budget"), (dict(seed=-1), r"seed .*\[0, 2\^63 - 1\)"),
+             (dict(seed=2 ** 64 - 1), "seed"), (dict(seed=1.5), "seed")]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             saguaro.generate(target, [1, 2], 4, draft=draft, **kwargs)
