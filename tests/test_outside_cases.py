@@ -679,9 +679,10 @@ def test_bench_conditions_name_the_draft_whenever_a_row_runs_one(methods, named)
     args = argparse.Namespace(device="cpu", threads=1, tp=1, draft="default", methods=methods,
                               dtype="float32", batch_size=1, dataset="alpaca", max_new_tokens=8,
                               temperature=0.0, k=4, saguaro_k=None, f=1, budget=1, backup="jit",
-                              saguaro_c="auto")
+                              saguaro_c="auto", couple_bonus=True)
     cond = bench.conditions(args, tiny_model(0, vocab_size=64), None, [("hi", [1, 2, 3])])
     assert cond["draft"] == ("default" if named else None)
+    assert cond["couple_bonus"] == (True if "saguaro" in methods else None)
 
 
 @pytest.mark.parametrize("argv", [["autoregressive.py", "--model", "nosuch"],
