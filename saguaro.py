@@ -320,11 +320,32 @@ class DraftSide:
         self.gen = kernels.make_generator(start.seed + 1, draft.device)  # the draft's own coins
         self.seed, self.race_vocab = start.seed, start.race_vocab
         self.cache = draft.new_cache(len(start.prompts), start.max_len)
-        draft.prefill(start.prompts, self.cache)
+        logits = draft.prefill(start.prompts, self.cache)[:, : self.V]          # (B, V)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.spec = self.glue = self.ranks = self.prefix = self.next = None
         self.build_s = self.glue_s = 0.0
         self.tree_s = {w: self.time_tree(w) for w in start.time_widths} or None
+        self.first = self.draft_first(logits)   # while the target reads the prompts too
+
+    def draft_first(self, logits):
+        """The first speculation, drafted during the prefill (after the tree timing, which
+        writes where it does): a guess of the target's first token (the draft's argmax; at
+        temperature > 0 its race winner q / E when the bonus is coupled, else its top token),
+        then a JIT draft from it, plain q (no schedule exists yet: any q is exact if reported).
+        Returns (guess (B,), y (B, K), q (B, K, V), logits): the first Round's answer if the
+        guess is the target's token."""
+        q = kernels.probs_from_logits(logits, *self.sampling)
+        if self.race_vocab:   # the target draws its first token by the same race
+            positions = self.trunk.tolist()   # the first token lands at len(prompt)
+            E = kernels.race_clocks(self.seed, range(len(positions)), positions,
+                                    self.race_vocab, q.device)[:, : self.V]
+            guess = (q.double() / E).argmax(-1)
+        else:
+            guess = logits.argmax(-1)
+        fork, q_fn = self.cache.lengths[:, None].long(), saguaro_q(self.sampling, 1.0, [0] * self.K)
+        y, q, logits_y = ssd.draft_branches(self.draft, self.cache, fork, guess[:, None], self.K,
+                                            q_fn, self.gen, self.V)
+        return guess, y[:, 0], q[:, 0], logits_y[:, 0]
 
     def time_tree(self, width):
         """Seconds of one tree step at `width` branches per row, timed once on a throwaway
@@ -367,6 +388,11 @@ class DraftSide:
                 branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
                 slots = base[:, None].long() + steps * N + branch[:, None]     # (B, K)
                 self.prefix = slots, self.S.logits[rows, branch]
+        elif self.first is not None:   # the first round: the speculation drafted in prefill
+            guess, y, q, logits_y = self.first
+            hit, self.first, forwards = live & (guess == t), None, forwards + K
+            in_place = self.cache.lengths[:, None].long() + steps   # where it wrote them
+            self.prefix = (in_place, logits_y) if bool(hit[live].all()) else None
         source = torch.where(hit, HIT, JIT if msg.backup == "jit" else FAST)
         if msg.backup == "fast":  # its q stays with the target
             y = torch.where(hit[:, None], y, msg.fast.to(dev))
@@ -525,8 +551,13 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
                          time_widths=to_time))  # first: the draft prefills
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
-    token = kernels.next_token(logits, temperature, top_k, top_p, gen,
-                              "the target's prefill").tolist()  # (B,)
+    if race:  # NEW: the first token is a race too, so the draft's first speculation can hit
+        p = kernels.probs_from_logits(logits, temperature, top_k, top_p, "the target's prefill")
+        token = (p.double() / kernels.race_clocks(seed, range(B), list(map(len, prompts)), Vt,
+                                                  dev)).argmax(-1).tolist()
+    else:
+        token = kernels.next_token(logits, temperature, top_k, top_p, gen,
+                                   "the target's prefill").tolist()  # (B,)
     for b in range(B):
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
     draft.exchange(Sync())  # prefill ends once both hold the prompts (as in speculative.py)
