@@ -6,7 +6,8 @@ ssd.py shows the idea on one device, step by step. New here (Kumar, Dao, May 202
    sends the outcome (k, t) per row; the draft answers at once from its cache (a hit: K tokens and
    their q rows) or with a backup, then builds the next cache WHILE the target verifies. Only
    tokens and q rows cross, never KV. After a hit the glue costs one token, not K + 1: the hit
-   branch already computed the rest (reuse_branch).
+   branch already computed the rest (reuse_branch). The first speculation is drafted during
+   the prefill, from the draft's guess of the first token (DraftSide.draft_first).
 2. Geometric fan-out (Thm. 12): with acceptance a, P(k) = a^k (1-a) for k < K and a^K for k = K;
    with the miss curve 1 - p_hit(F) = F^-r, the budget B = sum_k F_k is best spent as
    F_k ~ P(k)^(1/(1+r)); a and r are measured online (measure.py).
