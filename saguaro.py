@@ -26,7 +26,8 @@ ssd.py shows the idea on one device, step by step. New here (Kumar, Dao, May 202
    argmax p / E with E ~ Exp(1) i.i.d. per token (the same law), and E is a function of the seed,
    the row and the position that both processes compute (kernels.race_clocks): the draft's
    first guess at k = K is argmax q_{K+1} / E, which is the target's draw whenever q and p are
-   close. E is used for nothing else, so the output law is unchanged (couple_bonus=False: off).
+   close. The first token after the prefill is drawn by the same race (the first speculation's
+   guess). E is used for nothing else, so the output law is unchanged (couple_bonus=False: off).
 
 Notation (Speculative Speculative Decoding, Kumar, Dao, May 2026): p = target, q = draft, K =
 speculation length, v = (k, t) the outcome, F_k = fan-out at k (budget sum_k F_k branches per row
