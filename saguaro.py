@@ -336,7 +336,8 @@ class DraftSide:
         then a JIT draft from it, plain q (no schedule exists yet: any q is exact if reported).
         Returns (guess (B,), y (B, K), q (B, K, V), logits): the first Round's answer if the
         guess is the target's token."""
-        q = kernels.probs_from_logits(logits, *self.sampling)
+        q = kernels.probs_from_logits(logits, *self.sampling, "the draft (in its process) "
+                                      "after the prompt")
         if self.race_vocab:   # the target draws its first token by the same race
             positions = self.trunk.tolist()   # the first token lands at len(prompt)
             E = kernels.race_clocks(self.seed, range(len(positions)), positions,

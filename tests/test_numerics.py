@@ -108,7 +108,7 @@ def test_a_nan_draft_in_saguaro_s_process_is_named_and_the_target_finishes_alone
                                       draft=functools.partial(sick_draft, float("nan")),
                                       **loop("saguaro")[1])
     assert out == ref and stats["draft_lost"]
-    error = "the draft (in its process) at step 1 produced non-finite logits"
+    error = "the draft (in its process) after the prompt produced non-finite logits"
     assert error in capfd.readouterr().err
     assert error in stats["draft_lost"]  # the warning and the stats say why, not just "lost"
 
