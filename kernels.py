@@ -522,17 +522,22 @@ def check_sampling(temperature, top_k=None, top_p=None) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
+           clocks: torch.Tensor | None = None) -> torch.Tensor:
     """probs (..., V) -> token ids (...), one draw per row; seeded by `generator`: same seed,
     same tokens. Inverse CDF: the first token whose running sum exceeds u * total, u ~ U[0, 1),
     in float64. A token with probability 0 adds nothing to the running sum, so it is never
     drawn; a one-hot row always gives its token. (torch.multinomial is the same law but took
-    ~1.2 ms per row over a 49152-token vocabulary on our CPU, about 20x longer.)"""
+    ~1.2 ms per row over a 49152-token vocabulary on our CPU, about 20x longer.) With `clocks`
+    (..., V), race_clocks' E, the draw is the race's winner argmax probs / E instead: the same
+    law, from randomness another process can hold too."""
     flat = probs.reshape(-1, probs.shape[-1])
     cum = flat.double().cumsum(-1)
     if not bool((cum[:, -1] > 0).all()):  # also catches NaN
         raise ValueError("sample() got a row with no probability mass (all zeros or NaN): "
                          "check the logits and the top-k/top-p settings that made it.")
+    if clocks is not None:
+        return (flat.double() / clocks.reshape(flat.shape)).argmax(-1).view(probs.shape[:-1])
     u = torch.rand(flat.shape[0], 1, dtype=torch.float64, device=flat.device, generator=generator)
     token = torch.searchsorted(cum, u * cum[:, -1:], right=True)
     return token.clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])
@@ -556,9 +561,10 @@ def race_clocks(seed: int, rows, positions, vocab: int, device="cpu") -> torch.T
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None,
-               who: str = "the model"):
+               who: str = "the model", clocks: torch.Tensor | None = None):
     """logits (..., V) -> token ids (...): the argmax at temperature 0 (the lowest id of a tie),
-    else a draw from probs_from_logits. For loops that need the token only; the speculative
+    else a draw from probs_from_logits (by `generator`, or by race `clocks`: sample). For
+    loops that need the token only; the speculative
     loops need the probabilities themselves and call the two functions above. ValueError
     naming `who` for NaN or inf logits (check_logits)."""
     if temperature == 0:
@@ -566,7 +572,7 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
         top, token = logits.max(-1, keepdim=True)  # one pass: the maximum and its first id
         check_logits(top, who)
         return token[..., 0]
-    return sample(probs_from_logits(logits, temperature, top_k, top_p, who), generator)
+    return sample(probs_from_logits(logits, temperature, top_k, top_p, who), generator, clocks)
 
 
 SEED_LIMIT = 2 ** 63 - 1   # saguaro's draft process seeds itself with seed + 1 (< 2^64)

@@ -339,10 +339,7 @@ class DraftSide:
         q = kernels.probs_from_logits(logits, *self.sampling, "the draft (in its process) "
                                       "after the prompt")
         if self.race_vocab:   # the target draws its first token by the same race
-            positions = self.trunk.tolist()   # the first token lands at len(prompt)
-            E = kernels.race_clocks(self.seed, range(len(positions)), positions,
-                                    self.race_vocab, q.device)[:, : self.V]
-            guess = (q.double() / E).argmax(-1)
+            guess = kernels.sample(q, clocks=self.clocks(self.trunk))  # at len(prompt)
         else:
             guess = logits.argmax(-1)
         fork, q_fn = self.cache.lengths[:, None].long(), saguaro_q(self.sampling, 1.0, [0] * self.K)
@@ -447,17 +444,20 @@ class DraftSide:
                                              vocab=self.V)
         self.build_s = timeline.span("build", tick, "draft")
 
+    def clocks(self, positions):
+        """The target's race clocks (kernels.race_clocks) for each row's draw at token
+        positions (B,), cut to the vocabulary the two models share."""
+        return kernels.race_clocks(self.seed, range(len(positions)), positions.tolist(),
+                                   self.race_vocab, self.draft.device)[:, : self.V]
+
     def race_ranks(self):
         """What ssd.predict_outcomes ranks the guesses by, (B, K+1, V): the glue's logits, but at
         k = K the draft's q_{K+1} / E with the target's race clocks E for that position (the
         coupled bonus, idea 7): its top guess is the token the target's race gives when p = q.
         Row b's bonus after k accepted lands at token len(row) + k = trunk + 1 + k."""
-        K, B = self.K, len(self.trunk)
-        q = kernels.probs_from_logits(self.glue[:, K], *self.sampling)          # (B, V)
-        E = kernels.race_clocks(self.seed, range(B), (self.trunk + 1 + K).tolist(),
-                                self.race_vocab, q.device)[:, : self.V]
-        ranks = self.glue.to(torch.float32, copy=True)  # only its order is read
-        ranks[:, K] = q.double().log() - E.log()        # log(q / E): finite where q > 0
+        q = kernels.probs_from_logits(self.glue[:, self.K], *self.sampling)     # (B, V)
+        ranks = self.glue.to(torch.float64, copy=True)  # only its order is read
+        ranks[:, self.K] = q.double() / self.clocks(self.trunk + 1 + self.K)  # kernels.sample's
         return ranks
 
 
@@ -554,13 +554,11 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
                          time_widths=to_time))  # first: the draft prefills
     cache = target.new_cache(B, max_len)
     logits = target.prefill(prompts, cache)                               # (B, V)
-    if race:  # NEW: the first token is a race too, so the draft's first speculation can hit
-        p = kernels.probs_from_logits(logits, temperature, top_k, top_p, "the target's prefill")
-        token = (p.double() / kernels.race_clocks(seed, range(B), list(map(len, prompts)), Vt,
-                                                  dev)).argmax(-1).tolist()
-    else:
-        token = kernels.next_token(logits, temperature, top_k, top_p, gen,
-                                   "the target's prefill").tolist()  # (B,)
+    # NEW: with the bonus coupled the first token is a race too (at len(prompt)), so the
+    # draft's first speculation, drafted from its guess of it, can hit
+    clocks = kernels.race_clocks(seed, range(B), list(map(len, prompts)), Vt, dev) if race else None
+    token = kernels.next_token(logits, temperature, top_k, top_p, gen, "the target's prefill",
+                               clocks).tolist()  # (B,)
     for b in range(B):
         done[b] = emit(rows[b], [token[b]], max_new_tokens, eos_ids)
     draft.exchange(Sync())  # prefill ends once both hold the prompts (as in speculative.py)

@@ -48,7 +48,7 @@ def verify(target_probs, draft_probs, draft_tokens, generator, bonus_race=None):
     0..K and bonus (B,), the token after the accepted ones. Every random draw uses `generator`,
     except the bonus's when `bonus_race` is given (saguaro.py): a function n_accepted (B,) ->
     E (B, V), kernels.race_clocks at each row's bonus position, and the bonus is the race's
-    winner argmax residual / E: the same law, from randomness the draft process shares.
+    winner (kernels.sample with clocks): the same law, from randomness the draft process shares.
     ValueError for a draft token outside [0, V) or of probability 0 under its own q."""
     B, K = draft_tokens.shape
     V = target_probs.shape[-1]
@@ -80,9 +80,8 @@ def verify(target_probs, draft_probs, draft_tokens, generator, bonus_race=None):
     mass = residual.sum(-1, keepdim=True)
     # p == q up to rounding can leave no residual mass; then p itself is the right law
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_at)
-    if bonus_race is not None:
-        return n_accepted, (residual.double() / bonus_race(n_accepted)).argmax(-1)
-    return n_accepted, kernels.sample(residual, generator)
+    clocks = None if bonus_race is None else bonus_race(n_accepted)
+    return n_accepted, kernels.sample(residual, generator, clocks)
 
 
 def check_proposal(proposer, tokens, probs, B, K) -> None:
