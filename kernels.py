@@ -394,6 +394,22 @@ class KVCache:
         self.max_len, self.batch_size = max_len, batch_size
         self.static = False  # True while a CUDA graph owns it: no host syncs allowed
 
+    def take_rows(self, rows: torch.Tensor, slots: int) -> "KVCache":
+        """A cache of its own holding rows `rows` (m,) of this one, their first `slots` slots
+        copied (k, v, positions, lengths): decoding m rows of a batch then costs m rows, not
+        B. put_rows writes what it appends back."""
+        part = object.__new__(KVCache)
+        part.k, part.v = self.k[:, rows, :slots], self.v[:, rows, :slots]   # copies (gathers)
+        part.positions, part.lengths = self.positions[rows, :slots], self.lengths[rows].clone()
+        part.max_len, part.batch_size, part.static = slots, len(rows), False
+        return part
+
+    def put_rows(self, part: "KVCache", rows: torch.Tensor, slots: torch.Tensor):
+        """Copy slots `slots` (m, n) of take_rows' cache `part` back into rows `rows` (m,)."""
+        mine, its = rows[:, None], torch.arange(len(rows), device=rows.device)[:, None]
+        self.k[:, mine, slots], self.v[:, mine, slots] = part.k[:, its, slots], part.v[:, its, slots]
+        self.positions[mine, slots] = part.positions[its, slots]
+
     def attend(self, layer, q, k, v, rows, slots, mask, S):
         """SDPA path. q (B, T, H, D); new k, v (B, T, Hk, D) are written at `slots` (B, T) of
         rows `rows` (B, 1); mask (B, 1, T*G, S): 0 where a query sees one of the first S slots,

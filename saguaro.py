@@ -364,46 +364,46 @@ class DraftSide:
 
     def answer(self, msg: Round) -> Answer:
         """1) keep t0, x_1..x_k of the last glue (nothing before the first round, k = -1); 2) look
-        (k, t) up in S; 3) a miss takes the backup the target chose: the JIT (K draft steps now)
-        or the fast backup's speculation, which came with the Round; 4) note where the draft
-        already holds the KV and logits of t, y_1..y_{K-1} (the hit branch's scratch slots, or
-        the trunk the JIT decoded into; not in a mixed batch): the glue reuses them."""
+        (k, t) up in S; 3) a miss takes the backup the target chose: the JIT (K draft steps now,
+        on the rows that missed only) or the fast backup's speculation, which came with the
+        Round; 4) note where the draft already holds each row's KV and logits of t,
+        y_1..y_{K-1} (the hit branch's scratch slots, or the trunk where the first speculation
+        or the JIT decoded): the glue reuses them unless a row's speculation is the fast one's."""
         dev, B, K = self.draft.device, len(msg.k), self.K
         self.c = self.c if msg.c is None else msg.c   # the rule may move C between rounds
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
         self.cache.lengths.copy_(torch.where(live, self.trunk + k + 1, self.trunk))
-        forwards, jit_s, self.prefix = 1 + K, 0.0, None  # the build after this answer: glue + K
+        forwards, jit_s = 1 + K, 0.0                      # the build after this answer: glue + K
         steps, rows = torch.arange(K, device=dev), torch.arange(B, device=dev)
+        held = self.cache.lengths[:, None].long() + steps  # (B, K) where the KV of t, y.. lies
         hit, rank = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), -1, device=dev)
         y = torch.zeros(B, K, dtype=torch.long, device=dev)
         q = torch.zeros(B, K, self.V, device=dev)
-        logits_y = torch.zeros(B, K, self.V, device=dev)   # behind q: its plain q, for the shadow
+        logits_y = torch.zeros(B, K, self.V, device=dev)  # behind q: the glue reuses them
         if self.S is not None:
             hit, y, q = self.S.lookup(k, t)
-            if msg.shadow:
-                logits_y = self.S.logits[rows, self.S.find(k, t)[1]]
+            branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
+            logits_y = self.S.logits[rows, branch]
             rank = measure.bonus_rank(self.ranks, self.spec, k, t)       # for r
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
-            if bool(hit.all()):  # ssd's tree keeps branch n's step-j KV at base + j N + n
-                branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
-                slots = base[:, None].long() + steps * N + branch[:, None]     # (B, K)
-                self.prefix = slots, self.S.logits[rows, branch]
-        elif self.first is not None:   # the first round: the speculation drafted in prefill
-            guess, y, q, logits_y = self.first
+            # ssd's tree keeps branch n's step-j KV at base + j N + n
+            held = torch.where(hit[:, None], base[:, None].long() + steps * N + branch[:, None],
+                               held)
+        elif self.first is not None:   # the first round: the speculation drafted in prefill,
+            guess, y, q, logits_y = self.first                     # in place at the trunk end
             hit, self.first, forwards = live & (guess == t), None, forwards + K
-            in_place = self.cache.lengths[:, None].long() + steps   # where it wrote them
-            self.prefix = (in_place, logits_y) if bool(hit[live].all()) else None
+        miss = live & ~hit
         source = torch.where(hit, HIT, JIT if msg.backup == "jit" else FAST)
-        if msg.backup == "fast":  # its q stays with the target
+        if msg.backup == "fast":  # its q stays with the target; the draft holds none of its KV
             y = torch.where(hit[:, None], y, msg.fast.to(dev))
-        elif bool((live & ~hit).any()):
+        elif bool(miss.any()):
             tick = time.perf_counter()
-            y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss)
-            y, q = torch.where(hit[:, None], y, y_jit), torch.where(hit[:, None, None], q, q_jit)
-            logits_y = torch.where(hit[:, None, None], logits_y, logits)
+            y_jit, q_jit, logits = self.jit_draft(t, msg.fan_miss, miss)  # in place, as first
+            y, q = torch.where(miss[:, None], y_jit, y), torch.where(miss[:, None, None], q_jit, q)
+            logits_y = torch.where(miss[:, None, None], logits, logits_y)
             jit_s, forwards = timeline.span("jit", tick, "draft"), forwards + K
-            in_place = self.cache.lengths[:, None].long() + steps   # where the JIT wrote them
-            self.prefix = (in_place, logits) if not bool(hit.any()) else None
+        reuse = not bool((miss & (source == FAST)).any())
+        self.prefix = (held, logits_y) if reuse else None
         self.next = (t, y, source, msg.fan_hit, msg.fan_miss)
         greedy, width = self.sampling[0] == 0, 0 if self.S is None else self.S.keys.shape[1]
         q_plain = (kernels.probs_from_logits(logits_y, *self.sampling)
@@ -413,14 +413,28 @@ class DraftSide:
                       self.build_s, jit_s, self.glue_s, forwards, width=width, tree_s=tree_s,
                       q_plain=q_plain)
 
-    def jit_draft(self, t, fanout):
-        """The JIT backup: ssd's tree with one branch per row, forked at the trunk's end: its
-        scratch slots are then the trunk's next K slots, so the KV of t, y_1..y_{K-1} lands where
-        the glue will want it. Returns y (B, K), their q' (B, K, V) and the logits behind q'."""
-        fork, q_fn = self.cache.lengths[:, None].long(), saguaro_q(self.sampling, self.c, fanout)
-        y, q, logits = ssd.draft_branches(self.draft, self.cache, fork, t[:, None], self.K, q_fn,
-                                          self.gen, self.V)
-        return y[:, 0], q[:, 0], logits[:, 0]
+    def jit_draft(self, t, fanout, rows):
+        """The JIT backup for the rows `rows` (B,) bool: ssd's tree with one branch per row,
+        forked at the trunk's end: its scratch slots are then the trunk's next K slots, so the
+        KV of t, y_1..y_{K-1} lands where the glue will want it. When only some rows missed, it
+        decodes those rows alone (KVCache.take_rows: a CPU forward costs per row) and leaves the
+        others' slots, where a hit branch's KV may lie, untouched. Returns y (B, K), their q'
+        (B, K, V) and the logits behind q' (zeros in the other rows)."""
+        q_fn, B, K = saguaro_q(self.sampling, self.c, fanout), len(t), self.K
+        some = torch.nonzero(rows)[:, 0] if not bool(rows.all()) else None
+        cache = self.cache if some is None else self.cache.take_rows(
+            some, int(self.cache.lengths[some].max()) + K)
+        first = (t if some is None else t[some])[:, None]
+        fork = cache.lengths[:, None].long()
+        y, q, logits = ssd.draft_branches(self.draft, cache, fork, first, K, q_fn, self.gen,
+                                          self.V)
+        if some is None:
+            return y[:, 0], q[:, 0], logits[:, 0]
+        self.cache.put_rows(cache, some, fork + torch.arange(K, device=fork.device))
+        out = [x.new_zeros((B,) + x.shape[2:]) for x in (y, q, logits)]
+        for whole, part in zip(out, (y, q, logits)):
+            whole[some] = part[:, 0]
+        return out
 
     def work(self):
         """After the answer, while the target verifies: ssd.py's step 2b over the speculation

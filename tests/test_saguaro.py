@@ -631,10 +631,14 @@ def test_top_k_1_at_temperature_above_0_is_greedy(tiny_pair):
 
 def test_same_seed_same_tokens_at_temperature_above_0(tiny_pair):
     """Every random draw, the draft process's included, comes from a generator seeded by
-    `seed`: the same seed gives the same tokens, another seed others."""
+    `seed`: the same seed gives the same tokens on a reset worker, another seed others (the
+    geometric schedule follows the acceptance learned by earlier calls: DraftWorker.reset)."""
     target, worker = tiny_pair
-    runs = [saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
-                             temperature=1.0, saguaro_c=0.5, seed=s)[0] for s in (4, 4, 5)]
+    runs = []
+    for s in (4, 4, 5):
+        worker.reset()
+        runs.append(saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
+                                     temperature=1.0, saguaro_c=0.5, seed=s)[0])
     assert runs[0] == runs[1] != runs[2]
     # seed=None is seed 0, as in every loop (kernels.make_generator); the draft process once
     # failed on it (None + 1) and the run finished on the fast backup, with a warning
@@ -664,39 +668,55 @@ def test_padded_vocabularies_over_one_tokenizer(draft_vocab):
     assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0 and stats["draft_lost"] is None
 
 
-def test_the_glue_after_an_all_hit_or_all_jit_round_costs_one_token(monkeypatch):
-    """reuse_branch saves the glue's K + 1 token forward after a round that hit everywhere (the
-    hit branch drafted t, y_1..y_{K-1}) or missed everywhere with the JIT backup (which decoded
-    them in place); after a mixed round it cannot (a JIT overwrites branch slots). The draft
-    side, run in this process (its one message in is faked), must take the short glue exactly
-    when it may."""
-    draft, K, B = tiny_model(0, vocab_size=64, scale=3.0), 3, 2
-    side = saguaro.DraftSide(draft, saguaro.Start([[1, 2, 3], [5, 6]], K, 64, 64, 0.0, None,
-                                                  None, 1.0, 0))
-    glue_lengths = []
-    forward = draft.forward
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_glue_reuses_the_kv_of_hit_branches_and_jit_rows_in_a_mixed_batch(monkeypatch,
+                                                                              temperature):
+    """After every round in which no row took the fast backup, the glue costs one token
+    (reuse_branch): a hit row's KV of t, y_1..y_{K-1} lies in its branch's scratch slots, a JIT
+    row's in place (the JIT decodes the rows that missed alone, KVCache.take_rows, so it cannot
+    overwrite a hit branch). The draft side runs in this process with made-up outcomes, some
+    rows hitting and some missing in the same round; each round its glue logits must equal a
+    plain forward over the row's whole context, which also checks every KV slot the trunk
+    keeps (the glue's last forward reads them all)."""
+    draft, K, V = tiny_model(0, vocab_size=64, scale=3.0), 3, 64
+    prompts = [[1, 2, 3], [5, 6], [7, 8, 9, 10]]
+    B = len(prompts)
+    side = saguaro.DraftSide(draft, saguaro.Start(prompts, K, V, 96, temperature, None, None,
+                                                  1.0, 0))
+    glue_lengths, forward = [], draft.forward
 
     def counting(tokens, cache, *args, **kwargs):
         if kwargs.get("slots") is None and "positions" not in kwargs:
             glue_lengths.append(tokens.shape[1])
         return forward(tokens, cache, *args, **kwargs)
     monkeypatch.setattr(draft, "forward", counting)
-    live, fan = torch.tensor([True, True]), [1, 1, 1, 1]
-    rows = [[1, 2, 3], [5, 6]]
-    for step in range(6):
-        k, t = (torch.full((B,), -1), torch.tensor([4, 7])) if step == 0 else outcome
+    live, fan, coin = torch.tensor([True] * B), [1] * (K + 1), torch.Generator().manual_seed(3)
+    context = [list(p) for p in prompts]        # what the trunk holds before the glue
+    k, t = torch.full((B,), -1), side.first[0].clone()
+    t[1] = (t[1] + 1) % V                       # row 1 misses the first speculation
+    mixed = 0
+    for step in range(8):
         glue_lengths.clear()
         answer = side.answer(saguaro.Round(k, t, live, "jit", fan, fan))
-        source, y, reused = answer.source, answer.tokens, side.prefix is not None
         side.work()
-        # the draft is the target here: the greedy outcome of verifying y is all K accepted
+        source, y = answer.source, answer.tokens
+        mixed += bool((source == saguaro.HIT).any() and (source == saguaro.JIT).any())
+        assert glue_lengths == [1] and bool((source != saguaro.FAST).all())
         for b in range(B):
-            rows[b] += [int(t[b])] + y[b].tolist()
-        greedy, _ = autoregressive.generate(draft, rows, 1)
-        outcome = (torch.full((B,), K), torch.tensor([g[0] for g in greedy]))
-        all_hit, all_jit = bool((source == saguaro.HIT).all()), bool((source == saguaro.JIT).all())
-        assert reused == (all_hit or all_jit) and glue_lengths[-1] == (1 if reused else K + 1)
-        assert all_hit or step == 0    # draft = target: after the cold start every lookup hits
+            whole = torch.tensor([context[b] + [int(t[b])] + y[b].tolist()])
+            ref = draft(whole, draft.new_cache(1, 96))[0, -(K + 1):, :V]
+            torch.testing.assert_close(side.glue[b], ref, atol=2e-4, rtol=1e-4)
+        # next outcome per row: a key of the cache just built (a hit), or a pair it lacks
+        keys, glued, k, t = side.S.keys, t, torch.zeros(B, dtype=torch.long), t.clone()
+        for b in range(B):
+            context[b] += [int(glued[b])]        # the glued t0 stays; x_1..x_k below
+            n = int(torch.randint(keys.shape[1], (1,), generator=coin))
+            k[b], t[b] = keys[b, n]
+            if (step + b) % 2:                  # a miss: a token no branch guessed at this k
+                t[b] = next(x for x in range(V) if not ((keys[b, :, 0] == k[b])
+                                                        & (keys[b, :, 1] == x)).any())
+            context[b] += y[b, : int(k[b])].tolist()
+    assert mixed >= 3
 
 
 def test_estimates_carry_over_between_calls_with_the_same_settings(tiny_pair):
@@ -838,14 +858,15 @@ def test_at_temperature_1_a_draft_equal_to_the_target_predicts_every_coupled_bon
     target, worker = self_pair
     misses = {}
     for couple in (True, False):
-        _, stats = saguaro.generate(target, RAGGED, 40, k=3, budget=1, backup="jit",
+        _, stats = saguaro.generate(target, RAGGED, 80, k=3, budget=1, backup="jit",
                                     draft=worker, temperature=1.0, top_p=top_p, seed=5,
                                     couple_bonus=couple)
         assert stats["acceptance_rate"] == 1.0 and stats["lookups_by_k"][:3] == [0, 0, 0]
         misses[couple] = stats["cache_misses"]
         if couple:  # the first token is a race too: the speculation drafted in prefill hit
             assert stats["backup_used"]["jit"] == misses[couple], stats["backup_used"]
-    assert misses[True] <= len(RAGGED) and misses[False] >= 3 * len(RAGGED), misses
+    # uncoupled, ~1 lookup in 5 misses here (6-15 of ~57 over seeds 0-7)
+    assert misses[True] <= len(RAGGED) and misses[False] > 2 * len(RAGGED), misses
 
 
 def test_draft_calls_count_every_draft_forward(self_pair):
