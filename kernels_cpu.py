@@ -190,20 +190,18 @@ def run_layers(model, x, cache, cos, sin, attn):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3) pre-packed weights for small steps
+# 3) pre-packed weights
 
 class PackedLinear(nn.Module):
-    """A CPU linear whose weight is pre-packed by oneDNN, on first use, into the layout a
-    small-M matmul reads fastest (M = rows = the tokens of a step). Same math as F.linear
-    (differences at rounding level). One packed copy per dtype serves every M it covers, so a
-    model holds its weights plus ONE packed copy whatever verify widths (K + 1) a run uses:
-    - float32: M = 1..8 (decode, verify and tree steps: F.linear's small-M GEMM re-packs the
-      weight on every call, and MKL's own packing is one copy per M). Decode is included: the
-      packed kernel streams the weights faster than F.linear's, and a faster kernel for the
-      target belongs to the autoregressive baseline too, or every speedup is inflated.
-    - bfloat16: M = 1..8 (F.linear's bf16 M = 1 path does not reach memory bandwidth).
-    Long prefills, other dtypes and devices stay on F.linear. Every loop shares this kernel,
-    the autoregressive baseline included."""
+    """A CPU linear whose weight is pre-packed by oneDNN, on first use, into its own blocked
+    layout: oneDNN's matmul reads it faster than F.linear reads the plain weight at every row
+    count M (the tokens of a step) we timed, from decode steps to long prefills, in float32 and
+    bfloat16 (README, "CPU kernels"). It is packed with no row-count hint: packed for M = 1,
+    float32 steps of several rows ran much slower. Same math as F.linear (differences at
+    rounding level). One packed copy per dtype serves every M, so a model holds its weights
+    plus ONE packed copy whatever the step widths. Every loop shares this kernel, the
+    autoregressive baseline included: a faster kernel for the target belongs to the baseline
+    too, or every speedup is inflated. Other dtypes and devices stay on F.linear."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -223,10 +221,10 @@ class PackedLinear(nn.Module):
         first use of dt. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight),
         ONEDNN_PACKED (a = packed); param and b are unused by both."""
         w = self.weight
-        if dt != w.dtype or w.device.type != "cpu" or M not in PACKED_ROWS.get(dt, ()):
+        if dt != w.dtype or w.device.type != "cpu" or not PACKED.get(dt):
             return PLAIN, 0, w, None
-        if dt not in self.packed:
-            self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        if dt not in self.packed:  # no batch-size hint: see the class docstring
+            self.packed[dt] = torch.ops.mkldnn._reorder_linear_weight(w)
         return ONEDNN_PACKED, 0, self.packed[dt], None
 
     def _choose(self, dt, M):
@@ -265,10 +263,9 @@ def linear_spec(lin: nn.Module, dtype, rows):
 _ONEDNN = (torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-# the row counts PackedLinear packs for, per dtype (bf16 only where the CPU has native bf16
-# instructions; elsewhere F.linear runs)
-PACKED_ROWS = {torch.float32: range(1, 9) if _ONEDNN else (),
-               torch.bfloat16: range(1, 9) if _ONEDNN_BF16 else ()}
+# the dtypes PackedLinear packs (bf16 only where the CPU has native bf16 instructions;
+# elsewhere F.linear runs)
+PACKED = {torch.float32: _ONEDNN, torch.bfloat16: _ONEDNN_BF16}
 
 
 def pack_linears(model):

@@ -379,13 +379,14 @@ def test_flash_attention_equals_sdpa():
     torch.testing.assert_close(flash, sdpa, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(not kernels_cpu.PACKED_ROWS[torch.float32], reason="needs oneDNN")
+@pytest.mark.skipif(not kernels_cpu.PACKED[torch.float32], reason="needs oneDNN")
 def test_packed_linear_equals_plain_linear_for_every_row_count():
     lin = torch.nn.Linear(48, 80)
     packed = kernels_cpu.PackedLinear(lin)
-    for M in range(1, 11):  # 1..8 take the packed path, the others F.linear
+    for M in [*range(1, 11), 64, 700]:  # decode, verify and tree steps, prefills
         x = torch.randn(1, M, 48)
         torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+        assert packed.plans[(torch.float32, M)] != packed._plain  # all on the packed kernel
     assert list(packed.packed) == [torch.float32]  # one packed copy serves every M
 
 
@@ -397,14 +398,14 @@ def packed_bytes(model) -> tuple:
             sum(size(m.weight) for m in lins))
 
 
-@pytest.mark.skipif(not kernels_cpu.PACKED_ROWS[torch.float32], reason="needs oneDNN")
+@pytest.mark.skipif(not kernels_cpu.PACKED[torch.float32], reason="needs oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_verify_widths_one_to_eight_share_one_packed_copy_of_the_weights(dtype):
     """SD at K = 1..8 (verify steps of 2..9 rows) on one target: each linear keeps at most one
     packed copy of its weight, whatever the widths a run (or bench.py --sweep) goes through."""
     import speculative
     from conftest import noisy_copy
-    if not kernels_cpu.PACKED_ROWS[dtype]:
+    if not kernels_cpu.PACKED[dtype]:
         pytest.skip(f"no packed {dtype} kernel on this CPU")
     target = kernels_cpu.speed_up(tiny_model(seed=4, scale=3.0).to(dtype))
     draft = noisy_copy(target, 0.05)
@@ -442,7 +443,7 @@ def test_default_model_resident_memory_stays_bounded_over_verify_widths(default_
 def test_packed_linear_in_bfloat16_matches_plain_linear_and_survives_copies():
     lin = torch.nn.Linear(48, 80).to(torch.bfloat16)
     packed = kernels_cpu.PackedLinear(lin)
-    for M in (1, 3, 8, 12):  # 1..8 take oneDNN's packed bf16 path, 12 F.linear
+    for M in (1, 3, 8, 12, 300):  # oneDNN's packed bf16 path where the CPU has one
         x = torch.randn(1, M, 48, dtype=torch.bfloat16)
         torch.testing.assert_close(packed(x), lin(x), atol=3e-2, rtol=2e-2)
     twin = copy.deepcopy(packed)            # oneDNN's packed weights are opaque: re-packed
