@@ -244,11 +244,21 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_zeros", scales_zeros.to(compute).contiguous())
         self.compute = compute
         self._set_bias(bias)
+        # where the CPU has AVX512-BF16, kernels_cpu.int4_mm instead: the same weights (its
+        # scale and offset in float32), the bf16 input, much less arithmetic per weight
+        self.ours = None
+        if compute == torch.bfloat16 and kernels_cpu.int4_available():
+            self.ours = kernels_cpu.int4_pack(q.view(N, Kin), d, lo)
 
     def matmul(self, x):
+        ops = kernels_cpu.cpu_ops()  # None in SSD_CPU_KERNELS=eager: torch's kernel then
+        if self.ours is not None and ops is not None:
+            return ops.int4_mm(x, *self.ours)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scales_zeros)
 
     def stack_spec(self, dtype, rows):  # kernels_cpu.Stack runs this same kernel
+        if self.ours is not None:
+            return kernels_cpu.INT4_BF16, 0, *self.ours
         return kernels_cpu.INT4, self.GROUP, self.packed, self.scales_zeros
 
 

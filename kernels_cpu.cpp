@@ -155,7 +155,103 @@ torch::Tensor silu_mul(torch::Tensor gu) {
 // kernels.py hands over, per linear, the kind and tensors PackedLinear (or drafts.Int4Linear)
 // chose for this dtype and row count.
 
-enum Kind : int64_t { PLAIN = 0, ONEDNN_PACKED = 1, INT4 = 2 };
+enum Kind : int64_t { PLAIN = 0, ONEDNN_PACKED = 1, INT4 = 2, INT4_BF16 = 3 };
+
+// ---------------------------------------------------------------------------------------------
+// int4 weights x bfloat16 activations, for the int4 drafts (drafts.Int4Linear). torch's CPU int4
+// kernel converts each weight to float before its multiply, so a draft step is bound by that
+// arithmetic, not by reading the 4-bit weights. Here 32 weights become bfloat16 in three
+// integer instructions, and one AVX512-BF16 dot product multiplies 32 pairs with the
+// activations, accumulating in float32 (products of two bfloat16 are exact in float32).
+// The trick: a bfloat16 whose bits are 0x4300 | q is exactly 128 + q for a 4-bit q, so per
+// group of 32 inputs  sum_i (d q_i + m) x_i = d S + (m - 128 d) sum_i x_i,  S = sum_i (128 + q_i)
+// x_i. Layout (int4_pack in kernels_cpu.py): per block of 16 output channels, 32 bytes per 4
+// inputs 4j..4j+3; byte 2c + h holds q[c, 4j + h] (low nibble) and q[c, 4j + 2 + h] (high), so
+// the low nibbles of the 32 bytes are the pairs (q[c, 4j], q[c, 4j + 1]) of channels c = 0..15
+// in the 32-bit lanes a dot product wants, and the high nibbles the next pair.
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define INT4_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+namespace {
+
+template <int R>
+INT4_TARGET void int4_block(const uint8_t* w, const float* dz, const uint16_t* x, const float* sx,
+                            float* y, int64_t K, int64_t N) {
+  const int64_t G = K / 32;
+  const __m512i low = _mm512_set1_epi16(0x000F), one28 = _mm512_set1_epi16(0x4300);
+  __m512 total[R];
+  for (int r = 0; r < R; r++) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t jj = 0; jj < 8; jj++) {
+      const int64_t j = g * 8 + jj;
+      const __m512i words = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 32)));
+      const __m512i a = _mm512_ternarylogic_epi32(words, low, one28, 0xEA);  // (w & 15) | 0x4300
+      const __m512i b = _mm512_or_si512(_mm512_srli_epi16(words, 4), one28);
+      for (int r = 0; r < R; r++) {
+        const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + r * K + 4 * j);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)a, (__m512bh)_mm512_set1_epi32(xr[0]));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)b, (__m512bh)_mm512_set1_epi32(xr[1]));
+      }
+    }
+    const __m512 d = _mm512_loadu_ps(dz + g * 32), m = _mm512_loadu_ps(dz + g * 32 + 16);
+    for (int r = 0; r < R; r++) {
+      total[r] = _mm512_fmadd_ps(acc[r], d, total[r]);
+      total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * G + g]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * N, total[r]);
+}
+
+INT4_TARGET void int4_rows(const uint8_t* w, const float* dz, const uint16_t* x, const float* sx,
+                           float* y, int64_t R, int64_t K, int64_t N) {
+  switch (R) {
+    case 1: return int4_block<1>(w, dz, x, sx, y, K, N);
+    case 2: return int4_block<2>(w, dz, x, sx, y, K, N);
+    case 3: return int4_block<3>(w, dz, x, sx, y, K, N);
+    case 4: return int4_block<4>(w, dz, x, sx, y, K, N);
+    case 5: return int4_block<5>(w, dz, x, sx, y, K, N);
+    case 6: return int4_block<6>(w, dz, x, sx, y, K, N);
+    case 7: return int4_block<7>(w, dz, x, sx, y, K, N);
+    default: return int4_block<8>(w, dz, x, sx, y, K, N);
+  }
+}
+
+}  // namespace
+
+bool int4_supported() { return __builtin_cpu_supports("avx512bf16"); }
+
+// x (M, K) bfloat16, w (N/16, K/4, 32) uint8 and dz (N/16, K/32, 2, 16) float32 (d, then
+// m - 128 d) from int4_pack -> x w^T (M, N) float32
+torch::Tensor int4_mm(torch::Tensor x, const torch::Tensor& w, const torch::Tensor& dz) {
+  TORCH_CHECK(int4_supported(), "int4_mm needs a CPU with AVX512-BF16");
+  x = x.to(at::kBFloat16).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 16, G = K / 32;
+  TORCH_CHECK(K % 32 == 0 && w.size(1) * 4 == K && w.size(2) == 32 && dz.size(0) * 16 == N &&
+              dz.size(1) == G && w.is_contiguous() && dz.is_contiguous(), "int4_mm: shapes");
+  auto sx = x.to(at::kFloat).view({M, G, 32}).sum(-1).contiguous();   // (M, G) group sums
+  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float *dp = dz.data_ptr<float>(), *sp = sx.data_ptr<float>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 16, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; nb++)
+      for (int64_t r0 = 0; r0 < M; r0 += 8)
+        int4_rows(wp + nb * K * 8, dp + nb * G * 32, xp + r0 * K, sp + r0 * G, yp + r0 * N + nb * 16,
+                  std::min<int64_t>(8, M - r0), K, N);
+  });
+  return y;
+}
+#else
+bool int4_supported() { return false; }
+torch::Tensor int4_mm(torch::Tensor x, const torch::Tensor& w, const torch::Tensor& dz) {
+  TORCH_CHECK(false, "int4_mm needs an x86-64 CPU with AVX512-BF16");
+}
+#endif
 
 at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t param, const at::Tensor& a,
                       const at::Tensor& b, const at::Tensor& bias) {
@@ -177,6 +273,10 @@ at::Tensor run_linear(const at::Tensor& x, int64_t kind, int64_t param, const at
     }
     case INT4:  // a = int4-packed weight, b = scales and zeros, param = group size
       y = at::_weight_int4pack_mm_for_cpu(x2.to(b.scalar_type()), a, param, b).to(x.scalar_type());
+      if (bo) y = y + *bo;
+      break;
+    case INT4_BF16:  // a, b = int4_mm's w and dz
+      y = int4_mm(x2, a, b).to(x.scalar_type());
       if (bo) y = y + *bo;
       break;
     default:
@@ -236,4 +336,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * w over the last dimension");
   m.def("rope_store", &rope_store, "q/k norm, RoPE, K/V into the cache; q grouped for SDPA");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up");
+  m.def("int4_mm", &int4_mm, "int4 weights (int4_pack) x bfloat16 activations, float32 out");
+  m.def("int4_supported", &int4_supported, "whether this CPU runs int4_mm (AVX512-BF16)");
 }

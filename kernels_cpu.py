@@ -28,7 +28,7 @@ if CPU_KERNELS not in ("fused", "eager"):
     raise ValueError(f"SSD_CPU_KERNELS={CPU_KERNELS!r}: use 'fused' or 'eager'.")
 _cpu_ops = None  # the compiled kernels_cpu module, once cpu_ops() has loaded it
 _CPU_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels_cpu.cpp")
-CPU_BUILD_FLAGS = ["-O3"]
+CPU_BUILD_FLAGS = ["-O3", "-fopenmp"]
 BUILD_WAIT_S = 900.0  # how long a process waits for another one's build before running eager
 
 
@@ -248,7 +248,7 @@ class PackedLinear(nn.Module):
         return state
 
 
-PLAIN, ONEDNN_PACKED, INT4 = 0, 1, 2  # linear kinds, as in kernels_cpu.cpp
+PLAIN, ONEDNN_PACKED, INT4, INT4_BF16 = 0, 1, 2, 3  # linear kinds, as in kernels_cpu.cpp
 
 
 def linear_spec(lin: nn.Module, dtype, rows):
@@ -288,3 +288,25 @@ def speed_up(model):
         pack_linears(model)
         cpu_ops()
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# 4) int4 weights x bfloat16 activations (the int4 drafts)
+
+def int4_available() -> bool:
+    """Whether kernels_cpu.cpp's int4_mm runs here (built, and a CPU with AVX512-BF16)."""
+    ops = cpu_ops()
+    return ops is not None and ops.int4_supported()
+
+
+def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+    """int4_mm's layout of the weight w = d q + m: q (N, K) integers 0..15, d and m (N, K/32)
+    per group of 32 inputs (N % 16 == 0, K % 32 == 0). Returns w (N/16, K/4, 32) uint8, byte
+    2c + h of block n, chunk j holding q[16n + c, 4j + h] | q[16n + c, 4j + 2 + h] << 4, and dz
+    (N/16, K/32, 2, 16) float32: d, then m - 128 d (kernels_cpu.cpp says why)."""
+    N, K = q.shape
+    q = q.to(torch.uint8).view(N // 16, 16, K // 4, 4)                  # [n, c, j, i]
+    w = (q[..., :2] | (q[..., 2:] << 4)).permute(0, 2, 1, 3)            # [n, j, c, h]
+    dz = torch.stack((d.float(), m.float() - 128 * d.float()), 0)     # (2, N, G)
+    dz = dz.view(2, N // 16, 16, K // 32).permute(1, 3, 0, 2)          # [n, g, d|m, c]
+    return w.reshape(N // 16, K // 4, 32).contiguous(), dz.contiguous()
