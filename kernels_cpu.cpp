@@ -224,19 +224,32 @@ INT4_TARGET void int4_rows(const uint8_t* w, const float* dz, const uint16_t* x,
 
 bool int4_supported() { return __builtin_cpu_supports("avx512bf16"); }
 
-// x (M, K) bfloat16, w (N/16, K/4, 32) uint8 and dz (N/16, K/32, 2, 16) float32 (d, then
-// m - 128 d) from int4_pack -> x w^T (M, N) float32
-torch::Tensor int4_mm(torch::Tensor x, const torch::Tensor& w, const torch::Tensor& dz) {
+// x (M, K) any float dtype, read as bfloat16 (rounded as .to(bfloat16) rounds), w (N/16, K/4,
+// 32) uint8 and dz (N/16, K/32, 2, 16) float32 (d, then m - 128 d) from int4_pack -> x w^T
+// (M, N) float32. The bf16 copy of x and its group sums are made here: as torch ops they were
+// ~4 small calls per linear, about a tenth of a draft step.
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& dz) {
   TORCH_CHECK(int4_supported(), "int4_mm needs a CPU with AVX512-BF16");
-  x = x.to(at::kBFloat16).contiguous();
+  TORCH_CHECK(x.dim() == 2, "int4_mm: x must be (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 16, G = K / 32;
   TORCH_CHECK(K % 32 == 0 && w.size(1) * 4 == K && w.size(2) == 32 && dz.size(0) * 16 == N &&
               dz.size(1) == G && w.is_contiguous() && dz.is_contiguous(), "int4_mm: shapes");
-  auto sx = x.to(at::kFloat).view({M, G, 32}).sum(-1).contiguous();   // (M, G) group sums
+  std::vector<uint16_t> xb(M * K);
+  std::vector<float> sx(M * G, 0.f);
+  auto xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "int4_mm", [&] {
+    const scalar_t* p = xc.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * K; i++) {
+      const c10::BFloat16 v(static_cast<float>(p[i]));
+      xb[i] = v.x;
+      sx[i / 32] += static_cast<float>(v);   // row r, group g: i / 32 == r * G + g
+    }
+  });
   auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float *dp = dz.data_ptr<float>(), *sp = sx.data_ptr<float>();
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const float* dp = dz.data_ptr<float>();
+  const uint16_t* xp = xb.data();
+  const float* sp = sx.data();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 16, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; nb++)
@@ -248,7 +261,7 @@ torch::Tensor int4_mm(torch::Tensor x, const torch::Tensor& w, const torch::Tens
 }
 #else
 bool int4_supported() { return false; }
-torch::Tensor int4_mm(torch::Tensor x, const torch::Tensor& w, const torch::Tensor& dz) {
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& dz) {
   TORCH_CHECK(false, "int4_mm needs an x86-64 CPU with AVX512-BF16");
 }
 #endif
