@@ -407,7 +407,8 @@ class KVCache:
     def put_rows(self, part: "KVCache", rows: torch.Tensor, slots: torch.Tensor):
         """Copy slots `slots` (m, n) of take_rows' cache `part` back into rows `rows` (m,)."""
         mine, its = rows[:, None], torch.arange(len(rows), device=rows.device)[:, None]
-        self.k[:, mine, slots], self.v[:, mine, slots] = part.k[:, its, slots], part.v[:, its, slots]
+        self.k[:, mine, slots] = part.k[:, its, slots]
+        self.v[:, mine, slots] = part.v[:, its, slots]
         self.positions[mine, slots] = part.positions[its, slots]
 
     def attend(self, layer, q, k, v, rows, slots, mask, S):

@@ -196,8 +196,8 @@ class PackedLinear(nn.Module):
     """A CPU linear whose weight is pre-packed by oneDNN, on first use, into its own blocked
     layout: oneDNN's matmul reads it faster than F.linear reads the plain weight at every row
     count M (the tokens of a step) we timed, from decode steps to long prefills, in float32 and
-    bfloat16 (README, "CPU kernels"). It is packed with no row-count hint: packed for M = 1,
-    float32 steps of several rows ran much slower. Same math as F.linear (differences at
+    bfloat16 (README, "Where the time goes"). It is packed with no row-count hint: packed for
+    M = 1, float32 steps of several rows ran much slower. Same math as F.linear (differences at
     rounding level). One packed copy per dtype serves every M, so a model holds its weights
     plus ONE packed copy whatever the step widths. Every loop shares this kernel, the
     autoregressive baseline included: a faster kernel for the target belongs to the baseline
