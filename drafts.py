@@ -17,7 +17,8 @@ file makes drafts out of the target itself, two ways:
      (the H tokens the target emits most; logits put back into the full vocabulary with -inf
      elsewhere, so q = 0 there and verification stays exact), and fewer layers. The target's
      weights come from a 4-bit GGUF (Q4_1, groups of 32 with a scale and a minimum):
-     `Int4Linear` recovers them exactly.
+     `Int4Linear` recovers them exactly, and runs them in kernels_cpu.int4_mm where the CPU
+     has AVX512-BF16 (scale and minimum in float32), in torch's int4 kernel elsewhere.
 
 TRAP, stated plainly. The int4/int8 drafts ARE the target's own weights, run with bf16 matmul
 inputs. The int4 kernel with float32 inputs reproduces the float32 target (max logit difference
@@ -25,7 +26,7 @@ inputs. The int4 kernel with float32 inputs reproduces the float32 target (max l
 dense is the target's fastest exact kernel, AR uses it, and against it these drafts are real
 drafts (SD with them is lossless). But whoever accepts bf16 matmul inputs for the target should
 run AR itself in bf16 (`--dtype bfloat16`: oneDNN-packed bf16 linears, 1.34x float32 AR on 2
-threads, 1.47x on 1, at fb529f2) or in the int4 kernel (about 1/c = 2.9x float32 AR, c = 0.35),
+threads, 1.47x on 1, at fb529f2) or in the int4 kernel (about 1/c x float32 AR; c = 0.35 then),
 which beats SD with any draft here: in that setting every int4/int8 draft falls into the trap,
 and only the n-gram draft (and the layer-skipping drafts, which lose) is a draft at all.
 
