@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -162,7 +163,9 @@ def measure(rows, prompts, args):
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for run in rows.values():
         saved, args.max_new_tokens = args.max_new_tokens, 8
-        run([ids for _, ids in batches[0]])
+        with warnings.catch_warnings():  # K > 8 is the warm-up's doing, not the user's
+            warnings.filterwarnings("ignore", message=r"K = \d+ draft tokens a round")
+            run([ids for _, ids in batches[0]])
         args.max_new_tokens = saved
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=len(batches) * len(rows))
@@ -325,6 +328,22 @@ def hardware(device):
     return cpu
 
 
+def check_quiet(args):
+    """The 1-minute load average before the benchmark (None where the OS has none), with a
+    warning when other processes seem to use the cores: a step of several CPU threads waits at
+    each of its ~120 parallel regions for its slowest thread, and OpenMP's waiting threads spin,
+    so a shared core can slow ar and sd many times over while saguaro (one thread per process)
+    slows less: the ratios then mean little."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if load is not None and load >= 0.5 and str(args.device).startswith(("cpu", "auto")):
+        print(f"[bench] warning: the 1-minute load average is {load:.2f} on {cores} core(s): "
+              "other processes seem to be running, and multi-threaded CPU steps slow down many "
+              "times over when a core is shared, so these timings may mean little. Run bench "
+              "alone, or give every concurrent run --threads 1.", file=sys.stderr)
+    return load
+
+
 def conditions(args, target, draft, prompts):
     lens = [len(ids) for _, ids in prompts]
     return {"hardware": hardware(args.device), "device": str(target.device), "threads": args.threads,
@@ -340,7 +359,7 @@ def conditions(args, target, draft, prompts):
             "saguaro_c": args.saguaro_c if "saguaro" in args.methods else None,
             "backup": args.backup if "saguaro" in args.methods else None,
             "couple_bonus": args.couple_bonus if "saguaro" in args.methods else None,
-            "torch": torch.__version__}
+            "load_before": getattr(args, "load_before", None), "torch": torch.__version__}
 
 
 def print_table(table, cond, acc=None, sol=None):
@@ -529,6 +548,7 @@ def main(argv=None):
         print(json.dumps({"conditions": conditions(args, target, draft, prompts),
                           "sweep": points}))
         return
+    args.load_before = check_quiet(args)
     args.cleanup = []
     try:
         rows = build_rows(args, target, draft)

@@ -144,7 +144,9 @@ def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
     """What a CLI times: run(n) -> (tokens, stats), called first for a few tokens, whose first
     calls pack the weights and build the fused layer for each step length, then for real.
     trace: a file for the timed run's timeline (timeline.py), whose first rounds are printed."""
-    run(min(warm_up, max_new_tokens))
+    with warnings.catch_warnings():  # K > warm_up is the warm-up's doing, not the user's
+        warnings.filterwarnings("ignore", message=r"K = \d+ draft tokens a round")
+        run(min(warm_up, max_new_tokens))
     if trace:
         timeline.start()
     try:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CPU_KERNELS = os.environ.get("SSD_CPU_KERNELS", "fused")
+CPU_KERNELS = (os.environ.get("SSD_CPU_KERNELS") or "fused").strip().lower()  # unset, empty: fused
 if CPU_KERNELS not in ("fused", "eager"):
     raise ValueError(f"SSD_CPU_KERNELS={CPU_KERNELS!r}: use 'fused' or 'eager'.")
 _cpu_ops = None  # the compiled kernels_cpu module, once cpu_ops() has loaded it

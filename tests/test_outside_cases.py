@@ -746,3 +746,29 @@ def test_timeline_cli_refuses_a_missing_or_foreign_file_in_one_line(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert "cannot read" in out.stderr
+
+
+def test_the_warm_up_hides_the_k_warning_it_causes_and_bench_flags_a_busy_machine(monkeypatch,
+                                                                                 capsys):
+    """A CLI's 8-token warm-up must not warn 'K = 10 ... max_new_tokens = 8' for a call of 30
+    tokens (the user asked for 30), while the timed call still warns when K exceeds it; bench
+    warns, and records the load average, when other processes seem to share the cores."""
+    import argparse
+    import bench
+    import harness
+
+    def run(n):
+        if n < 10:
+            warnings.warn(f"K = 10 draft tokens a round for max_new_tokens = {n}: ...")
+        return n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert harness.after_warm_up(run, 30) == 30
+    with pytest.warns(UserWarning, match="max_new_tokens = 5"):
+        harness.after_warm_up(run, 5)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.7, 1.0, 1.0))
+    assert bench.check_quiet(argparse.Namespace(device="auto")) == 1.7
+    assert "load average is 1.70" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 1.0, 1.0))
+    assert bench.check_quiet(argparse.Namespace(device="cpu")) == 0.1
+    assert capsys.readouterr().err == ""
