@@ -389,7 +389,8 @@ class DraftWorker:
                     except DraftLost:
                         pass
                     p.join(2.0)
-                for stop in (p.terminate, p.kill):
+                # a lost draft may be stopped or hung: SIGTERM would wait on it, so kill it
+                for stop in (p.kill,) if self.lost else (p.terminate, p.kill):
                     if p.is_alive():
                         stop()
                         p.join(5.0)
