@@ -25,7 +25,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 
@@ -163,8 +162,7 @@ def measure(rows, prompts, args):
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for run in rows.values():
         saved, args.max_new_tokens = args.max_new_tokens, 8
-        with warnings.catch_warnings():  # K > 8 is the warm-up's doing, not the user's
-            warnings.filterwarnings("ignore", message=r"K = \d+ draft tokens a round")
+        with harness.warming_up():
             run([ids for _, ids in batches[0]])
         args.max_new_tokens = saved
     with Progress(transient=True) as bar:
@@ -335,7 +333,7 @@ def check_quiet(args):
     so a shared core can slow ar and sd many times over while saguaro (one thread per process)
     slows less: the ratios then mean little."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(os.sched_getaffinity(0))
     if load is not None and load >= 0.5 and str(args.device).startswith(("cpu", "auto")):
         print(f"[bench] warning: the 1-minute load average is {load:.2f} on {cores} core(s): "
               "other processes seem to be running, and multi-threaded CPU steps slow down many "

@@ -5,6 +5,7 @@ flags every script spells the same way (each checked as it is parsed)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import operator
 import os
 import sys
@@ -140,12 +141,20 @@ def finish_stats(stats: dict, tokens: list) -> dict:
     return stats
 
 
+@contextlib.contextmanager
+def warming_up():
+    """Around a warm-up call shorter than the real one: check_request's warning that K exceeds
+    max_new_tokens is then the warm-up's doing, not the user's, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"K = \d+ draft tokens a round")
+        yield
+
+
 def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
     """What a CLI times: run(n) -> (tokens, stats), called first for a few tokens, whose first
     calls pack the weights and build the fused layer for each step length, then for real.
     trace: a file for the timed run's timeline (timeline.py), whose first rounds are printed."""
-    with warnings.catch_warnings():  # K > warm_up is the warm-up's doing, not the user's
-        warnings.filterwarnings("ignore", message=r"K = \d+ draft tokens a round")
+    with warming_up():
         run(min(warm_up, max_new_tokens))
     if trace:
         timeline.start()

@@ -342,10 +342,8 @@ class DraftSide:
             guess = kernels.sample(q, clocks=self.clocks(self.trunk))  # at len(prompt)
         else:
             guess = logits.argmax(-1)
-        fork, q_fn = self.cache.lengths[:, None].long(), saguaro_q(self.sampling, 1.0, [0] * self.K)
-        y, q, logits_y = ssd.draft_branches(self.draft, self.cache, fork, guess[:, None], self.K,
-                                            q_fn, self.gen, self.V)
-        return guess, y[:, 0], q[:, 0], logits_y[:, 0]
+        every = torch.ones_like(guess, dtype=torch.bool)
+        return guess, *self.jit_draft(guess, [0] * self.K, every, c=1.0)
 
     def time_tree(self, width):
         """Seconds of one tree step at `width` branches per row, timed once on a throwaway
@@ -413,14 +411,15 @@ class DraftSide:
                       self.build_s, jit_s, self.glue_s, forwards, width=width, tree_s=tree_s,
                       q_plain=q_plain)
 
-    def jit_draft(self, t, fanout, rows):
-        """The JIT backup for the rows `rows` (B,) bool: ssd's tree with one branch per row,
-        forked at the trunk's end: its scratch slots are then the trunk's next K slots, so the
-        KV of t, y_1..y_{K-1} lands where the glue will want it. When only some rows missed, it
+    def jit_draft(self, t, fanout, rows, c=None):
+        """The JIT backup for the rows `rows` (B,) bool (q' with C = c, default the round's):
+        ssd's tree with one branch per row, forked at the trunk's end: its scratch slots are
+        then the trunk's next K slots, so the KV of t, y_1..y_{K-1} lands where the glue will
+        want it. When only some rows missed, it
         decodes those rows alone (KVCache.take_rows: a CPU forward costs per row) and leaves the
         others' slots, where a hit branch's KV may lie, untouched. Returns y (B, K), their q'
         (B, K, V) and the logits behind q' (zeros in the other rows)."""
-        q_fn, B, K = saguaro_q(self.sampling, self.c, fanout), len(t), self.K
+        q_fn, B, K = saguaro_q(self.sampling, self.c if c is None else c, fanout), len(t), self.K
         some = torch.nonzero(rows)[:, 0] if not bool(rows.all()) else None
         cache = self.cache if some is None else self.cache.take_rows(
             some, int(self.cache.lengths[some].max()) + K)
