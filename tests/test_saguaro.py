@@ -1347,8 +1347,9 @@ def test_reuse_branch_after_a_jit_backup_keeps_the_kv_the_jit_wrote():
 
 def test_every_record_crosses_the_link_whole():
     """draft_process.send/recv over a real two-rank gloo link: small tensors ride in the one
-    fixed-size header, a long pickle (a Start with long prompts) spills into a second transfer,
-    a q' larger than RAW elements travels raw; every field comes back equal, types included."""
+    fixed-size header as their bytes (any dtype, 0-d and empty ones too), a long pickle (a Start
+    with long prompts) spills into a second transfer, a q' larger than RAW elements travels raw;
+    every field comes back equal, dtypes and shapes included."""
     import datetime
     import pickle
     import threading
@@ -1372,6 +1373,9 @@ def test_every_record_crosses_the_link_whole():
                          probs, 0.25, 0.0, 0.125, 4, [{"name": "glue"}]),
                dp.Answer(torch.tensor([1]), torch.tensor([0]), torch.tensor([[9, 9, 9]]), None,
                          0.0, 0.5, 0.0, 7),
+               dp.Answer(torch.tensor(2), torch.tensor([], dtype=torch.long),
+                         torch.zeros(0, 3, dtype=torch.long), None,
+                         q_plain=torch.rand(1, 2, 3).to(torch.bfloat16)),
                dp.Round(torch.tensor([3]), torch.tensor([9]), torch.tensor([True]), "fast",
                         [0, 0, 0, 1], [1, 0, 0, 0], torch.tensor([[4, 5, 6]])), dp.Sync(),
                dp.End()]
@@ -1388,7 +1392,7 @@ def test_every_record_crosses_the_link_whole():
         for field in sent.__dataclass_fields__:
             a, b = getattr(sent, field), getattr(back, field)
             if isinstance(a, torch.Tensor):
-                assert b.dtype == a.dtype and torch.equal(a, b), field
+                assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b), field
             else:
                 assert a == b, field
     for link in links:
