@@ -17,6 +17,9 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -149,6 +152,141 @@ torch::Tensor silu_mul(torch::Tensor gu) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention for the few query rows of a decode or tree step. torch's CPU SDPA runs two small
+// GEMM calls per KV head (q k^T, then p v): for one token that is 180 calls of a few microseconds
+// a forward of the default model, ~15% of an int4 draft step, for ~0.2 M multiply-adds per
+// layer. Here the same sums are plain loops over the cache: per KV head, the R = T * G query
+// rows' scores against each key, softmax(scores * scale + bias) per row, then the weighted sum
+// of the values. Same math as SDPA (its rounding differs, at float32's last bits).
+
+// one KV head: q (R, D), keys/values at k, v with a stride of ks between slots, bias (R, S) with
+// a row stride of bs (-inf: a slot the query does not see) -> out (R, D); w: R * S scratch.
+// The plain loops; attend_head_avx512 below is the same, vectorized.
+void attend_head(const float* q, const float* k, const float* v, int64_t ks, const float* bias,
+                 int64_t bs, float* out, float* w, int64_t R, int64_t S, int64_t D, float scale) {
+  for (int64_t r = 0; r < R; r++) {
+    float* wr = w + r * S;
+    float top = -INFINITY, sum = 0.f;
+    for (int64_t s = 0; s < S; s++) {
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; d++) dot += q[r * D + d] * k[s * ks + d];
+      wr[s] = dot * scale + bias[r * bs + s];
+      top = std::max(top, wr[s]);
+    }
+    for (int64_t s = 0; s < S; s++) {  // a row that sees no slot gives NaN, as SDPA does
+      wr[s] = std::exp(wr[s] - top);
+      sum += wr[s];
+    }
+    float* o = out + r * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t s = 0; s < S; s++)
+      if (wr[s] != 0.f)  // a masked slot (tree steps mask most of the scratch)
+        for (int64_t d = 0; d < D; d++) o[d] += wr[s] / sum * v[s * ks + d];
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ATTN_TARGET __attribute__((target("avx512f")))
+
+// e^x for 16 floats x <= 0 (scores minus their row's maximum): 2^n e^r with n = round(x / ln 2)
+// and |r| <= ln 2 / 2, e^r by its Taylor series to r^6 (error < 2e-7 relative); e^x below
+// e^-87 (and e^-inf, a masked slot) is 0.
+ATTN_TARGET inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 seen = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);   // ln 2, high bits
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);        // and the rest
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_maskz_mov_ps(seen, _mm512_scalef_ps(p, n));
+}
+
+// attend_head for D a multiple of 16 (up to 128): a query row's D numbers sit in registers
+ATTN_TARGET void attend_head_avx512(const float* q, const float* k, const float* v, int64_t ks,
+                                    const float* bias, int64_t bs, float* out, float* w,
+                                    int64_t R, int64_t S, int64_t D, float scale) {
+  const int64_t V = D / 16;
+  for (int64_t r = 0; r < R; r++) {
+    __m512 qr[8], acc[8];
+    for (int64_t j = 0; j < V; j++) qr[j] = _mm512_loadu_ps(q + r * D + 16 * j);
+    float* wr = w + r * S;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+      __m512 dot = _mm512_mul_ps(qr[0], _mm512_loadu_ps(k + s * ks));
+      for (int64_t j = 1; j < V; j++) dot = _mm512_fmadd_ps(qr[j], _mm512_loadu_ps(k + s * ks + 16 * j), dot);
+      wr[s] = _mm512_reduce_add_ps(dot) * scale + bias[r * bs + s];
+      top = std::max(top, wr[s]);
+    }
+    __m512 total = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(wr + s), _mm512_set1_ps(top)));
+      _mm512_storeu_ps(wr + s, e);
+      total = _mm512_add_ps(total, e);
+    }
+    if (s < S) {
+      const __mmask16 tail = (__mmask16)((1u << (S - s)) - 1);
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, wr + s), _mm512_set1_ps(top)));
+      _mm512_mask_storeu_ps(wr + s, tail, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(total);  // a row that sees nothing: NaN, as SDPA
+    for (int64_t j = 0; j < V; j++) acc[j] = _mm512_setzero_ps();
+    for (s = 0; s < S; s++) {
+      if (wr[s] == 0.f) continue;  // a masked slot (tree steps mask most of the scratch)
+      const __m512 p = _mm512_set1_ps(wr[s]);
+      for (int64_t j = 0; j < V; j++) acc[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + s * ks + 16 * j), acc[j]);
+    }
+    for (int64_t j = 0; j < V; j++) _mm512_storeu_ps(out + r * D + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)));
+  }
+}
+bool attend_avx512(int64_t D) {
+  static const bool cpu = __builtin_cpu_supports("avx512f");
+  return cpu && D % 16 == 0 && D <= 128;
+}
+#else
+void attend_head_avx512(const float*, const float*, const float*, int64_t, const float*, int64_t,
+                        float*, float*, int64_t, int64_t, int64_t, float) {}
+bool attend_avx512(int64_t) { return false; }
+#endif
+
+// SDPA's call in Stack::forward: q (B, Hk, R, D), the layer's caches (B, S_max, Hk, D) read up to
+// slot S, bias (B, 1, R, S) -> (B, Hk, R, D). float32 with few query rows (R <= 32) here, any
+// other call in torch's SDPA.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& bias, int64_t S) {
+  const int64_t B = q.size(0), Hk = q.size(1), R = q.size(2), D = q.size(3);
+  if (q.scalar_type() != at::kFloat || R > 32 || !bias.defined() ||
+      bias.scalar_type() != at::kFloat || bias.size(-1) != S || !q.is_contiguous() ||
+      !k_cache.is_contiguous() || !v_cache.is_contiguous())
+    return at::scaled_dot_product_attention(q, k_cache.narrow(1, 0, S).transpose(1, 2),
+                                            v_cache.narrow(1, 0, S).transpose(1, 2), bias);
+  auto b = bias.expand({B, 1, R, S}).contiguous();
+  auto out = torch::empty_like(q);
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(),
+              *vp = v_cache.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t S_max = k_cache.size(1), ks = Hk * D;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const bool fast = attend_avx512(D);
+  // ~1 M multiply-adds before a second thread pays for waking it
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(2 * R * S * D, 1));
+  at::parallel_for(0, B * Hk, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> w(R * S);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t bi = i / Hk, h = i % Hk;
+      const int64_t at = bi * S_max * ks + h * D;  // slot 0 of this row and head
+      (fast ? attend_head_avx512 : attend_head)(qp + i * R * D, kp + at, vp + at, ks,
+                                                bp + bi * R * S, S, op + i * R * D, w.data(), R,
+                                                S, D, scale);
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The whole stack of decoder layers in one call. From Python, a layer costs ~15 calls into
 // torch whose overhead (~100 us a layer, ~3 ms a step) is as large as the small steps were;
 // here the same calls are made from C++. The matmuls are the very kernels Python would run:
@@ -170,7 +308,6 @@ enum Kind : int64_t { PLAIN = 0, ONEDNN_PACKED = 1, INT4 = 2, INT4_BF16 = 3 };
 // the low nibbles of the 32 bytes are the pairs (q[c, 4j], q[c, 4j + 1]) of channels c = 0..15
 // in the 32-bit lanes a dot product wants, and the high nibbles the next pair.
 #if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
 #define INT4_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 namespace {
@@ -333,8 +470,7 @@ struct Stack {
       auto qkv = lin(rms_norm(x, p[0], eps), 0).view({B, T, H + 2 * Hk, D});
       auto k_cache = k_caches[l], v_cache = v_caches[l];
       auto q = rope_store(qkv, cos, sin, k_cache, v_cache, slots, H, Hk, opt(p[1]), opt(p[2]), eps);
-      auto y = at::scaled_dot_product_attention(q, k_cache.narrow(1, 0, S).transpose(1, 2),
-                                                v_cache.narrow(1, 0, S).transpose(1, 2), mask);
+      auto y = attend(q, k_cache, v_cache, mask, S);
       x = x + lin(y.view({B, Hk, T, G, D}).transpose(1, 2).reshape({B, T, H * D}), 1);
       x = x + lin(silu_mul(lin(rms_norm(x, p[3], eps), 2)), 3);
     }
@@ -349,6 +485,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * w over the last dimension");
   m.def("rope_store", &rope_store, "q/k norm, RoPE, K/V into the cache; q grouped for SDPA");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up");
+  m.def("attend", &attend, "softmax(q k^T / sqrt(D) + bias) v over a layer's cache (SDPA's call)");
   m.def("int4_mm", &int4_mm, "int4 weights (int4_pack) x bfloat16 activations, float32 out");
   m.def("int4_supported", &int4_supported, "whether this CPU runs int4_mm (AVX512-BF16)");
 }

@@ -536,6 +536,28 @@ def test_fused_cpu_kernels_equal_torch_ops_on_long_inputs():
         torch.testing.assert_close(ops.silu_mul(x), torch.nn.functional.silu(gate) * up, **tol)
 
 
+@pytest.mark.parametrize("D", [64, 48, 128])
+def test_small_query_attention_equals_sdpa(D):
+    """kernels_cpu.cpp's attend (the Stack's attention for steps of at most 32 query rows per KV
+    head) against torch's SDPA: two rows of different masks (a row that sees a single slot,
+    scratch slots hidden as in a tree step), lengths that are not multiples of 16, a ragged
+    exp tail, D = 64 and 128 (the vectorized loop) and 48 (the plain one); 33 rows go to SDPA."""
+    if kernels_cpu.cpu_ops() is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    ops, g = kernels_cpu.cpu_ops(), torch.Generator().manual_seed(D)
+    for R, S in [(1, 1), (3, 7), (3, 17), (15, 140), (32, 45), (33, 45)]:
+        q = torch.randn(2, 3, R, D, generator=g)
+        k, v = torch.randn(2, 160, 3, D, generator=g) * 3, torch.randn(2, 160, 3, D, generator=g)
+        bias = torch.zeros(2, 1, R, S)
+        bias[0, ..., S // 2:] = float("-inf")
+        bias[0, ..., S - 1] = 0.0                        # row 0 sees its first half and the last
+        bias[1, ..., : S - 1] = torch.where(torch.rand(R, S - 1, generator=g) < 0.5, 0.0,
+                                            float("-inf"))
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k[:, :S].transpose(1, 2), v[:, :S].transpose(1, 2), attn_mask=bias)
+        torch.testing.assert_close(ops.attend(q, k, v, bias, S), want, atol=2e-6, rtol=1e-5)
+
+
 def test_stack_is_rebuilt_when_a_layer_changes():
     """kernels_cpu.Stack holds the layers' tensors: swapping a module must not leave it stale."""
     if kernels_cpu.cpu_ops() is None:
