@@ -18,7 +18,8 @@ file makes drafts out of the target itself, two ways:
      elsewhere, so q = 0 there and verification stays exact), and fewer layers. The target's
      weights come from a 4-bit GGUF (Q4_1, groups of 32 with a scale and a minimum):
      `Int4Linear` recovers them exactly, and runs them in kernels_cpu.int4_mm where the CPU
-     has AVX512-BF16 (scale and minimum in float32), in torch's int4 kernel elsewhere.
+     has AVX512-BF16 (scale and minimum in float16, as the GGUF has them), in torch's int4
+     kernel elsewhere.
 
 TRAP, stated plainly. The int4/int8 drafts ARE the target's own weights, run with bf16 matmul
 inputs. The int4 kernel with float32 inputs reproduces the float32 target (max logit difference
@@ -245,11 +246,14 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_zeros", scales_zeros.to(compute).contiguous())
         self.compute = compute
         self._set_bias(bias)
-        # where the CPU has AVX512-BF16, kernels_cpu.int4_mm instead: the same weights (its
-        # scale and offset in float32), the bf16 input, much less arithmetic per weight
+        # where the CPU has AVX512-BF16, kernels_cpu.int4_mm instead: the same weights (scale
+        # and minimum in float16, as a GGUF keeps them), the bf16 input, far less arithmetic
         self.ours = None
         if compute == torch.bfloat16 and kernels_cpu.int4_available():
-            self.ours = kernels_cpu.int4_pack(q.view(N, Kin), d, lo)
+            try:
+                self.ours = kernels_cpu.int4_pack(q.view(N, Kin), d, lo)
+            except ValueError:  # a scale past float16's range: torch's kernel runs this one
+                pass
 
     def matmul(self, x):
         ops = kernels_cpu.cpu_ops()  # None in SSD_CPU_KERNELS=eager: torch's kernel then

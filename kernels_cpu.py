@@ -303,10 +303,12 @@ def int4_pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
     """int4_mm's layout of the weight w = d q + m: q (N, K) integers 0..15, d and m (N, K/32)
     per group of 32 inputs (N % 16 == 0, K % 32 == 0). Returns w (N/16, K/4, 32) uint8, byte
     2c + h of block n, chunk j holding q[16n + c, 4j + h] | q[16n + c, 4j + 2 + h] << 4, and dz
-    (N/16, K/32, 2, 16) float32: d, then m - 128 d (kernels_cpu.cpp says why)."""
+    (N/16, K/32, 2, 16) float16: d, then m. Raises ValueError if d or m is past float16's range."""
     N, K = q.shape
+    dz = torch.stack((d.float(), m.float()), 0).half()                  # (2, N, G)
+    if not torch.isfinite(dz).all():
+        raise ValueError("int4_pack: a group's scale or minimum is past float16's range")
+    dz = dz.view(2, N // 16, 16, K // 32).permute(1, 3, 0, 2)          # [n, g, d|m, c]
     q = q.to(torch.uint8).view(N // 16, 16, K // 4, 4)                  # [n, c, j, i]
     w = (q[..., :2] | (q[..., 2:] << 4)).permute(0, 2, 1, 3)            # [n, j, c, h]
-    dz = torch.stack((d.float(), m.float() - 128 * d.float()), 0)     # (2, N, G)
-    dz = dz.view(2, N // 16, 16, K // 32).permute(1, 3, 0, 2)          # [n, g, d|m, c]
     return w.reshape(N // 16, K // 4, 32).contiguous(), dz.contiguous()

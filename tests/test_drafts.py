@@ -257,15 +257,16 @@ def test_int4_draft_runs_the_same_in_the_cpp_stack_and_in_pytorch():
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 20])
 def test_int4_mm_equals_the_dequantized_weights_times_the_bf16_input(M):
     """kernels_cpu.int4_mm (the int4 drafts' kernel): x (bf16) times w = d q + m, the weights
-    Int4Linear quantized, to float32 rounding (torch's int4 kernel, with d and m in bf16, is
-    ~1000x further off); rows 1..8 run as one block, more in blocks of 8."""
+    Int4Linear quantized with d and m kept in float16 (a GGUF's precision), to float32 rounding
+    (torch's int4 kernel rounds d and m to bf16); rows 1..8 run as one block, more in blocks
+    of 8."""
     N, K = 48, 96
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(M))
     lin = drafts.Int4Linear(w)
     g = w.view(N, K // 32, 32)
     lo, d = g.amin(-1), ((g.amax(-1) - g.amin(-1)) / 15).clamp_min(1e-12)
     q = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, 15)
-    exact = (q * d[..., None] + lo[..., None]).view(N, K)
+    exact = (q * d.half().float()[..., None] + lo.half().float()[..., None]).view(N, K)
     x = torch.randn(M, K).to(torch.bfloat16)
     got = kernels_cpu.cpu_ops().int4_mm(x, *lin.ours)
     torch.testing.assert_close(got, x.float() @ exact.T, atol=1e-4, rtol=1e-5)
