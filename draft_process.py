@@ -14,21 +14,15 @@ What crosses, as small typed records (one `send`/`recv` pair packs and unpacks t
     target -> draft   Round    the outcome (k, t) per row, the backup and fan-outs to use (and
                                the fast backup's speculation, when it serves the misses)
     draft  -> target  Answer   per row: where the next speculation came from, y_1..y_K, q'
-                               (and the draft's timeline, when recording: timeline.py); sent
-                               only when the Round asks (reply): see the preview below
-    draft  -> target  Answer   the preview, pushed after every build: the speculation for the
-                               outcome the draft thinks likeliest (its `guess`), so that after
-                               a verify that ends there the target goes on at once and its
-                               Round asks no reply: the answer's round trip leaves the round
+                               (and the draft's timeline, when recording: timeline.py)
     target -> draft   End      the generation is over;  Shutdown: the process exits
 
 The draft side's logic is a class handed in by reference (`DraftWorker.side`, saguaro's
 DraftSide): this module never imports saguaro.py. It calls, in the draft process,
 
     state = side(draft, start)       on Start
-    reply = state.answer(round)      on Round: the Answer, sent at once if the Round asks
+    reply = state.answer(round)      on Round: the Answer, sent at once
     state.work()                     then, while the target verifies: the next cache
-    preview = state.preview()        and the Answer for its likeliest outcome, sent at once
 """
 import atexit
 import contextlib
@@ -83,9 +77,7 @@ class Round:
     fan_miss: list         # ... after a miss
     fast: torch.Tensor = None  # (B, K) the fast backup's speculation, for the rows that miss
     c: float = None        # Saguaro's C for this round's drafting (None: the Start's)
-    shadow: bool = False   # send the plain q of the answer (and of the next preview) too
-    reply: bool = True     # False: the target went on with the draft's preview (its guess
-                           # was this outcome in every live row): nothing to send back
+    shadow: bool = False   # send the plain q of the answer too (measure.learn_c's shadow of C)
 
 
 HIT, JIT, FAST = 0, 1, 2   # Answer.source: where a row's next speculation comes from
@@ -105,7 +97,6 @@ class Answer:
     width: int = 0         # branches per row of the build that made this round's cache
     tree_s: dict = None    # width -> seconds of one tree step: the Start's time_widths, timed
     q_plain: torch.Tensor = None  # (B, K, V) the draft's q before C, when the Round asked
-    guess: torch.Tensor = None    # (B, 2) a preview's (k, t) per row: the outcome it answers
 
 
 @dataclasses.dataclass
@@ -288,7 +279,6 @@ class DraftWorker:
         two_gpus = tdev.type == "cuda" and (tdev.index or 0) != (ddev.index or 0)
         self.backend = "nccl" if two_gpus else "gloo"
         self.rounds, self.process, self.link, self.prefilling = 0, None, None, False
-        self.preview_due = False  # the draft pushes a preview after the build a Round starts
         self.in_session, self.lost = False, None
         self.estimates = {}  # what the loop learned, per setting, kept across its calls
         # on a CPU each process gets its own cores, pinned: left free, the two processes (which
@@ -382,15 +372,10 @@ class DraftWorker:
         # the answer after a Start (the Sync) waits for the draft's prefill of the prompts too
         wait = self.load_timeout_s if self.prefilling else self.timeout_s
         try:
-            if self.preview_due:  # one not taken (the last round's): out of the way first
-                self.preview()
-                if self.lost is not None:
-                    return None
             send(msg, self.link, wait)
             self.in_session, self.prefilling = not isinstance(msg, End), isinstance(msg, Start)
-            self.preview_due = isinstance(msg, Round)
-            self.rounds += isinstance(msg, Round)
-            if isinstance(msg, Sync) or (isinstance(msg, Round) and msg.reply):
+            if isinstance(msg, (Sync, Round)):
+                self.rounds += isinstance(msg, Round)
                 answer = recv(self.link, wait)
                 if isinstance(answer, Answer):  # one clock: they line up with this process's
                     timeline.extend(answer.spans)
@@ -398,21 +383,6 @@ class DraftWorker:
         except DraftLost as e:
             self._lose(f"stopped answering ({e})")
         return None
-
-    def preview(self):
-        """The draft's preview of the next speculation (an Answer with its `guess`), pushed after
-        the build the last Round started; None if none is due or the draft is lost (then as in
-        exchange: warned, stopped, `lost` set)."""
-        if not self.preview_due or self.lost is not None:
-            return None
-        self.preview_due = False
-        try:
-            answer = recv(self.link, self.timeout_s)
-        except DraftLost as e:
-            self._lose(f"stopped answering ({e})")
-            return None
-        timeline.extend(answer.spans)
-        return answer
 
     def _lose(self, reason):
         with contextlib.suppress(Exception):  # the draft's own error, if it died of one
@@ -597,13 +567,9 @@ def _answer_rounds(side, draft, link):
             elif isinstance(msg, Sync):  # sent after the target's prefill: ours is done too
                 send(msg, link)
             else:
-                reply = state.answer(msg)
-                if msg.reply:      # at once: the target is waiting
-                    reply.spans = timeline.take()
-                    send(reply, link)
-                timeline.span("answer", tick, "draft")  # shipped with the next message
-                state.work()           # then the next cache, while the target verifies,
-                preview = state.preview()    # and its likeliest speculation, ahead of the ask
-                preview.spans = timeline.take()
-                send(preview, link)
+                reply = state.answer(msg)  # at once: the target is waiting
+                reply.spans = timeline.take()
+                send(reply, link)
+                timeline.span("answer", tick, "draft")  # shipped with the next answer
+                state.work()           # then the next cache, while the target verifies
             idle = time.perf_counter()

@@ -325,7 +325,6 @@ class DraftSide:
         logits = draft.prefill(start.prompts, self.cache)[:, : self.V]          # (B, V)
         self.trunk = self.cache.lengths.clone()   # (B,) the trunk before the last glue
         self.S = self.spec = self.glue = self.ranks = self.prefix = self.next = None
-        self.shadow = False
         self.build_s = self.glue_s = 0.0
         self.tree_s = {w: self.time_tree(w) for w in start.time_widths} or None
         self.first = self.draft_first(logits)   # while the target reads the prompts too
@@ -405,8 +404,8 @@ class DraftSide:
         self.prefix = (held, logits_y) if reuse else None
         self.next = (t, y, source, msg.fan_hit, msg.fan_miss)
         greedy, width = self.sampling[0] == 0, 0 if self.S is None else self.S.keys.shape[1]
-        self.shadow = msg.shadow and not greedy      # for the next preview too
-        q_plain = kernels.probs_from_logits(logits_y, *self.sampling) if self.shadow else None
+        q_plain = (kernels.probs_from_logits(logits_y, *self.sampling)
+                   if msg.shadow and not greedy else None)
         tree_s, self.tree_s = self.tree_s, None   # sent once
         return Answer(source.cpu(), y.cpu(), rank.cpu(), None if greedy else q,
                       self.build_s, jit_s, self.glue_s, forwards, width=width, tree_s=tree_s,
@@ -452,33 +451,11 @@ class DraftSide:
         self.glue, self.spec = glue[..., : self.V], y
         self.glue_s = timeline.span("glue", tick, "draft")
         self.ranks = self.race_ranks() if self.race_vocab else self.glue
-        self.fanouts = fanouts = [fan_hit if s == HIT else fan_miss for s in source.tolist()]
+        fanouts = [fan_hit if s == HIT else fan_miss for s in source.tolist()]
         self.S = ssd.build_speculation_cache(self.draft, self.cache, self.ranks, y, fanouts,
                                              saguaro_q(self.sampling, self.c, fan_hit), self.gen,
                                              vocab=self.V)
         self.build_s = timeline.span("build", tick, "draft")
-
-    def preview(self) -> Answer:
-        """NEW (ours): the Answer for the outcome this build bets on most, sent before the target
-        asks: per row the first guess at the k its fan-out gave the most guesses (k = K, full
-        acceptance, at B = 1 and high acceptance), with that outcome as `guess`. When the
-        verify ends there in every live row the target goes on with it and its Round asks no
-        reply: the same speculation answer() would give, without the round trip."""
-        S, B, K = self.S, len(self.trunk), self.K
-        rows = torch.arange(B, device=S.keys.device)
-        # the k its schedule gave the most guesses (the likeliest, as the fan-out judged), the
-        # larger on a tie; its first guess is the first branch there
-        best = [max(range(K + 1), key=lambda j: (f[j], j)) for f in self.fanouts]
-        k = torch.tensor(best, device=S.keys.device)
-        branch = (S.keys[..., 0] == k[:, None]).long().argmax(1)            # (B,)
-        guess = S.keys[rows, branch]                                        # (B, 2)
-        rank = measure.bonus_rank(self.ranks, self.spec, guess[:, 0], guess[:, 1])
-        q_plain = (kernels.probs_from_logits(S.logits[rows, branch], *self.sampling)
-                   if self.shadow else None)
-        return Answer(torch.full((B,), HIT), S.tokens[rows, branch].cpu(), rank.cpu(),
-                      None if self.sampling[0] == 0 else S.probs[rows, branch], self.build_s,
-                      0.0, self.glue_s, 1 + K, width=S.keys.shape[1], q_plain=q_plain,
-                      guess=guess.cpu())
 
     def clocks(self, positions):
         """The target's race clocks (kernels.race_clocks) for each row's draw at token
@@ -579,7 +556,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
                  cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,
-                 backup_used={"jit": 0, "fast": 0}, backup_why=None, preview_rounds=0)
+                 backup_used={"jit": 0, "fast": 0}, backup_why=None)
     rows = [list(p) for p in prompts]   # prompt + tokens emitted so far, per row
     done = [False] * B
 
@@ -629,17 +606,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
         asked = live & ((choice == "fast") | (sample_fast & (live.cumsum(0) <= 4)))
         fast_tokens, fast_probs = serve_fast(fast, rows, asked, K, temperature, gen, Vt, est, stats)
         tick = time.perf_counter()
-        # NEW (ours): the draft pushed its likeliest next speculation after its build; if the
-        # outcome is its guess in every live row, take it and only tell the draft (no reply)
-        answer = draft.preview()
-        if answer is not None and bool(((answer.guess[:, 0] == outcome) &
-                                        (answer.guess[:, 1] == last.cpu()) | ~live.cpu()).all()):
-            draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens, c,
-                                 shadow, reply=False))
-            stats["preview_rounds"] += 1
-        else:
-            answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss,
-                                          fast_tokens, c, shadow))
+        answer = draft.exchange(Round(outcome, last, live, choice, fan_hit, fan_miss, fast_tokens,
+                                      c, shadow))
         if answer is None:
             continue  # the draft was lost just now: this round again, all on the fast backup
         if answer.forwards:  # the draft's own answer (a lost draft's stand-in: no wait, no news)

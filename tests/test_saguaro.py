@@ -649,37 +649,6 @@ def test_same_seed_same_tokens_at_temperature_above_0(tiny_pair):
     assert none[0] == zero[0] and none[1]["backup_used"]["fast"] == 0
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_the_preview_changes_when_the_target_has_the_speculation_not_what_it_is(
-        monkeypatch, temperature):
-    """The draft pushes its likeliest next speculation after each build (DraftSide.preview);
-    the target takes it when the outcome is its guess in every live row, and only then. Run
-    with previews and with every preview ignored (the target asks for each answer), the same
-    seed gives the same tokens and the same hits, misses, backups and draft forwards: the draft
-    ends in the same state either way. At temperature 0 the tokens are the target's own. (A
-    draft close to the target, one row: its hits land on its preferred guess often enough.)"""
-    target, prompts = tiny_model(0, vocab_size=64, scale=3.0), RAGGED[:1]
-    worker = worker_for("close", functools.partial(noisy_model, 0, 64, 0.05, 7, scale=3.0),
-                        target)
-    runs = []
-    for use in (True, False):
-        if not use:
-            real = saguaro.draft_process.DraftWorker.preview
-            monkeypatch.setattr(saguaro.draft_process.DraftWorker, "preview",
-                                lambda self: real(self) and None)  # received, then ignored
-        worker.reset()
-        out, stats = saguaro.generate(target, prompts, 30, draft=worker, k=3, f=1,
-                                      backup="jit", saguaro_c=0.5, temperature=temperature,
-                                      seed=2)
-        runs.append((out, {key: stats[key] for key in ("hits_by_k", "lookups_by_k",
-                                                       "backup_used", "accept_counts",
-                                                       "draft_calls", "target_calls")}))
-        assert (stats["preview_rounds"] > 0) == use and not stats["draft_lost"], stats
-    assert runs[0] == runs[1]
-    if temperature == 0:
-        assert runs[0][0] == autoregressive.generate(target, prompts, 30)[0]
-
-
 @pytest.mark.parametrize("draft_vocab", [7, 10])
 def test_padded_vocabularies_over_one_tokenizer(draft_vocab):
     """A tokenizer of 6 ids over a target embedding of 8 rows and a draft of 7 or 10: greedy
@@ -870,10 +839,6 @@ def test_draft_equal_to_target_hits_every_time_at_temperature_0(self_pair):
     out, stats = saguaro.generate(target, RAGGED, 30, k=3, f=2, backup="jit", draft=worker)
     assert out == ref and stats["hit_rate"] == 1.0
     assert stats["backup_used"]["jit"] == 0   # the first speculation too: drafted in prefill
-    # every round's speculation was the draft's preview but the first's (no cache yet) and the
-    # second's (that cache was built before any acceptance was measured, when the fan-out's
-    # prior gave k = 0 the most guesses: the preview bet there, the lookup hit at k = K)
-    assert stats["preview_rounds"] == stats["target_calls"] - 2
     assert stats["acceptance_rate"] == 1.0 and stats["accept_counts"][:3] == [0, 0, 0]
     assert stats["fan_out_hit"][-1] == max(stats["fan_out_hit"])  # a -> 1: bet on k = K
     (est,) = worker.estimates.values()   # the rank of every looked-up bonus was learned (for r)
