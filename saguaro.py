@@ -505,10 +505,17 @@ def serve_fast(fast, rows, asked, K, temperature, gen, V, est, stats):
     and the q (B, K, V) they were drawn from (zeros in the other rows). Its seconds go to
     stats["fast_backup_s"] and to the rule's latency estimate."""
     tick, ask = time.perf_counter(), torch.nonzero(asked)[:, 0].tolist()
+    if len(ask) == len(rows):  # every row (the fast backup's rounds): its arrays as they are
+        x, qx = fast.propose(rows, K, temperature, gen)
+        check_proposal(fast, x, qx, len(ask), K)  # before its ids reach the draft or verify
+        tokens, q = x.cpu(), pad_vocab(qx.cpu().float(), V)
+        est.time("fast", timeline.span("fast backup", tick))
+        stats["fast_backup_s"] += time.perf_counter() - tick
+        return tokens, q
     tokens, q = torch.zeros(len(rows), K, dtype=torch.long), torch.zeros(len(rows), K, V)
     if ask:
         x, qx = fast.propose([rows[b] for b in ask], K, temperature, gen)
-        check_proposal(fast, x, qx, len(ask), K)  # before its ids reach the draft or verify
+        check_proposal(fast, x, qx, len(ask), K)
         tokens[ask], q[ask] = x.cpu(), pad_vocab(qx.cpu().float(), V)
         est.time("fast", timeline.span("fast backup", tick))
     stats["fast_backup_s"] += time.perf_counter() - tick

@@ -87,7 +87,7 @@ def verify(target_probs, draft_probs, draft_tokens, generator, bonus_race=None):
 def check_proposal(proposer, tokens, probs, B, K) -> None:
     """What a model-free proposer's propose() returned for B rows and K tokens, checked where it
     enters a loop (speculative.generate, saguaro's fast backup), before anything indexes with
-    it: tokens (B, K) integer ids in [0, V), probs (B, K, V) finite and >= 0, V its vocab_size.
+    it: tokens (B, K) integer ids in [0, V), probs (B, K, V) in [0, 1], V its vocab_size.
     ValueError naming the proposer otherwise."""
     name, V = f"{type(proposer).__name__}.propose", proposer.vocab_size
     if tuple(tokens.shape) != (B, K) or tuple(probs.shape) != (B, K, V):
@@ -100,9 +100,10 @@ def check_proposal(proposer, tokens, probs, B, K) -> None:
         raise ValueError(f"{name} returned token id {int(tokens[outside][0])}, outside its "
                          f"vocabulary [0, {V}) (vocab_size {V}): a proposer must propose ids "
                          "of the tokenizer it shares with the target.")
-    if not bool((torch.isfinite(probs) & (probs >= 0)).all()):
-        raise ValueError(f"{name} returned probabilities that are negative, NaN or inf: they "
-                         "must be the distribution each token was drawn from.")
+    low, high = torch.aminmax(probs) if probs.numel() else (probs.new_zeros(()),) * 2
+    if not (bool(low >= 0) and bool(high <= 1)):   # one pass; NaN fails both comparisons
+        raise ValueError(f"{name} returned probabilities that are negative, above 1, NaN or "
+                         "inf: they must be the distribution each token was drawn from.")
 
 
 def one_hot(tokens, vocab_size):

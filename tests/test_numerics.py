@@ -214,6 +214,19 @@ def test_a_proposer_s_ids_outside_the_vocabulary_are_refused_by_name(bad):
                          draft_threads=1, target_threads=1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.25, 1.5])
+def test_a_proposer_s_q_that_is_no_distribution_is_refused_by_name(bad):
+    """speculative.check_proposal, where a proposer's q enters sd and saguaro's fast backup:
+    NaN, inf, a negative or a value above 1 anywhere in (B, K, V), named."""
+    class P:
+        vocab_size = 8
+    q = torch.zeros(2, 3, 8)
+    q[1, 2, 5] = bad
+    with pytest.raises(ValueError, match="P.propose returned probabilities that are negative"):
+        speculative.check_proposal(P(), torch.zeros(2, 3, dtype=torch.long), q, 2, 3)
+    speculative.check_proposal(P(), torch.zeros(2, 3, dtype=torch.long), q.clamp(0, 1).nan_to_num(0), 2, 3)
+
+
 def test_verify_refuses_ids_outside_its_vocabulary():
     p, q = torch.full((1, 3, 8), 1 / 8), torch.full((1, 2, 8), 1 / 8)
     with pytest.raises(ValueError, match=r"draft token id 8 is outside the vocabulary \[0, 8\)"):
