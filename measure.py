@@ -75,13 +75,17 @@ class Measurements:
         tail = self.curve[2]
         return min(1.0, (tail[F] + F ** -1.0) / (tail[0] + 1))
 
-    def learn_from_draft(self, answer, live, first_round):
+    def learn_from_draft(self, answer, live, first_round, after_fast=False):
         """The draft process's Answer: ranks of the true bonus (for r), its latencies, the
-        seconds of a tree step at the width its build used (and at the widths it timed once)."""
+        seconds of a tree step at the width its build used (and at the widths it timed once).
+        after_fast: the build followed a round where some row took the fast backup (its glue
+        read K + 1 tokens a row): kept apart, as "build_fast"."""
         for rank in answer.rank[live & (answer.rank >= 0)].tolist():
             self.rank_counts[min(rank, 64)] += 1
             self.ranks_seen += 1
-        if not first_round:  # the first round had no cache built before it
+        if after_fast and not first_round:
+            self.time("build_fast", answer.build_s)
+        elif not first_round:  # the first round had no cache built before it
             self.time("build", answer.build_s)
             self.time("step", answer.glue_s)
             if answer.width:  # the build's tree: K steps of `width` branches per row

@@ -119,16 +119,18 @@ def expected_tokens(a: float, K: int) -> float:
     return K + 1.0 if a >= 1 else (1 - a ** (K + 1)) / (1 - a)
 
 
-def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1) -> float:
+def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1, t_every=0.0) -> float:
     """Thm. 7 over AR, times in units of one target verify (= one AR step, memory-bound):
-    [p_hit E_hit + (1 - p_hit) E_miss] / [max(1, T_p) + (1 - P) T_b]: a round's verify and the
-    draft's build of the next cache (T_p) overlap, a miss first waits for the backup (T_b);
+    [p_hit E_hit + (1 - p_hit) E_miss] / [max(1 + T_e, T_p) + (1 - P) T_b]: a round's verify and
+    the draft's build of the next cache (T_p) overlap, a miss first waits for the backup (T_b);
     with b rows the batch waits when any row misses, so P = P(all hit) = p_hit^b (Sec. 4.3).
     The paper charges a miss round 1 + T_b, assuming the build hidden (T_p <= 1, where the
     two agree); here a miss round also waits for a build longer than the verify, as the loop
-    does (the next answer comes after it)."""
+    does (the next answer comes after it). T_e (ours): the target's own work every round
+    beside its verify (the fast backup's proposals, made before it knows who missed)."""
     all_hit = p_hit ** batch
-    return (p_hit * e_hit + (1 - p_hit) * e_miss) / (max(1.0, t_p) + (1 - all_hit) * t_b)
+    return (p_hit * e_hit + (1 - p_hit) * e_miss) / (max(1.0 + t_every, t_p) +
+                                                     (1 - all_hit) * t_b)
 
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)
@@ -205,15 +207,31 @@ class Estimates(measure.Measurements):
         JIT look slow at large b, the rule kept the fast backup and never measured the JIT."""
         verify = verify or self.secs.get("verify", 1.0)
         if backup == "fast":
-            t_b = self.secs.get("fast", 0.0)
-        elif "jit" in self.secs:
+            # the fast backup is ready when a row misses (no wait), but the target proposes for
+            # every row every round, and after a round where a row took it the draft's glue
+            # reads K + 1 tokens of every row (no KV to reuse): a longer next build
+            p = self._p_hit(p_d, p_f, backup)
+            t_p = t_p + (1 - p ** batch) * self.fast_glue_extra()
+            return predicted_speedup(p, expected_tokens(a_d, self.K),
+                                     expected_tokens(self.a("fast"), self.K), t_p / verify, 0.0,
+                                     batch, t_every=self.secs.get("fast", 0.0) / verify)
+        if "jit" in self.secs:
             t_b = self.secs["jit"]
         else:  # not run yet: no fit of the tree's cost line once the JIT is measured
             step = self.tree_step(1)
             t_b = self.K * (self.secs.get("step", t_p / (self.K + 1)) if step is None else step)
-        e_miss = expected_tokens(self.a("fast") if backup == "fast" else a_d, self.K)
-        return predicted_speedup(self._p_hit(p_d, p_f, backup), expected_tokens(a_d, self.K),
-                                 e_miss, t_p / verify, t_b / verify, batch)
+        e = expected_tokens(a_d, self.K)
+        return predicted_speedup(p_d, e, e, t_p / verify, t_b / verify, batch)
+
+    def fast_glue_extra(self):
+        """Seconds a build takes longer after a round where some row took the fast backup (its
+        glue then reads K + 1 tokens of every row, not one): measured (builds after such rounds
+        against the others), else a tree step of K + 1 branches against one (the same shape),
+        else 0."""
+        if "build_fast" in self.secs and "build" in self.secs:
+            return max(0.0, self.secs["build_fast"] - self.secs["build"])
+        wide, one = self.tree_step(self.K + 1), self.tree_step(1)
+        return max(0.0, wide - one) if len(self.tree) >= 2 else 0.0
 
     def speed(self, backup, batch):
         """Thm. 7's prediction at the budget and C in use, from the measured hit rates."""
@@ -619,7 +637,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
             continue  # the draft was lost just now: this round again, all on the fast backup
         if answer.forwards:  # the draft's own answer (a lost draft's stand-in: no wait, no news)
             stats["draft_wait_s"] += timeline.span("wait for draft", tick)
-            est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0))
+            est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0),
+                                 after_fast=bool((live & (made == FAST)).any()))
         source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)
         draft_probs = pad_vocab(one_hot(draft_tokens, Vc) if answer.probs is None  # greedy
                                 else answer.probs.to(dev), Vt)             # (B, K, Vt) their q
