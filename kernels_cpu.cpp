@@ -159,18 +159,20 @@ torch::Tensor silu_mul(torch::Tensor gu) {
 // rows' scores against each key, softmax(scores * scale + bias) per row, then the weighted sum
 // of the values. Same math as SDPA (its rounding differs, at float32's last bits).
 
-// one KV head: q (R, D), keys/values at k, v with a stride of ks between slots, bias (R, S) with
-// a row stride of bs (-inf: a slot the query does not see) -> out (R, D); w: R * S scratch.
+namespace {
+
+// one KV head: q (R, D), keys/values at k, v with a stride of ks between slots, bias (R, S)
+// (-inf: a slot the query does not see) -> out (R, D); w: R * S scratch.
 // The plain loops; attend_head_avx512 below is the same, vectorized.
 void attend_head(const float* q, const float* k, const float* v, int64_t ks, const float* bias,
-                 int64_t bs, float* out, float* w, int64_t R, int64_t S, int64_t D, float scale) {
+                 float* out, float* w, int64_t R, int64_t S, int64_t D, float scale) {
   for (int64_t r = 0; r < R; r++) {
     float* wr = w + r * S;
     float top = -INFINITY, sum = 0.f;
     for (int64_t s = 0; s < S; s++) {
       float dot = 0.f;
       for (int64_t d = 0; d < D; d++) dot += q[r * D + d] * k[s * ks + d];
-      wr[s] = dot * scale + bias[r * bs + s];
+      wr[s] = dot * scale + bias[r * S + s];
       top = std::max(top, wr[s]);
     }
     for (int64_t s = 0; s < S; s++) {  // a row that sees no slot gives NaN, as SDPA does
@@ -179,9 +181,11 @@ void attend_head(const float* q, const float* k, const float* v, int64_t ks, con
     }
     float* o = out + r * D;
     std::fill(o, o + D, 0.f);
-    for (int64_t s = 0; s < S; s++)
-      if (wr[s] != 0.f)  // a masked slot (tree steps mask most of the scratch)
-        for (int64_t d = 0; d < D; d++) o[d] += wr[s] / sum * v[s * ks + d];
+    for (int64_t s = 0; s < S; s++) {
+      if (wr[s] == 0.f) continue;  // a masked slot (tree steps mask most of the scratch)
+      const float p = wr[s] / sum;
+      for (int64_t d = 0; d < D; d++) o[d] += p * v[s * ks + d];
+    }
   }
 }
 
@@ -205,8 +209,8 @@ ATTN_TARGET inline __m512 exp_nonpositive(__m512 x) {
 
 // attend_head for D a multiple of 16 (up to 128): a query row's D numbers sit in registers
 ATTN_TARGET void attend_head_avx512(const float* q, const float* k, const float* v, int64_t ks,
-                                    const float* bias, int64_t bs, float* out, float* w,
-                                    int64_t R, int64_t S, int64_t D, float scale) {
+                                    const float* bias, float* out, float* w, int64_t R,
+                                    int64_t S, int64_t D, float scale) {
   const int64_t V = D / 16;
   for (int64_t r = 0; r < R; r++) {
     __m512 qr[8], acc[8];
@@ -216,7 +220,7 @@ ATTN_TARGET void attend_head_avx512(const float* q, const float* k, const float*
     for (int64_t s = 0; s < S; s++) {
       __m512 dot = _mm512_mul_ps(qr[0], _mm512_loadu_ps(k + s * ks));
       for (int64_t j = 1; j < V; j++) dot = _mm512_fmadd_ps(qr[j], _mm512_loadu_ps(k + s * ks + 16 * j), dot);
-      wr[s] = _mm512_reduce_add_ps(dot) * scale + bias[r * bs + s];
+      wr[s] = _mm512_reduce_add_ps(dot) * scale + bias[r * S + s];
       top = std::max(top, wr[s]);
     }
     __m512 total = _mm512_setzero_ps();
@@ -247,10 +251,12 @@ bool attend_avx512(int64_t D) {
   return cpu && D % 16 == 0 && D <= 128;
 }
 #else
-void attend_head_avx512(const float*, const float*, const float*, int64_t, const float*, int64_t,
-                        float*, float*, int64_t, int64_t, int64_t, float) {}
+void attend_head_avx512(const float*, const float*, const float*, int64_t, const float*, float*,
+                        float*, int64_t, int64_t, int64_t, float) {}
 bool attend_avx512(int64_t) { return false; }
 #endif
+
+}  // namespace
 
 // SDPA's call in Stack::forward: q (B, Hk, R, D), the layer's caches (B, S_max, Hk, D) read up to
 // slot S, bias (B, 1, R, S) -> (B, Hk, R, D). float32 with few query rows (R <= 32) here, any
@@ -279,7 +285,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       const int64_t bi = i / Hk, h = i % Hk;
       const int64_t at = bi * S_max * ks + h * D;  // slot 0 of this row and head
       (fast ? attend_head_avx512 : attend_head)(qp + i * R * D, kp + at, vp + at, ks,
-                                                bp + bi * R * S, S, op + i * R * D, w.data(), R,
+                                                bp + bi * R * S, op + i * R * D, w.data(), R,
                                                 S, D, scale);
     }
   });

@@ -536,12 +536,13 @@ def test_fused_cpu_kernels_equal_torch_ops_on_long_inputs():
         torch.testing.assert_close(ops.silu_mul(x), torch.nn.functional.silu(gate) * up, **tol)
 
 
-@pytest.mark.parametrize("D", [64, 48, 128])
+@pytest.mark.parametrize("D", [64, 48, 128, 40, 144])
 def test_small_query_attention_equals_sdpa(D):
     """kernels_cpu.cpp's attend (the Stack's attention for steps of at most 32 query rows per KV
     head) against torch's SDPA: two rows of different masks (a row that sees a single slot,
     scratch slots hidden as in a tree step), lengths that are not multiples of 16, a ragged
-    exp tail, D = 64 and 128 (the vectorized loop) and 48 (the plain one); 33 rows go to SDPA."""
+    exp tail, D = 48, 64 and 128 (the vectorized loop, where the CPU has AVX-512) and 40, 144
+    (not a multiple of 16, or past 128: the plain loops); 33 rows go to SDPA."""
     if kernels_cpu.cpu_ops() is None:
         pytest.skip("the fused CPU kernels are not built here")
     ops, g = kernels_cpu.cpu_ops(), torch.Generator().manual_seed(D)
