@@ -261,7 +261,7 @@ class Int4Linear(QuantLinear):
             return ops.int4_mm(x, *self.ours)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scales_zeros)
 
-    def stack_spec(self, dtype, rows):  # kernels_cpu.Stack runs this same kernel
+    def stack_spec(self, dtype):  # kernels_cpu.Stack runs this same kernel
         if self.ours is not None:
             return kernels_cpu.INT4_BF16, 0, *self.ours
         return kernels_cpu.INT4, self.GROUP, self.packed, self.scales_zeros

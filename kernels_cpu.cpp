@@ -297,7 +297,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
 // torch whose overhead (~100 us a layer, ~3 ms a step) is as large as the small steps were;
 // here the same calls are made from C++. The matmuls are the very kernels Python would run:
 // kernels.py hands over, per linear, the kind and tensors PackedLinear (or drafts.Int4Linear)
-// chose for this dtype and row count.
+// chose for this dtype.
 
 enum Kind : int64_t { PLAIN = 0, ONEDNN_PACKED = 1, INT4 = 2, INT4_BF16 = 3 };
 

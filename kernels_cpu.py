@@ -137,7 +137,7 @@ def fused_layer(block, x, layer, cache, cos, sin, attn):
     return x + block.w2(ops.silu_mul(block.w13(ops.rms_norm(x, block.mlp_norm, eps))))
 
 
-_STACKS = weakref.WeakKeyDictionary()  # model -> {(dtype, rows): (Stack or None, key, parts)}
+_STACKS = weakref.WeakKeyDictionary()  # model -> {dtype: (Stack or None, key, parts)}
 
 
 def _layers_parts(model):
@@ -146,15 +146,16 @@ def _layers_parts(model):
     return [v for b in model.layers for d in (b._modules, b._parameters) for v in d.values()]
 
 
-def cpu_stack(model, dtype, rows):
-    """The layers as one kernels_cpu.Stack for steps of `rows` tokens: each linear runs the
-    kernel it would run from Python (PackedLinear's choice for this dtype and row count),
-    everything else as in fused_layer. Built once per (dtype, rows), rebuilt when a layer
-    changed or the weights moved (.to()); None if a linear is of a kind the Stack cannot run."""
+def cpu_stack(model, dtype):
+    """The layers as one kernels_cpu.Stack for steps of any number of tokens: each linear runs
+    the kernel it would run from Python (PackedLinear's choice for this dtype: one packed
+    weight serves every row count), everything else as in fused_layer. Built once per dtype,
+    rebuilt when a layer changed or the weights moved (.to()); None if a linear is of a kind
+    the Stack cannot run."""
     parts = _layers_parts(model)
     key = (model.embed.weight.data_ptr(), *map(id, parts))  # ~200 ids: tens of us, per step
     stacks = _STACKS.setdefault(model, {})
-    hit = stacks.get((dtype, rows))
+    hit = stacks.get(dtype)
     if hit is not None and hit[1] == key:
         return hit[0]
     none, tensors, kinds = torch.empty(0, dtype=dtype), [], []
@@ -162,16 +163,16 @@ def cpu_stack(model, dtype, rows):
         tensors += [b.attn_norm, b.q_norm if b.qk_norm else none,
                     b.k_norm if b.qk_norm else none, b.mlp_norm]
         for lin in (b.wqkv, b.wo, b.w13, b.w2):
-            spec = linear_spec(lin, dtype, rows)
+            spec = linear_spec(lin, dtype)
             if spec is None:
-                stacks[(dtype, rows)] = (None, key, parts)
+                stacks[dtype] = (None, key, parts)
                 return None
             kind, param, a, b2 = spec
             tensors += [a, none if b2 is None else b2, none if lin.bias is None else lin.bias]
             kinds += [kind, param]
     H, Hk, _, eps = model.layers[0].shape
     stack = _cpu_ops.Stack(tensors, kinds, H, Hk, eps)
-    stacks[(dtype, rows)] = (stack, key, parts)
+    stacks[dtype] = (stack, key, parts)
     return stack
 
 
@@ -179,9 +180,8 @@ def run_layers(model, x, cache, cos, sin, attn):
     """kernels.Model's layer loop on the CPU, attn[i] being layer i's: all layers in one C++
     call when they share one mask (the Stack takes one) and every linear is of a kind the
     Stack runs, else layer by layer with the fused steps (some layers with a sliding window)."""
-    B, T, _ = x.shape
     one_mask = all(a is attn[0] for a in attn)
-    stack = cpu_stack(model, x.dtype, B * T) if one_mask else None
+    stack = cpu_stack(model, x.dtype) if one_mask else None
     if stack is None:
         for i, block in enumerate(model.layers):
             x = fused_layer(block, x, i, cache, cos, sin, attn[i])
@@ -216,9 +216,9 @@ class PackedLinear(nn.Module):
             kernel = self.plans[(x.dtype, M)] = self._choose(x.dtype, M)
         return kernel(x)
 
-    def spec(self, dt, M):
-        """(kind, param, a, b): the kernel for M rows of dtype dt, packing the weight on the
-        first use of dt. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight),
+    def spec(self, dt):
+        """(kind, param, a, b): the kernel for rows of dtype dt (any number), packing the weight
+        on the first use of dt. Kinds as kernels_cpu.cpp numbers them: PLAIN (a = weight),
         ONEDNN_PACKED (a = packed); param and b are unused by both."""
         w = self.weight
         if dt != w.dtype or w.device.type != "cpu" or not PACKED.get(dt):
@@ -228,7 +228,7 @@ class PackedLinear(nn.Module):
         return ONEDNN_PACKED, 0, self.packed[dt], None
 
     def _choose(self, dt, M):
-        kind, _, packed, _ = self.spec(dt, M)
+        kind, _, packed, _ = self.spec(dt)
         if kind == ONEDNN_PACKED:
             b = self.bias
             return lambda x: torch.ops.mkldnn._linear_pointwise(
@@ -251,13 +251,13 @@ class PackedLinear(nn.Module):
 PLAIN, ONEDNN_PACKED, INT4, INT4_BF16 = 0, 1, 2, 3  # linear kinds, as in kernels_cpu.cpp
 
 
-def linear_spec(lin: nn.Module, dtype, rows):
+def linear_spec(lin: nn.Module, dtype):
     """How kernels_cpu.Stack runs this linear: (kind, param, a, b), or None if it cannot."""
     if isinstance(lin, PackedLinear):
-        return lin.spec(dtype, rows)
+        return lin.spec(dtype)
     if type(lin) is nn.Linear:
         return PLAIN, 0, lin.weight, None
-    return lin.stack_spec(dtype, rows) if hasattr(lin, "stack_spec") else None
+    return lin.stack_spec(dtype) if hasattr(lin, "stack_spec") else None
 
 
 _ONEDNN = (torch.backends.mkldnn.is_available()

@@ -230,8 +230,9 @@ class Estimates(measure.Measurements):
         else 0."""
         if "build_fast" in self.secs and "build" in self.secs:
             return max(0.0, self.secs["build_fast"] - self.secs["build"])
-        wide, one = self.tree_step(self.K + 1), self.tree_step(1)
-        return max(0.0, wide - one) if len(self.tree) >= 2 else 0.0
+        if len(self.tree) < 2:  # no cost line yet
+            return 0.0
+        return max(0.0, self.tree_step(self.K + 1) - self.tree_step(1))
 
     def speed(self, backup, batch):
         """Thm. 7's prediction at the budget and C in use, from the measured hit rates."""
@@ -397,9 +398,9 @@ class DraftSide:
         q = torch.zeros(B, K, self.V, device=dev)
         logits_y = torch.zeros(B, K, self.V, device=dev)  # behind q: the glue reuses them
         if self.S is not None:
-            hit, y, q = self.S.lookup(k, t)
-            branch, N, base = self.S.find(k, t)[1], self.S.keys.shape[1], self.trunk + K + 1
-            logits_y = self.S.logits[rows, branch]
+            hit, branch = self.S.find(k, t)          # as S.lookup, keeping the branch
+            y, q, logits_y = (x[rows, branch] for x in (self.S.tokens, self.S.probs, self.S.logits))
+            N, base = self.S.keys.shape[1], self.trunk + K + 1
             rank = measure.bonus_rank(self.ranks, self.spec, k, t)       # for r
             timeline.lookup(int((hit & live).sum()), int(live.sum()))
             # ssd's tree keeps branch n's step-j KV at base + j N + n
@@ -523,21 +524,19 @@ def serve_fast(fast, rows, asked, K, temperature, gen, V, est, stats):
     and the q (B, K, V) they were drawn from (zeros in the other rows). Its seconds go to
     stats["fast_backup_s"] and to the rule's latency estimate."""
     tick, ask = time.perf_counter(), torch.nonzero(asked)[:, 0].tolist()
-    if len(ask) == len(rows):  # every row (the fast backup's rounds): its arrays as they are
-        x, qx = fast.propose(rows, K, temperature, gen)
-        check_proposal(fast, x, qx, len(ask), K)  # before its ids reach the draft or verify
-        tokens, q = x.cpu(), pad_vocab(qx.cpu().float(), V)
-        est.time("fast", timeline.span("fast backup", tick))
-        stats["fast_backup_s"] += time.perf_counter() - tick
-        return tokens, q
-    tokens, q = torch.zeros(len(rows), K, dtype=torch.long), torch.zeros(len(rows), K, V)
+    tokens, q = torch.zeros(len(rows), K, dtype=torch.long), None
     if ask:
         x, qx = fast.propose([rows[b] for b in ask], K, temperature, gen)
-        check_proposal(fast, x, qx, len(ask), K)
-        tokens[ask], q[ask] = x.cpu(), pad_vocab(qx.cpu().float(), V)
+        check_proposal(fast, x, qx, len(ask), K)  # before its ids reach the draft or verify
+        x, qx = x.cpu(), pad_vocab(qx.cpu().float(), V)
+        if len(ask) == len(rows):  # every row (the fast backup's rounds): its arrays as they are
+            tokens, q = x, qx
+        else:
+            tokens[ask], q = x, torch.zeros(len(rows), K, V)
+            q[ask] = qx
         est.time("fast", timeline.span("fast backup", tick))
     stats["fast_backup_s"] += time.perf_counter() - tick
-    return tokens, q
+    return tokens, (torch.zeros(len(rows), K, V) if q is None else q)
 
 
 # ----------------------------------------------------------------------------------------------

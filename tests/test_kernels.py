@@ -468,7 +468,7 @@ def fused_and_eager(model, run):
     stacks = kernels_cpu._STACKS.get(model)
     assert stacks and all(s is not None for s, _, _ in stacks.values())
     real = kernels_cpu.cpu_stack
-    kernels_cpu.cpu_stack = lambda model, dtype, rows: None  # as for a linear it cannot run
+    kernels_cpu.cpu_stack = lambda model, dtype: None  # as for a linear it cannot run
     try:
         layered = run(model)
         saved = kernels_cpu._cpu_ops
