@@ -518,7 +518,8 @@ def main(argv=None):
                     help="grid, e.g. 'k=2,4,6;f=1,3;batch=1,4;temperature=0,1' (no HF rows)")
     ap.add_argument("--out", default="results/sweep", help="sweep output prefix (.json, .csv)")
     args = ap.parse_args(argv)
-    methods = args.methods or ",".join(METHODS if args.tp == 1 else TP_METHODS)
+    methods = args.methods if args.methods is not None else ",".join(
+        METHODS if args.tp == 1 else TP_METHODS)
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not args.methods:
         ap.error(f"--methods {methods!r} names no method: choose from {', '.join(METHODS)}")

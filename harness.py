@@ -252,6 +252,17 @@ def positive_int(text: str) -> int:
     return n
 
 
+def thread_count(text: str) -> int:
+    """argparse type for --threads: positive_int, with a warning past the cores this process
+    may use (the threads would share cores, and every step waits for its slowest thread)."""
+    n, cores = positive_int(text), len(os.sched_getaffinity(0))
+    if n > cores:
+        warnings.warn(f"--threads {n} is more than the {cores} cores this process may use: "
+                      f"threads then share cores and each step waits for the slowest; "
+                      f"use --threads {cores} or fewer", stacklevel=2)
+    return n
+
+
 def checked(kind, check):
     """argparse type: `kind(text)` that `check(value)` accepts (its ValueError becomes the
     flag's error: argparse then says which flag was wrong before any model loads)."""
@@ -312,7 +323,8 @@ def or_auto(kind):
 def add_saguaro_args(parser, budget=None, backup="auto", saguaro_c=1.0) -> None:
     """saguaro's own flags, spelled once for saguaro.py and bench.py's saguaro row."""
     parser.add_argument("--budget", type=or_auto(positive_int), default=budget,
-                        help="B, saguaro's guesses per row per round; None: (K+1) f; auto: "
+                        help="B, saguaro's guesses per row per round; None: (K+1) f (in "
+                             "saguaro.py: auto unless --f is given); auto: "
                              "the budget rule (the speed model's best B, per round; like "
                              "--backup auto it follows measured latencies)")
     parser.add_argument("--fan-out", default="geometric", choices=["geometric", "uniform"],
@@ -347,7 +359,7 @@ def add_common_args(parser, tp: bool = False) -> None:
                         type=checked(str, kernels.resolve_device))
     parser.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES),
                         help="the target's weights and compute")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="CPU threads; None: every core this process may use")
     parser.add_argument("--temperature", type=checked(float, kernels.check_sampling), default=0.0,
                         help="0 = greedy")

@@ -90,6 +90,7 @@ def cpu_ops():
 
 
 def _import_or_build():
+    import glob
     import importlib.util
     import shutil
     build = cpu_build_dir()
@@ -102,7 +103,9 @@ def _import_or_build():
                 print("kernels: compiling kernels_cpu.cpp once for this machine (~30 s) ...",
                       file=sys.stderr, flush=True)
                 tmp = f"{build}.tmp{os.getpid()}"
-                for old in (tmp, build):  # leftovers of a killed build, or of an older scheme
+                # leftovers of killed builds (we hold the lock: none is running), or of an
+                # older scheme
+                for old in glob.glob(glob.escape(build) + ".tmp*") + [build]:
                     shutil.rmtree(old, ignore_errors=True)
                 os.makedirs(tmp)
                 module = load("ssd_kernels_cpu", [_CPU_SOURCE], extra_cflags=CPU_BUILD_FLAGS,

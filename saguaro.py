@@ -720,15 +720,15 @@ def main():
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=harness.positive_int, default=None,
                     help="guesses per k: B = (K+1) f, in place of the budget rule")
-    harness.add_saguaro_args(ap, budget="auto", saguaro_c="auto")
+    harness.add_saguaro_args(ap, budget=None, saguaro_c="auto")   # None: auto, or --f's B
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()
-    if args.f and args.budget != "auto":
+    if args.f and args.budget is not None:
         ap.error(f"--f {args.f} sets B = (K+1) f and --budget {args.budget} sets B: give one")
     args.threads, draft_threads = draft_process.split_threads(args.threads)
     target, _ = harness.load_models(args)  # --tp N: this rank's shard (tp.py)
     ids = kernels.encode_prompt(target, args.prompt)
-    budget = None if args.f and args.budget == "auto" else args.budget   # --f: B = (K+1) f
+    budget = None if args.f else args.budget or "auto"   # None: B = (K+1) f
 
     def run(target):  # --tp N: on rank 0, beside the draft process, while the others follow
         with DraftWorker(args.draft, target, device=tp.draft_device(args, target),

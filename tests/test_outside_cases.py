@@ -472,13 +472,26 @@ def test_bench_with_every_method_skipped_is_an_error_not_an_empty_table(capsys):
     assert "hf-assisted skipped" in capsys.readouterr().out
 
 
-def test_saguaro_refuses_two_flags_that_both_set_the_budget(monkeypatch, capsys):
-    """--f 2 --budget 3 ran with B = 3 and said nothing of --f (a newcomer run)."""
+@pytest.mark.parametrize("budget", ["3", "auto"])
+def test_saguaro_refuses_two_flags_that_both_set_the_budget(budget, monkeypatch, capsys):
+    """--f 2 --budget 3 ran with B = 3 and said nothing of --f (a newcomer run); --f 2
+    --budget auto ran with B = (K+1) 2 (auto was the default, so it looked unset)."""
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    monkeypatch.setattr(sys, "argv", ["saguaro", "--prompt", "hi", "--f", "2", "--budget", "3"])
+    monkeypatch.setattr(sys, "argv", ["saguaro", "--prompt", "hi", "--f", "2", "--budget", budget])
     with pytest.raises(SystemExit) as exit_:
         saguaro.main()
     assert exit_.value.code == 2 and "give one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods", ["", " , "])
+def test_bench_methods_that_name_nothing_are_a_bad_flag(methods, monkeypatch, capsys):
+    """--methods "" ran every method (an empty string read as 'not given')."""
+    import bench
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(sys, "argv", ["bench", "--methods", methods])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and "names no method" in capsys.readouterr().err
 
 
 def test_an_empty_prompt_is_refused_before_loading_a_model(monkeypatch, capsys):
@@ -772,3 +785,34 @@ def test_the_warm_up_hides_the_k_warning_it_causes_and_bench_flags_a_busy_machin
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 1.0, 1.0))
     assert bench.check_quiet(argparse.Namespace(device="cpu")) == 0.1
     assert capsys.readouterr().err == ""
+
+
+def test_more_threads_than_cores_is_warned_of_when_parsed():
+    """--threads 99 on 2 cores ran without a word, every step waiting on threads that share
+    cores (a newcomer run)."""
+    import harness
+    cores = len(os.sched_getaffinity(0))
+    with pytest.warns(UserWarning, match=f"--threads {cores + 1} is more than the {cores} cores"):
+        assert harness.thread_count(str(cores + 1)) == cores + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert harness.thread_count(str(cores)) == cores
+
+
+def test_a_build_clears_the_folders_of_builds_killed_before_it(tmp_path, monkeypatch):
+    """A build killed midway left its private folder (<build>.tmp<pid>) for ever: each kill
+    another ~1 MB. The next build, holding the lock, removes every one (the compiler faked)."""
+    import torch.utils.cpp_extension as cpp
+    build = str(tmp_path / "build" / "kernels_cpu-0123")
+    monkeypatch.setattr(kernels_cpu, "cpu_build_dir", lambda: build)
+    for pid in ("1", "4242"):
+        os.makedirs(build + ".tmp" + pid)
+        open(os.path.join(build + ".tmp" + pid, "half.o"), "w").close()
+    os.makedirs(str(tmp_path / "build" / "kernels_cpu-0123X.tmp7"))   # another build's: kept
+    built = []
+    monkeypatch.setattr(cpp, "load", lambda name, sources, build_directory, **kw:
+                        built.append(build_directory) or "module")
+    assert kernels_cpu._import_or_build() == "module"
+    assert built == [f"{build}.tmp{os.getpid()}"] and os.path.isdir(build)
+    assert sorted(os.listdir(tmp_path / "build")) == ["kernels_cpu-0123", "kernels_cpu-0123.lock",
+                                                      "kernels_cpu-0123X.tmp7"]
