@@ -79,7 +79,7 @@ class Measurements:
         """The draft process's Answer: ranks of the true bonus (for r), its latencies, the
         seconds of a tree step at the width its build used (and at the widths it timed once).
         after_fast: the build followed a round where some row took the fast backup (its glue
-        read K + 1 tokens a row): kept apart, as "build_fast"."""
+        decoded that row's K tokens again): kept apart, as "build_fast"."""
         for rank in answer.rank[live & (answer.rank >= 0)].tolist():
             self.rank_counts[min(rank, 64)] += 1
             self.ranks_seen += 1

@@ -202,16 +202,16 @@ class Estimates(measure.Measurements):
         """Thm. 7's prediction for a draft whose caches hit at p_d (p_f after a fast backup),
         acceptance a_d and build time t_p (seconds), in units of a verify of `verify` seconds
         (default: the measured mean). Until the JIT backup has run, its latency is what it is
-        made of, K tree steps of one branch per row (tree_step(1)), not K glue forwards: after
-        a fast backup the glue reads all K + 1 tokens of every row, so that stand-in made the
-        JIT look slow at large b, the rule kept the fast backup and never measured the JIT."""
+        made of, K tree steps of one branch per row (tree_step(1)), not K glue forwards (a glue
+        after the fast backup decodes K tokens again, so that stand-in made the JIT look slow
+        at large b, the rule kept the fast backup and never measured the JIT)."""
         verify = verify or self.secs.get("verify", 1.0)
         if backup == "fast":
             # the fast backup is ready when a row misses (no wait), but the target proposes for
             # every row every round, and after a round where a row took it the draft's glue
-            # reads K + 1 tokens of every row (no KV to reuse): a longer next build
+            # decodes that row's K tokens again (no KV to reuse): a longer next build
             p = self._p_hit(p_d, p_f, backup)
-            t_p = t_p + (1 - p ** batch) * self.fast_glue_extra()
+            t_p = t_p + (1 - p ** batch) * self.fast_glue_extra(p, batch)
             return predicted_speedup(p, expected_tokens(a_d, self.K),
                                      expected_tokens(self.a("fast"), self.K), t_p / verify, 0.0,
                                      batch, t_every=self.secs.get("fast", 0.0) / verify)
@@ -223,16 +223,21 @@ class Estimates(measure.Measurements):
         e = expected_tokens(a_d, self.K)
         return predicted_speedup(p_d, e, e, t_p / verify, t_b / verify, batch)
 
-    def fast_glue_extra(self):
-        """Seconds a build takes longer after a round where some row took the fast backup (its
-        glue then reads K + 1 tokens of every row, not one): measured (builds after such rounds
-        against the others), else a tree step of K + 1 branches against one (the same shape),
-        else 0."""
+    def fast_glue_extra(self, p_hit, batch):
+        """Seconds a build takes longer after a round where some row took the fast backup: the
+        glue decodes those rows' K tokens again (the draft holds none of their KV), in one
+        forward of the m rows that took it; of K + 1 tokens a row in place of one when all did.
+        Measured (builds after such rounds against the others), else from the tree step's
+        cost line: a step of width w reads w tokens a row, so m rows of K tokens are a step of
+        width K m / b, with m / b = (1 - p) / (1 - p^b) the expected share given one row took
+        it; at b = 1, K tree-step widths more than one. 0 before two widths were timed."""
         if "build_fast" in self.secs and "build" in self.secs:
             return max(0.0, self.secs["build_fast"] - self.secs["build"])
-        if len(self.tree) < 2:  # no cost line yet
+        if len(self.tree) < 2 or p_hit >= 1:  # no cost line yet; or no row ever takes it
             return 0.0
-        return max(0.0, self.tree_step(self.K + 1) - self.tree_step(1))
+        if batch == 1:
+            return max(0.0, self.tree_step(self.K + 1) - self.tree_step(1))
+        return self.tree_step(self.K * (1 - p_hit) / (1 - p_hit ** batch))
 
     def speed(self, backup, batch):
         """Thm. 7's prediction at the budget and C in use, from the measured hit rates."""
@@ -385,7 +390,8 @@ class DraftSide:
         on the rows that missed only) or the fast backup's speculation, which came with the
         Round; 4) note where the draft already holds each row's KV and logits of t,
         y_1..y_{K-1} (the hit branch's scratch slots, or the trunk where the first speculation
-        or the JIT decoded): the glue reuses them unless a row's speculation is the fast one's."""
+        or the JIT decoded): the glue reuses them; a row the fast backup served is decoded
+        again (decode_rows), all rows in one forward when every live row took it."""
         dev, B, K = self.draft.device, len(msg.k), self.K
         self.c = self.c if msg.c is None else msg.c   # the rule may move C between rounds
         k, t, live = msg.k.to(dev), msg.t.to(dev), msg.live.to(dev)
@@ -419,8 +425,11 @@ class DraftSide:
             y, q = torch.where(miss[:, None], y_jit, y), torch.where(miss[:, None, None], q_jit, q)
             logits_y = torch.where(miss[:, None, None], logits, logits_y)
             jit_s, forwards = timeline.span("jit", tick, "draft"), forwards + K
-        reuse = not bool((miss & (source == FAST)).any())
-        self.prefix = (held, logits_y) if reuse else None
+        # the fast backup's rows: the draft holds none of their KV, so the glue decodes them
+        # again; when every live row took it, one forward of K + 1 tokens does (no reuse)
+        redo = miss & (source == FAST)
+        every = bool(redo.any()) and bool((redo | ~live).all())
+        self.prefix = None if every else (held, logits_y, redo)
         self.next = (t, y, source, msg.fan_hit, msg.fan_miss)
         greedy, width = self.sampling[0] == 0, 0 if self.S is None else self.S.keys.shape[1]
         q_plain = (kernels.probs_from_logits(logits_y, *self.sampling)
@@ -463,7 +472,10 @@ class DraftSide:
         (t, y, source, fan_hit, fan_miss), tick = self.next, time.perf_counter()
         self.trunk = self.cache.lengths.clone()
         if self.prefix is not None:
-            glue = reuse_branch(self.draft, self.cache, *self.prefix, y)
+            held, logits_y, redo = self.prefix
+            if bool(redo.any()):
+                logits_y = self.decode_rows(torch.cat((t[:, None], y[:, :-1]), 1), redo, logits_y)
+            glue = reuse_branch(self.draft, self.cache, held, logits_y, y)
         else:
             glue_in = torch.cat((t[:, None], y), 1).clamp_max(self.draft.cfg.vocab_size - 1)
             glue = self.draft(glue_in, self.cache)                           # (B, K+1, V_draft)
@@ -475,6 +487,21 @@ class DraftSide:
                                              saguaro_q(self.sampling, self.c, fan_hit), self.gen,
                                              vocab=self.V)
         self.build_s = timeline.span("build", tick, "draft")
+
+    def decode_rows(self, tokens, rows, logits):
+        """The glue's part for the rows `rows` (B,) bool that took the fast backup while others
+        hit: one forward of their K tokens t, y_1..y_{K-1} alone (KVCache.take_rows), writing
+        their KV at the trunk's next K slots, where reuse_branch expects it (the other rows'
+        KV is reused, not decoded again: a CPU forward costs per token). tokens (B, K);
+        logits (B, K, V) the others' (the hit branches'). Returns logits with theirs in."""
+        some, K = torch.nonzero(rows)[:, 0], tokens.shape[1]
+        part = self.cache.take_rows(some, int(self.cache.lengths[some].max()) + K)
+        fork = part.lengths[:, None].clone()   # the forward moves lengths on
+        out = self.draft(tokens[some].clamp_max(self.draft.cfg.vocab_size - 1), part)
+        self.cache.put_rows(part, some, fork + torch.arange(K, device=fork.device))
+        logits = logits.clone()
+        logits[some] = out[..., : logits.shape[-1]]
+        return logits
 
     def clocks(self, positions):
         """The target's race clocks (kernels.race_clocks) for each row's draw at token

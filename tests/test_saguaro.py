@@ -325,20 +325,23 @@ def test_a_tie_keeps_the_jit_backup_as_b_star_does():
 
 def test_the_fast_backup_is_charged_its_proposals_every_round_and_the_longer_build_after_it():
     """The fast backup is ready when a row misses, but the target proposes for every row every
-    round (T_e), and after a round where a row took it the draft's glue reads K + 1 tokens a
-    row: the next build is longer, by what was measured, else by a tree step of K + 1 branches
-    against one. Found in Fig. 6: the rule took the fast backup at b >= 2, 8-11% slower."""
+    round (T_e), and after a round where a row took it the draft's glue decodes that row's K
+    tokens again: the next build is longer, by what was measured, else by what the tree step's
+    cost line says m rows of K tokens cost (at b = 1, K tokens more in the one glue forward).
+    Found in Fig. 6: the rule took the fast backup at b >= 2, 8-11% slower."""
     est = rule()
     p, e, e_fast = est.p_hit("fast"), saguaro.expected_tokens(0.8, 4), saguaro.expected_tokens(0.4, 4)
     assert est.speed("fast", 8) == pytest.approx(saguaro.predicted_speedup(
         p, e, e_fast, 0.9, 0.0, 8, t_every=0.001))
     b_star = est.b_star()
-    est.tree = {1: 0.1, 6: 0.35}                                  # K + 1 = 5 branches: 0.3
-    assert est.fast_glue_extra() == pytest.approx(0.3 - 0.1)
+    est.tree = {1: 0.1, 6: 0.35}                    # a line: 0.05 + 0.05 x width
+    assert est.fast_glue_extra(p, 1) == pytest.approx(0.3 - 0.1)   # K + 1 tokens, not 1
+    width = 4 * (1 - p) / (1 - p ** 8)              # K tokens of the expected rows that missed
+    assert est.fast_glue_extra(p, 8) == pytest.approx(0.05 + 0.05 * width)
     assert est.speed("fast", 8) == pytest.approx(saguaro.predicted_speedup(
-        p, e, e_fast, 0.9 + (1 - p ** 8) * 0.2, 0.0, 8, t_every=0.001))
+        p, e, e_fast, 0.9 + (1 - p ** 8) * (0.05 + 0.05 * width), 0.0, 8, t_every=0.001))
     est.secs["build_fast"] = 0.9 + 0.6                            # measured: it wins
-    assert est.fast_glue_extra() == pytest.approx(0.6)
+    assert est.fast_glue_extra(p, 8) == pytest.approx(0.6)
     assert est.b_star() is None or est.b_star() > b_star
     # a measured build after the fast backup is learned apart, and the glue only from the others
     learned = saguaro.Estimates(K=4, budget=15, fan_out="geometric", backup="auto")
@@ -695,16 +698,17 @@ def test_padded_vocabularies_over_one_tokenizer(draft_vocab):
     assert stats["cache_hits"] > 0 and stats["cache_misses"] > 0 and stats["draft_lost"] is None
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("temperature,backup", [(0.0, "jit"), (1.0, "jit"), (1.0, "fast")])
 def test_the_glue_reuses_the_kv_of_hit_branches_and_jit_rows_in_a_mixed_batch(monkeypatch,
-                                                                              temperature):
-    """After every round in which no row took the fast backup, the glue costs one token
-    (reuse_branch): a hit row's KV of t, y_1..y_{K-1} lies in its branch's scratch slots, a JIT
-    row's in place (the JIT decodes the rows that missed alone, KVCache.take_rows, so it cannot
-    overwrite a hit branch). The draft side runs in this process with made-up outcomes, some
-    rows hitting and some missing in the same round; each round its glue logits must equal a
-    plain forward over the row's whole context, which also checks every KV slot the trunk
-    keeps (the glue's last forward reads them all)."""
+                                                                              temperature, backup):
+    """The glue costs one token a row (reuse_branch): a hit row's KV of t, y_1..y_{K-1} lies in
+    its branch's scratch slots, a JIT row's in place (the JIT decodes the rows that missed
+    alone, KVCache.take_rows, so it cannot overwrite a hit branch); a row the fast backup
+    served is decoded again alone (K tokens, decode_rows), and only when every row took it does
+    one forward read K + 1 tokens of each. The draft side runs in this process with made-up
+    outcomes, some rows hitting and some missing in the same round; each round its glue logits
+    must equal a plain forward over the row's whole context, which also checks every KV slot
+    the trunk keeps (the glue's last forward reads them all)."""
     draft, K, V = tiny_model(0, vocab_size=64, scale=3.0), 3, 64
     prompts = [[1, 2, 3], [5, 6], [7, 8, 9, 10]]
     B = len(prompts)
@@ -722,13 +726,19 @@ def test_the_glue_reuses_the_kv_of_hit_branches_and_jit_rows_in_a_mixed_batch(mo
     k, t = torch.full((B,), -1), side.first[0].clone()
     t[1] = (t[1] + 1) % V                       # row 1 misses the first speculation
     mixed = 0
+    missed = saguaro.JIT if backup == "jit" else saguaro.FAST
     for step in range(8):
         glue_lengths.clear()
-        answer = side.answer(saguaro.Round(k, t, live, "jit", fan, fan))
+        fast = torch.randint(V, (B, K), generator=coin)      # the fast backup's speculation
+        answer = side.answer(saguaro.Round(k, t, live, backup, fan, fan, fast))
         side.work()
         source, y = answer.source, answer.tokens
-        mixed += bool((source == saguaro.HIT).any() and (source == saguaro.JIT).any())
-        assert glue_lengths == [1] and bool((source != saguaro.FAST).all())
+        mixed += bool((source == saguaro.HIT).any() and (source == missed).any())
+        served = source == saguaro.FAST
+        assert glue_lengths == ([K + 1] if bool(served.all()) else [K, 1] if bool(served.any())
+                                else [1])
+        assert bool((source != saguaro.FAST).all()) or backup == "fast"
+        assert torch.equal(y[served], fast[served])
         for b in range(B):
             whole = torch.tensor([context[b] + [int(t[b])] + y[b].tolist()])
             ref = draft(whole, draft.new_cache(1, 96))[0, -(K + 1):, :V]
