@@ -488,7 +488,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(ap, tp=True)
     ap.set_defaults(threads=None)
-    ap.add_argument("--draft", default="default",
+    ap.add_argument("--draft", default="default", type=harness.draft_name,
                     help=drafts.DRAFT_HELP)
     # defaults fit the built-in pair on a 2-core CPU; on GPUs with a small draft use the
     # paper's --k 7 --f 3 --saguaro-k 7 and --budget 24
@@ -497,8 +497,8 @@ def main(argv=None):
                     help="SSD fan-out per outcome position")
     ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}; "
                     f"None: all (with --tp: {','.join(TP_METHODS)})")
-    ap.add_argument("--dataset", default="alpaca",
-                    help="humaneval | alpaca | gsm8k | ultrafeedback | all")
+    ap.add_argument("--dataset", default="alpaca", choices=prompt_sets.DATASETS + ("all",),
+                    help="the prompt set(s)")
     ap.add_argument("--num-prompts", type=harness.positive_int, default=4,
                     help="prompts per dataset")
     ap.add_argument("--batch-size", type=harness.positive_int, default=1,
@@ -531,6 +531,10 @@ def main(argv=None):
                      f"choose from {', '.join(TP_METHODS)}")
     if args.tp > 1 and args.sweep:
         ap.error("--sweep is not yet supported with --tp")
+    n_prompts = args.num_prompts * (len(prompt_sets.DATASETS) if args.dataset == "all" else 1)
+    if args.batch_size > n_prompts:  # the batches would hold n, while b rows were recorded
+        ap.error(f"--batch-size {args.batch_size} needs at least as many prompts: "
+                 f"--num-prompts {args.num_prompts} gives {n_prompts}")
     if args.max_new_tokens < 2:  # one token is the prefill's: no decode step to time
         ap.error("bench.py times decoding: --max-new-tokens must be >= 2 (with 1, every row "
                  "ends at its prefill token)")

@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 
 import kernels
 import timeline
-from harness import check_seconds
+from harness import StartFailed, check_seconds
 from speculative import check_draft
 
 
@@ -253,8 +253,8 @@ class DraftWorker:
     `target_cpus` says which are the target's. timeout_s bounds every wait for an answer,
     load_timeout_s the start and the first answer after each Start (the draft reads the prompts
     first: a long prompt's prefill can outlast timeout_s). Raises ValueError on a draft that
-    cannot serve, RuntimeError or TimeoutError when the process fails to start (and leaves
-    nothing running)."""
+    cannot serve, harness.StartFailed (a RuntimeError) when the process dies or times out while
+    starting (and leaves nothing running)."""
     side = None  # the draft side's class (saguaro.DraftSide), run inside the process
 
     def __init__(self, draft, target, *, device=None, threads=None, timeout_s=10.0,
@@ -311,7 +311,7 @@ class DraftWorker:
                 raise ValueError(f"the draft process could not load draft {draft!r}: "
                                  f"{ready.removeprefix('bad input: ')}")
             if ready.startswith("error"):
-                raise RuntimeError("the draft process could not load its draft (its traceback "
+                raise StartFailed("the draft process could not load its draft (its traceback "
                                    "is printed above).")
             self.vocab_size, self.max_positions = map(int, ready.split())  # V, its context
             if self.vocab_size != target.cfg.vocab_size and target.tokenizer is None:
@@ -329,15 +329,15 @@ class DraftWorker:
             if not self.process.is_alive():
                 code = self.process.exitcode
                 if code is not None and code < 0:  # a signal: it printed nothing
-                    raise RuntimeError(f"the draft process was killed by signal {-code} "
+                    raise StartFailed(f"the draft process was killed by signal {-code} "
                                        f"({signal.Signals(-code).name}) before it could {what}; "
                                        "start the run again.")
-                raise RuntimeError(
+                raise StartFailed(
                     f"the draft process exited (code {code}) before it could {what}; its error "
                     "is printed above. Processes are spawned, so a script that starts saguaro "
                     "must do it under `if __name__ == '__main__':`.")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the draft process did not {what} within "
+                raise StartFailed(f"the draft process did not {what} within "
                                    f"{deadline - self.started:.0f} s.")
             time.sleep(0.02)
 

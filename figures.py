@@ -526,9 +526,18 @@ def run_figures(pair, which, size, prompts, fig3_texts, out):
                   "fig3_text_tokens": sum(map(len, fig3_texts)),  # main: prompts.GSM8K
                   "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
                   "dtype": a.dtype, "commit": commit(), "torch": torch.__version__}
-    record = {"conditions": conditions, **figs}
+    record = {"conditions": conditions, **figs,
+              "conditions_by_figure": {name: conditions for name in figs}}
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "figures.json"), "w") as f:
+    path = os.path.join(out, "figures.json")
+    if os.path.exists(path):  # keep the figures this run did not measure, with their conditions
+        with open(path) as f:
+            old = json.load(f)
+        kept = {k: v for k, v in old.items() if k.startswith(("fig", "thm")) and k not in figs}
+        by = old.get("conditions_by_figure") or {k: old.get("conditions") for k in kept}
+        record.update(kept)
+        record["conditions_by_figure"].update({k: by.get(k) for k in kept})
+    with open(path, "w") as f:
         json.dump(record, f, indent=1)
     for name, fig in figs.items():
         globals()[f"plot_{name}"](fig, paper, os.path.join(out, f"{name}.png"))
@@ -541,9 +550,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(ap)
     ap.set_defaults(threads=None, max_new_tokens=None)
-    ap.add_argument("--draft", default="default", help="the draft (" + __import__(
-        "drafts").DRAFT_HELP + "); int4-h8k: a weaker one (acceptance < 0.85 at T = 0), "
-                    "so the fan-out has a shape to find")
+    ap.add_argument("--draft", default="default", type=harness.draft_name,
+                    help="the draft (" + __import__("drafts").DRAFT_HELP + "); int4-h8k: a "
+                    "weaker one (acceptance < 0.85 at T = 0), so the fan-out has a shape to find")
     ap.add_argument("--k", type=harness.positive_int, default=4, help="speculation length K")
     ap.add_argument("--fig", action="append", choices=FIGURES, help="a figure (repeatable)")
     ap.add_argument("--all", action="store_true", help="every figure")
@@ -551,7 +560,8 @@ def parse_args(argv=None):
                     help="fewer prompts, tokens and points: ~7 minutes per pair on 2 quiet cores")
     ap.add_argument("--budget", type=harness.positive_int, default=None, dest="fig4_budget",
                     help="B for Figs. 4 and 5; None: K + 1 (uniform = one guess per k)")
-    ap.add_argument("--dataset", default="alpaca", help="the prompt set of Figs. 4 and 5")
+    ap.add_argument("--dataset", default="alpaca", choices=prompt_sets.DATASETS,
+                    help="the prompt set of Figs. 4-6")
     ap.add_argument("--fig7-methods", default="ar,sd,saguaro,hf,hf-assisted",
                     help="Fig. 7's rows (bench.py's names)")
     ap.add_argument("--timeout", type=float, default=10.0,
@@ -571,6 +581,10 @@ def parse_args(argv=None):
     args.max_new_tokens = args.max_new_tokens or size["tokens"]
     args.fig4_budget = args.fig4_budget or args.k + 1
     args.fig7_methods = [m.strip() for m in args.fig7_methods.split(",") if m.strip()]
+    unknown = [m for m in args.fig7_methods if m not in bench.METHODS]
+    if unknown or not args.fig7_methods:
+        ap.error(f"--fig7-methods: {', '.join(unknown) or 'no method'}: choose from "
+                 f"{', '.join(bench.METHODS)}")
     # bench.py's other settings, fixed here (each figure varies its own): SSD's F = 1, the JIT
     # backup, B = 1 (Fig. 6 keeps them: the paper's F = 1), and the bonus drawn apart as the
     # paper draws it (Fig. 4 adds saguaro.py's coupled bonus as a series of its own)

@@ -28,8 +28,10 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
     its positions silently); a model-free proposer has no limit."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every row needs at least one token.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__") or \
+            max_new_tokens < 1:  # 2.0 reached torch.zeros as a float size
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+    max_new_tokens = operator.index(max_new_tokens)
     # ids past the tokenizer are embedding padding (151936 rows for 151669 tokens): no text
     # encodes them, and a draft padded to another size may lack them, so every loop refuses them
     tok, V = model.tokenizer, model.cfg.vocab_size
@@ -42,9 +44,10 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
                                 f"of the {V}-row embedding)" if tok is not None else
                                 "the model's vocabulary") + ". Encode prompts with the "
                              "target's tokenizer (kernels.encode_prompt).")
-    if room > max_new_tokens:  # legal, exact, and wasteful: say so rather than run it silently
+    if 1 < max_new_tokens <= room:  # legal, exact, and wasteful: say so rather than run it
         warnings.warn(f"K = {room} draft tokens a round for max_new_tokens = {max_new_tokens}: "
-                      f"a round can use at most {max_new_tokens}; a smaller K is as fast.")
+                      f"a round can use at most {max_new_tokens - 1} (the prefill emits the "
+                      f"first token), yet drafts all K; K = {max_new_tokens - 1} is faster.")
     need = max(len(p) for p in prompts) + max_new_tokens
     if need > model.cfg.max_positions:
         raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
@@ -89,6 +92,36 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
         raise ValueError(f"the cache budget B = {B} must stay below the vocabulary "
                          f"({target.cfg.vocab_size} tokens): lower f or --budget.")
     check_request(target, as_batch(prompt_ids), max_new_tokens, room=k)
+    if budget != "auto":  # auto's budgets are at most 24
+        check_tree_memory(len(as_batch(prompt_ids)), B, k, target.cfg.vocab_size, target.device,
+                          "f or --budget")
+
+
+def free_memory(device) -> int | None:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the OS's MemAvailable
+    (Linux); None where neither is known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_tree_memory(batch: int, branches: int, K: int, vocab: int, device, lower: str) -> None:
+    """A speculation tree (ssd.py; saguaro's draft) keeps, for each of `batch` rows x `branches`
+    branches x K steps, the q drawn from and the logits behind it: 8 bytes per token of the
+    vocabulary. ValueError naming the flags to `lower` when that exceeds the free memory (such a
+    run died after loading, or was killed by the OS without a word)."""
+    need, free = 8 * batch * branches * K * vocab, free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"a speculation tree of {branches} branches a row x {batch} row(s) x "
+                         f"K = {K} steps keeps q and its logits over {vocab} tokens: "
+                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                         f"{device}: lower {lower}.")
 
 
 def check_saguaro_c(c) -> None:
@@ -168,11 +201,17 @@ def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
             print(f"[timeline: {trace}, open it in https://ui.perfetto.dev or chrome://tracing]\n")
 
 
+class StartFailed(RuntimeError):
+    """A process the run needs (saguaro's draft) died or timed out while starting: the message
+    says how; its own traceback, if it printed one, is above. cli ends the run on one line."""
+
+
 def cli(main) -> None:
     """Run a script's main(): bad input found after parsing (a ValueError: an impossible length,
     a prompt past the context, a draft over another tokenizer; a FileNotFoundError: no such
     model or draft) ends it as argparse ends a bad flag, one line on stderr and exit code 2, not
-    a traceback. Ctrl-C ends it with one line and code 130. A tensor-parallel rank that left its
+    a traceback. A helper process that failed to start (StartFailed) ends it on one line with
+    code 1, Ctrl-C with code 130. A tensor-parallel rank that left its
     group after a failure (tp.abandoned) ends with os._exit and the same code (1 for any other
     error, after its traceback): its group's threads could abort the interpreter's teardown."""
     try:
@@ -180,6 +219,9 @@ def cli(main) -> None:
     except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: no such model or draft
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         _exit(2)
+    except StartFailed as e:  # not the caller's input (code 1), but nothing to trace here
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        _exit(1)
     except KeyboardInterrupt:  # Ctrl-C: stopped as asked (a draft process is closed at exit)
         print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
         _exit(130)
@@ -261,6 +303,16 @@ def thread_count(text: str) -> int:
                       f"threads then share cores and each step waits for the slowest; "
                       f"use --threads {cores} or fewer", stacklevel=2)
     return n
+
+
+def draft_name(text: str) -> str:
+    """argparse type for --draft: a name that is not blank (an empty --draft reached the Python
+    API's 'needs a draft' message)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a draft, got {text!r}: default (the "
+                                         "target's int4 self-draft), ngram, self, another "
+                                         "drafts.py candidate, or a model folder / hub id")
+    return text
 
 
 def checked(kind, check):
@@ -345,6 +397,7 @@ def add_saguaro_args(parser, budget=None, backup="auto", saguaro_c=1.0) -> None:
                         "process (1 ms to 1 day)", type=checked(float, lambda s: check_seconds(
                             "--timeout", s)))
     parser.add_argument("--draft-device", default=None,
+                        type=checked(str, kernels.resolve_device),
                         help="saguaro's draft process; None: the target's device (with --tp N "
                              "on GPUs: cuda:N, after the target's)")
 

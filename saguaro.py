@@ -743,7 +743,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(ap, tp=True)
-    ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
+    ap.add_argument("--draft", default="default", type=harness.draft_name,
+                    help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=harness.positive_int, default=None,
                     help="guesses per k: B = (K+1) f, in place of the budget rule")

@@ -271,7 +271,8 @@ def main():
     import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(ap, tp=True)
-    ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
+    ap.add_argument("--draft", default="default", type=harness.draft_name,
+                    help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)
     args = ap.parse_args()

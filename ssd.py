@@ -174,6 +174,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
                                     draft=draft)
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
+    if max(fanout) >= Vc:
+        raise ValueError(f"fan-out F = {max(fanout)} guesses at one k must stay below the "
+                         f"vocabulary ({Vc} tokens): lower f.")
+    harness.check_tree_memory(B, sum(fanout), K, Vc, dev, "f")
     gen = kernels.make_generator(seed, dev)
     eos_ids = set(target.cfg.eos_token_ids) if eos else set()
 
@@ -304,7 +308,8 @@ def main():
     import drafts  # the one resolver of draft names (the loop itself needs no drafts.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(ap, tp=True)
-    ap.add_argument("--draft", default="default", help=drafts.DRAFT_HELP)
+    ap.add_argument("--draft", default="default", type=harness.draft_name,
+                    help=drafts.DRAFT_HELP)
     ap.add_argument("--k", type=harness.positive_int, default=4, help="draft tokens per round (K)")
     ap.add_argument("--f", type=harness.fanout, default=3, help="fan-out F, or F_0,...,F_K")
     ap.add_argument("--prompt", required=True, type=harness.prompt_text)

@@ -101,6 +101,29 @@ def test_quick_run_writes_every_figure_json_and_png(pair, tmp_path):
     assert [p["b"] for p in on_disk["fig6"]["points"]] == [1, 2]
     assert set(on_disk["fig7"]["datasets"]) == {"alpaca", "gsm8k"}
     assert set(on_disk["fig7"]["datasets"]["gsm8k"]) == {"ar", "sd", "saguaro"}
+    # a later run of one figure into the same folder keeps the others, each with its conditions
+    # (it replaced the whole file: a newcomer run of --fig 7 then --fig 4 kept only fig4)
+    pair.args.k = 3
+    try:
+        again = figures.run_figures(pair, ("3",), size, prompts, texts(2), str(tmp_path))
+    finally:
+        pair.args.k = 2
+    merged = json.load(open(tmp_path / "figures.json"))
+    assert merged["fig3"] == json.loads(json.dumps(again["fig3"]))
+    assert merged["fig6"] == on_disk["fig6"] and set(on_disk) - {"conditions_by_figure"} <= set(merged)
+    assert merged["conditions_by_figure"]["fig3"]["k"] == 3
+    assert merged["conditions_by_figure"]["fig6"]["k"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "nope"], "invalid choice: 'nope'"),
+    (["--fig7-methods", "ar,foo"], "--fig7-methods: foo: choose from")])
+def test_figures_refuses_an_unknown_dataset_or_method_before_loading(flags, message, capsys):
+    """--dataset nope ran every figure on a fallback set, and --fig7-methods foo failed after
+    the model had loaded (a newcomer run)."""
+    with pytest.raises(SystemExit) as exit_:
+        figures.parse_args(["--all", "--quick"] + flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_speed_of_light_at_batch_b_times_a_verify_of_b_rows(monkeypatch):

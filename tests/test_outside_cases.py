@@ -164,8 +164,25 @@ def test_text_or_non_ids_as_a_prompt_are_refused_by_every_loop_with_a_clear_erro
 def test_a_k_longer_than_the_request_warns_and_still_matches_autoregressive():
     target, draft = padded_pair()
     ref = autoregressive.generate(target, [3, 7, 1, 5], 3)[0]
-    with pytest.warns(UserWarning, match="K = 8 draft tokens a round for max_new_tokens = 3"):
+    with pytest.warns(UserWarning, match="K = 8 draft tokens a round for max_new_tokens = 3: "
+                      "a round can use at most 2"):
         assert speculative.generate(target, [3, 7, 1, 5], 3, draft=draft, k=8)[0] == ref
+    with warnings.catch_warnings():   # K = n - 1 can all be used; at n = 1 no round runs
+        warnings.simplefilter("error")
+        assert speculative.generate(target, [3, 7, 1, 5], 3, draft=draft, k=2)[0] == ref
+        assert speculative.generate(target, [3, 7, 1, 5], 1, draft=draft, k=8)[0] == [ref[0][:1]]
+
+
+@pytest.mark.parametrize("n", [2.0, "4", True, None])
+def test_a_length_that_is_no_integer_is_refused_by_every_loop(n):
+    """max_new_tokens = 2.0 passed the length check and failed deep in torch.zeros (a newcomer
+    run), after sd and saguaro had warned about it."""
+    target, draft = padded_pair()
+    for run in (lambda: autoregressive.generate(target, [3, 7], n),
+                lambda: speculative.generate(target, [3, 7], n, draft=draft),
+                lambda: ssd.generate(target, [3, 7], n, draft=draft, k=2, f=1)):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            run()
 
 
 def test_prompts_as_tensors_or_numpy_ids_run_as_lists_do():
@@ -445,15 +462,17 @@ def test_saguaro_draft_process_resolves_names_through_drafts_load_draft(monkeypa
     (["--k", "0"], "must be an integer >= 1"),
     (["--timeout", "0.0001"], r"seconds in \[0.001, 86400\]"),
     (["--saguaro-c", "2"], r"saguaro_c \(C\) must lie in \[0, 1\], got 2.0 \(or auto\)"),
-    (["--budget", "abc"], r"must be an integer >= 1, got 'abc' \(or auto\)")])
+    (["--budget", "abc"], r"must be an integer >= 1, got 'abc' \(or auto\)"),
+    (["--draft", " "], r"argument --draft: must name a draft, got ' ': default"),
+    (["--draft-device", "tpu"], r"argument --draft-device: unknown device 'tpu'")])
 def test_every_cli_refuses_bad_flags_before_loading_a_model(module, flags, message, monkeypatch,
                                                           capsys):
     """Found by a newcomer run: these were refused only after a model had loaded (40-130 s
     on a busy machine), with a traceback. Now argparse names the flag, exit status 2."""
-    if (module == "autoregressive" and "--k" in flags) or (
-            {"--timeout", "--saguaro-c", "--budget"} & set(flags)
+    if (module == "autoregressive" and {"--k", "--draft"} & set(flags)) or (
+            {"--timeout", "--saguaro-c", "--budget", "--draft-device"} & set(flags)
             and module not in ("saguaro", "bench")):
-        return  # AR has no K; only saguaro (and bench's saguaro row) has saguaro's flags
+        return  # AR has no K or draft; only saguaro (and bench's row) has saguaro's flags
     monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     prompt = [] if module == "bench" else ["--prompt", "hi"]
     monkeypatch.setattr(sys, "argv", [module] + prompt + flags)
@@ -481,6 +500,17 @@ def test_saguaro_refuses_two_flags_that_both_set_the_budget(budget, monkeypatch,
     with pytest.raises(SystemExit) as exit_:
         saguaro.main()
     assert exit_.value.code == 2 and "give one" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_batch_larger_than_its_prompts(monkeypatch, capsys):
+    """--batch-size 5 --num-prompts 2 ran batches of 2 and recorded batch 5, which also scaled
+    saguaro's speed of light by 5 rows (a newcomer run)."""
+    import bench
+    monkeypatch.setattr(kernels, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(sys, "argv", ["bench", "--batch-size", "5", "--num-prompts", "2"])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and "--num-prompts 2 gives 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("methods", ["", " , "])
@@ -816,3 +846,49 @@ def test_a_build_clears_the_folders_of_builds_killed_before_it(tmp_path, monkeyp
     assert built == [f"{build}.tmp{os.getpid()}"] and os.path.isdir(build)
     assert sorted(os.listdir(tmp_path / "build")) == ["kernels_cpu-0123", "kernels_cpu-0123.lock",
                                                       "kernels_cpu-0123X.tmp7"]
+
+
+def test_a_conversion_clears_the_folders_of_conversions_killed_before_it(tmp_path, monkeypatch):
+    """A default-model conversion killed midway left its ~0.5 GB <folder>.tmp<pid> for ever.
+    The next one, holding the lock, removes every one (transformers faked: no real conversion)."""
+    import transformers
+    monkeypatch.setattr(kernels, "cache_dir", lambda: str(tmp_path))
+    folder = str(tmp_path / kernels.DEFAULT_MODEL)
+    for pid in ("7", "31337"):
+        os.makedirs(f"{folder}.tmp{pid}")
+
+    class Saved:
+        config = argparse.Namespace(quantization_config=None)
+
+        def save_pretrained(self, path):
+            os.makedirs(path, exist_ok=True)
+            open(os.path.join(path, "model.safetensors"), "w").close()
+    loader = argparse.Namespace(from_pretrained=lambda *a, **k: Saved())
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", loader)
+    monkeypatch.setattr(transformers, "AutoTokenizer", loader)
+    assert kernels.default_model_path() == folder
+    assert sorted(os.listdir(tmp_path)) == [kernels.DEFAULT_MODEL, kernels.DEFAULT_MODEL + ".lock"]
+
+
+def test_a_fan_out_past_the_vocabulary_or_the_memory_is_refused_before_any_tree(monkeypatch):
+    """ssd.py --f 60000 died in draft_branches asking for 27 GB, and --f 20000 was killed by the
+    OS without a word (a newcomer run); saguaro's --budget could do the same in its draft."""
+    import harness
+    target, draft = padded_pair()
+    V = min(target.cfg.vocab_size, draft.cfg.vocab_size)
+    with pytest.raises(ValueError, match=f"fan-out F = {V} guesses at one k must stay below"):
+        ssd.generate(target, [3, 7], 4, draft=draft, k=2, f=V)
+    assert harness.free_memory("cpu") is None or harness.free_memory("cpu") > 2**20
+    need = 8 * 2 * 3 * 5 * 2 * V      # 2 rows x (K + 1) f branches x K steps x V, q and logits
+    monkeypatch.setattr(harness, "free_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"tree of 15 branches a row x 2 row\(s\) x K = 2 steps.*"
+                                         r"lower f\."):
+        ssd.generate(target, [[3, 7], [1]], 4, draft=draft, k=2, f=5)
+    monkeypatch.setattr(harness, "free_memory", lambda device: need)
+    ssd.generate(target, [[3, 7], [1]], 4, draft=draft, k=2, f=5)       # just fits
+    need = 8 * 2 * 15 * 2 * target.cfg.vocab_size    # saguaro's q is over the target's
+    monkeypatch.setattr(harness, "free_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"lower f or --budget\."):
+        harness.check_saguaro(target, [[3, 7], [1]], 4, k=2, budget=15)
+    monkeypatch.setattr(harness, "free_memory", lambda device: need)
+    harness.check_saguaro(target, [[3, 7], [1]], 4, k=2, budget=15)

@@ -26,6 +26,7 @@ import torch
 
 import autoregressive
 import exact
+import harness
 import kernels
 import measure
 import saguaro
@@ -1279,10 +1280,25 @@ def test_a_draft_process_that_dies_while_starting_is_reported_at_once(spec, mess
     close_worker()
     target = tiny_model(0, vocab_size=64)
     t0 = time.time()
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(harness.StartFailed, match=message):
         saguaro.DraftWorker(spec, target, threads=1)
     # time is the property: the death is seen at once, not after the 300 s load timeout
     assert time.time() - t0 < 30 and not draft_processes()
+
+
+def test_a_cli_ends_on_one_line_when_the_draft_process_fails_to_start(monkeypatch, capsys):
+    """A draft killed while loading ended saguaro.py with a traceback of the target's frames
+    under the one useful line (a newcomer run): now that line alone, exit code 1."""
+    def main():
+        raise harness.StartFailed("the draft process was killed by signal 9 (SIGKILL) before "
+                                  "it could load its draft; start the run again.")
+    monkeypatch.setattr(sys, "argv", ["saguaro.py"])
+    with pytest.raises(SystemExit) as exit_:
+        harness.cli(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert err == ("saguaro.py: error: the draft process was killed by signal 9 (SIGKILL) before "
+                   "it could load its draft; start the run again.\n")
 
 
 CTRL_C_SCRIPT = textwrap.dedent("""
