@@ -64,13 +64,13 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
     return need + room
 
 
-def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0.0, top_k=None,
-                top_p=None, fan_out="geometric", saguaro_c=1.0, backup="auto", budget=None,
-                seed=0, **_):
+def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=None, temperature=0.0,
+                  top_k=None, top_p=None, fan_out="geometric", saguaro_c="auto", backup="auto",
+                  budget=None, seed=0, **_):
     """What saguaro.generate refuses (ValueError), checked before its draft process starts."""
     kernels.check_sampling(temperature, top_k, top_p)
     kernels.check_seed(seed)
-    if not isinstance(k, int) or k < 1 or not isinstance(f, int) or f < 1:
+    if not isinstance(k, int) or k < 1 or (f is not None and (not isinstance(f, int) or f < 1)):
         raise ValueError(f"k and f must be integers >= 1, got k={k!r}, f={f!r}.")
     if fan_out not in ("geometric", "uniform") or backup not in ("auto", "jit", "fast"):
         raise ValueError(f"fan_out is geometric|uniform and backup auto|jit|fast; got "
@@ -79,7 +79,8 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=3, temperature=0
         check_saguaro_c(saguaro_c)
     if budget not in (None, "auto") and (not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget (B) must be an integer >= 1 or 'auto', got {budget!r}.")
-    B = 1 if budget == "auto" else budget or (k + 1) * f   # auto weighs only B < vocabulary
+    budget = budget or ((k + 1) * f if f else "auto")     # as saguaro.generate reads them
+    B = 1 if budget == "auto" else budget   # auto weighs only B < vocabulary
     if fan_out == "uniform" and budget != "auto" and B < k + 1:
         # the paper's uniform fan-out is F guesses per outcome, B = (K + 1) F: below K + 1 the
         # even split must leave outcomes without a guess, and it leaves out the highest k,

@@ -571,13 +571,15 @@ def serve_fast(fast, rows, asked, K, temperature, gen, V, est, stats):
 
 @draft_process.beside(DraftWorker, check=harness.check_saguaro)
 @torch.inference_mode()
-def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temperature=0.0,
-             top_k=None, top_p=None, seed=0, eos=True, fan_out="geometric", saguaro_c=1.0,
+def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, temperature=0.0,
+             top_k=None, top_p=None, seed=0, eos=True, fan_out="geometric", saguaro_c="auto",
              backup="auto", budget=None, fast_backup=None, couple_bonus=True):
     """prompt_ids: a list of token ids, or a batch of them (ragged is fine). draft: a running
     DraftWorker, or what it takes (then one is started for this call; process options:
-    draft_process.beside). k: K; f: guesses per k; budget: B per row per round (default (K+1) f;
-    "auto": the budget rule, Estimates.choose_budget); saguaro_c: C ("auto": Estimates.choose_c);
+    draft_process.beside). k: K; budget: B per row per round, or "auto" (the budget rule,
+    Estimates.choose_budget); f: guesses per k, B = (K+1) f when no budget is given; neither:
+    "auto", as the CLIs (a user who sets nothing gets the rules); saguaro_c: C, default "auto"
+    (Estimates.choose_c);
     backup: auto (the batch-aware rule) | jit | fast; fast_backup: a proposer
     (default drafts.fast_backup). seed: both processes' coins (reused worker: DraftWorker.reset).
     couple_bonus: at temperature > 0 the bonus is a race both processes' clocks share (idea 7).
@@ -587,7 +589,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
     speed per candidate), predicted_speedup (Thm. 7), measured_speedup (tokens per row per
     target verify), draft_wait_s, draft_lost (why) and couple_bonus (whether the bonus raced)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
-    K, budget = k, budget or (k + 1) * f
+    K, budget = k, budget or ((k + 1) * f if f else "auto")
     seed = kernels.check_seed(seed)   # None is 0, as in every loop
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
                                     draft=draft)
@@ -756,15 +758,14 @@ def main():
     args.threads, draft_threads = draft_process.split_threads(args.threads)
     target, _ = harness.load_models(args)  # --tp N: this rank's shard (tp.py)
     ids = kernels.encode_prompt(target, args.prompt)
-    budget = None if args.f else args.budget or "auto"   # None: B = (K+1) f
 
     def run(target):  # --tp N: on rank 0, beside the draft process, while the others follow
         with DraftWorker(args.draft, target, device=tp.draft_device(args, target),
                          threads=draft_threads, timeout_s=args.timeout) as w:
             return harness.after_warm_up(lambda n: generate(
-                target, ids, n, draft=w, k=args.k, f=args.f or 3, fan_out=args.fan_out,
+                target, ids, n, draft=w, k=args.k, f=args.f, fan_out=args.fan_out,
                 saguaro_c=args.saguaro_c, backup=args.backup, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=budget,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, budget=args.budget,
                 couple_bonus=args.couple_bonus),
                 args.max_new_tokens, trace=args.trace)
     tokens, stats = tp.led(run, target)

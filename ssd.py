@@ -174,8 +174,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=3, temper
                                     draft=draft)
     B, dev, Vt = len(prompts), target.device, target.cfg.vocab_size
     Vc = min(Vt, Vd)  # ids past the common vocabulary are padding: q is cut to Vc
-    if max(fanout) >= Vc:
-        raise ValueError(f"fan-out F = {max(fanout)} guesses at one k must stay below the "
+    if max(fanout) > Vc:   # F = V already caches every outcome at that k
+        raise ValueError(f"fan-out F = {max(fanout)} guesses at one k is more than the "
                          f"vocabulary ({Vc} tokens): lower f.")
     harness.check_tree_memory(B, sum(fanout), K, Vc, dev, "f")
     gen = kernels.make_generator(seed, dev)

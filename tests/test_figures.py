@@ -159,8 +159,8 @@ def test_step_times_runs_a_verify_of_every_row():
 def test_uniform_fan_out_below_k_plus_1_warns_that_k_equals_k_gets_nothing():
     target = tiny_model(0)
     with pytest.warns(UserWarning, match=r"B = 4 < K \+ 1 = 5.*k = K"):
-        harness.check_saguaro(target, [1, 2, 3], 4, k=4, fan_out="uniform", budget=4)
+        harness.check_saguaro(target, [1, 2, 3], 8, k=4, fan_out="uniform", budget=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        harness.check_saguaro(target, [1, 2, 3], 4, k=4, fan_out="uniform", budget=5)
-        harness.check_saguaro(target, [1, 2, 3], 4, k=4, fan_out="geometric", budget=4)
+        harness.check_saguaro(target, [1, 2, 3], 8, k=4, fan_out="uniform", budget=5)
+        harness.check_saguaro(target, [1, 2, 3], 8, k=4, fan_out="geometric", budget=4)

@@ -337,7 +337,7 @@ def test_bad_requests_are_clear_errors():
         harness.check_request(model, [[]], 4)
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
         harness.check_request(model, [[1] * 250], 10)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         harness.check_request(model, [[1]], 0)
     with pytest.raises(ValueError, match=r"token id 64, outside \[0, 64\): the model's vocabulary"):
         harness.check_request(model, [[64]], 1)

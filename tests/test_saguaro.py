@@ -676,7 +676,7 @@ def test_same_seed_same_tokens_at_temperature_above_0(tiny_pair):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         none, zero = (saguaro.generate(target, RAGGED, 20, draft=worker, k=2, f=1, backup="jit",
-                                       temperature=1.0, seed=s) for s in (None, 0))
+                                       temperature=1.0, saguaro_c=1.0, seed=s) for s in (None, 0))
     assert none[0] == zero[0] and none[1]["backup_used"]["fast"] == 0
 
 
@@ -898,7 +898,7 @@ def test_at_temperature_1_a_draft_equal_to_the_target_predicts_every_coupled_bon
     for couple in (True, False):
         _, stats = saguaro.generate(target, RAGGED, 80, k=3, budget=1, backup="jit",
                                     draft=worker, temperature=1.0, top_p=top_p, seed=5,
-                                    couple_bonus=couple)
+                                    couple_bonus=couple, saguaro_c=1.0)   # q' = q = p
         assert stats["acceptance_rate"] == 1.0 and stats["lookups_by_k"][:3] == [0, 0, 0]
         misses[couple] = stats["cache_misses"]
         if couple:  # the first token is a race too: the speculation drafted in prefill hit
@@ -1488,3 +1488,17 @@ def test_greedy_answers_carry_no_q_rows(temperature):
         else:
             assert answer.probs.shape == (2, K, 64)
             assert torch.allclose(answer.probs.sum(-1), torch.ones(2, K))
+
+
+def test_a_caller_who_sets_nothing_gets_the_rules_as_the_clis_do(tiny_pair):
+    """saguaro.generate's defaults were ssd's (B = (K+1) 3 = 15 guesses a row, C = 1), the
+    slowest setting on a CPU, while every CLI defaulted to the rules: now the API does too;
+    f alone still sets B = (K+1) f."""
+    target, worker = tiny_pair
+    ref, _ = autoregressive.generate(target, RAGGED, 12)
+    out, stats = saguaro.generate(target, RAGGED, 12, draft=worker)
+    assert out == ref
+    assert stats["budget_why"] == "--budget auto" or stats["budget_why"].startswith("b=")
+    assert stats["c_why"].startswith("temperature 0")            # C's rule ran (auto)
+    _, stats = saguaro.generate(target, RAGGED, 12, draft=worker, k=3, f=2)
+    assert stats["budget"] == 8 and stats["budget_why"] == "--budget 8"

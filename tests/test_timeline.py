@@ -62,7 +62,7 @@ def test_recording_changes_no_token_and_no_count_in_any_loop():
     with saguaro.DraftWorker(make_draft, target, threads=1) as worker:
         loops = [(autoregressive, {}), (speculative, dict(draft=make_draft(), k=3)),
                  (ssd, dict(draft=make_draft(), k=3, f=1)),
-                 (saguaro, dict(draft=worker, k=3, budget=2, backup="jit"))]
+                 (saguaro, dict(draft=worker, k=3, budget=2, backup="jit", saguaro_c=1.0))]
         for module, extra in loops:
             runs = []
             for record in (False, True):
