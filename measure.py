@@ -26,6 +26,8 @@ class Measurements:
         self.hits = {"draft": [1.0, 2.0], "fast": [1.0, 2.0]}   # [hits, lookups] per proposer
         self.rank_counts, self.secs = torch.zeros(65), {}
         self.tree = {}    # width (branches per row) -> running mean seconds of one tree step
+        self.tree_alone = {}  # width -> seconds of one tree step timed at a Start, not beside
+        #                       a verify (the cost line charges it the slowdown seen in the loop)
         self.verify_at = {}   # budget B -> running mean seconds of a verify beside its build
         self.hits_at = {}     # budget B -> [hits, lookups] of the draft's caches of B branches
         self.ranks_seen = 0
@@ -91,8 +93,7 @@ class Measurements:
             if answer.width:  # the build's tree: K steps of `width` branches per row
                 K = answer.tokens.shape[1]
                 self.learn_tree(answer.width, (answer.build_s - answer.glue_s) / K)
-        for width, seconds in (answer.tree_s or {}).items():
-            self.learn_tree(width, seconds)
+        self.tree_alone.update(answer.tree_s or {})
         if answer.jit_s > 0:
             self.time("jit", answer.jit_s)
 
@@ -101,12 +102,23 @@ class Measurements:
         glue, over K steps; or the draft's timing of each width at its start)."""
         self.tree[width] = 0.8 * self.tree.get(width, seconds) + 0.2 * seconds   # as time()
 
+    def tree_points(self) -> dict:
+        """width -> seconds of one tree step in the loop: measured there (beside a verify), else
+        timed at a Start times the loop's slowdown (the mean ratio of loop to Start timings
+        at the widths that have both; 1 before any). A Start's timing, taken while the target
+        only prefills, is faster than the loop's: mixed into one line with them it made every
+        untried width look cheap, and the budget rule moved to B = 2 where B = 1 was faster."""
+        both = [w for w in self.tree if w in self.tree_alone]
+        slow = statistics.fmean(self.tree[w] / self.tree_alone[w] for w in both) if both else 1.0
+        return {**{w: s * slow for w, s in self.tree_alone.items()}, **self.tree}
+
     def tree_step(self, width) -> float:
         """Seconds of one tree step at `width` branches per row: the least-squares line
-        s_0 + s_1 width through the widths measured (one width: its own time; none: None)."""
-        if len(self.tree) < 2:
-            return next(iter(self.tree.values()), None)
-        slope, intercept = statistics.linear_regression(list(self.tree), list(self.tree.values()))
+        s_0 + s_1 width through tree_points (one width: its own time; none: None)."""
+        points = self.tree_points()
+        if len(points) < 2:
+            return next(iter(points.values()), None)
+        slope, intercept = statistics.linear_regression(list(points), list(points.values()))
         return max(0.0, intercept + slope * width)
 
     def learn_verify(self, budget, seconds, keep=True):

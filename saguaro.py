@@ -233,7 +233,7 @@ class Estimates(measure.Measurements):
         it; at b = 1, K tree-step widths more than one. 0 before two widths were timed."""
         if "build_fast" in self.secs and "build" in self.secs:
             return max(0.0, self.secs["build_fast"] - self.secs["build"])
-        if len(self.tree) < 2 or p_hit >= 1:  # no cost line yet; or no row ever takes it
+        if len(self.tree_points()) < 2 or p_hit >= 1:  # no cost line; or no row takes it
             return 0.0
         if batch == 1:
             return max(0.0, self.tree_step(self.K + 1) - self.tree_step(1))
@@ -271,7 +271,7 @@ class Estimates(measure.Measurements):
         switching on noise), move one candidate towards it, so that what each budget costs
         beside the verify is measured before the next step. A fixed --budget stays. Sets
         self.B; returns it."""
-        if self.budget != "auto" or not self.tree:  # no tree timed yet: nothing to weigh
+        if self.budget != "auto" or not self.tree_points():  # no tree timed: nothing to weigh
             return self.B
         speeds = {b: self.speed_at_budget(b, backup, batch) for b in self.budgets}
         best = max(speeds, key=speeds.get)
@@ -605,7 +605,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
                                                          Vc))  # learned, kept across calls
     widths = est.budgets if budget == "auto" else [budget]
     to_time = tuple(w for w in sorted({widths[0], widths[len(widths) // 2], widths[-1]})
-                    if budget == "auto" and w not in est.tree)   # the cost line's first points
+                    if budget == "auto" and w not in est.tree_points())   # the line's first points
     stats = harness.new_stats(K)
     stats.update(hits_by_k=[0] * (K + 1), lookups_by_k=[0] * (K + 1), verify_s=0.0,
                  cache_build_s=0.0, jit_draft_s=0.0, fast_backup_s=0.0, draft_wait_s=0.0,

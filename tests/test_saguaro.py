@@ -1502,3 +1502,24 @@ def test_a_caller_who_sets_nothing_gets_the_rules_as_the_clis_do(tiny_pair):
     assert stats["c_why"].startswith("temperature 0")            # C's rule ran (auto)
     _, stats = saguaro.generate(target, RAGGED, 12, draft=worker, k=3, f=2)
     assert stats["budget"] == 8 and stats["budget_why"] == "--budget 8"
+
+
+def test_widths_timed_at_a_start_are_charged_the_slowdown_seen_in_the_loop():
+    """A Start times a few tree widths while the target only prefills; in the loop a tree step
+    runs beside a verify, slower. Mixed into one cost line, the fast Start timings made every
+    untried width look cheap: the budget rule moved to B = 2 at T = 0, b = 1 and 4, where B = 1
+    ran 10-30% faster (two bench passes of the same code). A Start's width is now charged the
+    ratio of loop to Start timings at the widths that have both."""
+    est = saguaro.Estimates(K=4, budget="auto", fan_out="geometric", backup="jit")
+    live = torch.tensor([True])
+    first = saguaro.Answer(torch.tensor([0]), torch.zeros(1, 4, dtype=torch.long),
+                           torch.tensor([0]), None, 0.0, 0.0, 0.0, 5, width=0,
+                           tree_s={1: 0.010, 8: 0.040, 24: 0.100})
+    est.learn_from_draft(first, live, True)
+    assert est.tree == {} and est.tree_points() == {1: 0.010, 8: 0.040, 24: 0.100}
+    loop = saguaro.Answer(torch.tensor([0]), torch.zeros(1, 4, dtype=torch.long),
+                          torch.tensor([0]), None, 0.002 + 4 * 0.015, 0.0, 0.002, 5, width=1)
+    est.learn_from_draft(loop, live, False)                # one step at width 1: 0.015 s
+    assert est.tree == pytest.approx({1: 0.015})
+    assert est.tree_points() == pytest.approx({1: 0.015, 8: 0.060, 24: 0.150})   # x 1.5
+    assert est.tree_step(2) > 0.015 + (0.060 - 0.015) / 7 * 0.99   # on the loop's line
