@@ -526,17 +526,18 @@ def run_figures(pair, which, size, prompts, fig3_texts, out):
                   "fig3_text_tokens": sum(map(len, fig3_texts)),  # main: prompts.GSM8K
                   "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
                   "dtype": a.dtype, "commit": commit(), "torch": torch.__version__}
-    record = {"conditions": conditions, **figs,
-              "conditions_by_figure": {name: conditions for name in figs}}
+    record = {"conditions": conditions, **figs}
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "figures.json")
     if os.path.exists(path):  # keep the figures this run did not measure, with their conditions
         with open(path) as f:
             old = json.load(f)
         kept = {k: v for k, v in old.items() if k.startswith(("fig", "thm")) and k not in figs}
-        by = old.get("conditions_by_figure") or {k: old.get("conditions") for k in kept}
+        earlier = old.get("conditions_of_earlier_runs", {})
         record.update(kept)
-        record["conditions_by_figure"].update({k: by.get(k) for k in kept})
+        if kept:   # "conditions" describes this run's figures; these, the runs that made them
+            record["conditions_of_earlier_runs"] = {k: earlier.get(k, old.get("conditions"))
+                                                    for k in kept}
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     for name, fig in figs.items():

@@ -110,9 +110,9 @@ def test_quick_run_writes_every_figure_json_and_png(pair, tmp_path):
         pair.args.k = 2
     merged = json.load(open(tmp_path / "figures.json"))
     assert merged["fig3"] == json.loads(json.dumps(again["fig3"]))
-    assert merged["fig6"] == on_disk["fig6"] and set(on_disk) - {"conditions_by_figure"} <= set(merged)
-    assert merged["conditions_by_figure"]["fig3"]["k"] == 3
-    assert merged["conditions_by_figure"]["fig6"]["k"] == 2
+    assert merged["fig6"] == on_disk["fig6"] and set(on_disk) <= set(merged)
+    assert merged["conditions"]["k"] == 3 and "fig3" not in merged["conditions_of_earlier_runs"]
+    assert merged["conditions_of_earlier_runs"]["fig6"]["k"] == 2
 
 
 @pytest.mark.parametrize("flags, message", [
