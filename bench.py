@@ -131,7 +131,7 @@ def build_rows(args, target, draft):
                       if tp.rank() == 0 else None)
             args.cleanup.append(worker.close if worker else lambda: None)
             args.saguaro_cores = (half, worker.target_cpus if worker else None)  # speed of light
-            kw = dict(draft=worker, k=args.saguaro_k or args.k, f=args.f, fan_out=args.fan_out,
+            kw = dict(draft=worker, k=args.saguaro_k or args.k, fan_out=args.fan_out,
                       saguaro_c=args.saguaro_c, backup=args.backup, target_threads=half,
                       budget=args.budget, couple_bonus=args.couple_bonus)
             rows["saguaro"] = lambda batch, kw=kw: tp.led(
@@ -493,8 +493,8 @@ def main(argv=None):
     # defaults fit the built-in pair on a 2-core CPU; on GPUs with a small draft use the
     # paper's --k 7 --f 3 --saguaro-k 7 and --budget 24
     ap.add_argument("--k", type=harness.positive_int, default=4, help="speculation length K")
-    ap.add_argument("--f", type=harness.positive_int, default=1,
-                    help="SSD fan-out per outcome position")
+    ap.add_argument("--f", type=harness.fanout, default=1,
+                    help="ssd's fan-out F per outcome k, or F_0,...,F_K (saguaro's: --budget)")
     ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}; "
                     f"None: all (with --tp: {','.join(TP_METHODS)})")
     ap.add_argument("--dataset", default="alpaca", choices=prompt_sets.DATASETS + ("all",),

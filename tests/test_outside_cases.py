@@ -514,6 +514,23 @@ def test_bench_refuses_a_batch_larger_than_its_prompts(monkeypatch, capsys):
     assert exit_.value.code == 2 and "--num-prompts 2 gives 2" in capsys.readouterr().err
 
 
+def test_bench_takes_ssd_s_fan_out_as_ssd_py_does(monkeypatch):
+    """bench.py --f took one integer while ssd.py --f also takes F_0,...,F_K (a newcomer run)."""
+    import bench
+    import harness
+
+    class Parsed(Exception):
+        pass
+
+    def load_models(args, *_):
+        raise Parsed(args.f)
+    monkeypatch.setattr(harness, "load_models", load_models)
+    monkeypatch.setattr(sys, "argv", ["bench", "--methods", "ssd", "--f", "2,0,1,0,1"])
+    with pytest.raises(Parsed) as parsed:
+        bench.main()
+    assert parsed.value.args == ([2, 0, 1, 0, 1],)
+
+
 @pytest.mark.parametrize("methods", ["", " , "])
 def test_bench_methods_that_name_nothing_are_a_bad_flag(methods, monkeypatch, capsys):
     """--methods "" ran every method (an empty string read as 'not given')."""
