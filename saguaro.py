@@ -135,6 +135,7 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1, t_every=0.
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)
 MARGIN = 0.05   # how much faster another budget must be predicted to be taken (model error)
+EVERY, ENOUGH = (4, 16), 64   # rounds between samples beside the loop: until ENOUGH rows, after
 
 
 class Estimates(measure.Measurements):
@@ -150,6 +151,17 @@ class Estimates(measure.Measurements):
         self.c = 1.0 if c == "auto" else c                  # the C in use
         self.budgets = [b for b in BUDGETS if vocab is None or b < vocab]
         self.why = {"budget": f"--budget {budget}", "c": f"--saguaro-c {c}"}
+
+    def every(self, what) -> int:
+        """Rounds between two samples the rules take beside the loop, each of which costs the
+        target's time: "c", the shadow evaluation of C (q sent twice, every candidate's q'_C;
+        ~4 ms a round at b = 4, T = 1), and "fast", the fast backup's acceptance on a few rows.
+        Every 4th round until ENOUGH rows were measured (an acceptance's standard error then
+        ~0.03), then
+        every 16th: the estimates are kept across calls, and acceptance barely drifts."""
+        n = (min(s[3] for s in self.shadow.values()) if what == "c" else
+             self.acc["fast"][1] - 2)   # less the prior's 2
+        return EVERY[n >= ENOUGH]
 
     def p_hit(self, backup="jit"):
         """The long-run hit rate. JIT: every speculation is the draft's, p_d. Fast: a miss makes
@@ -650,12 +662,13 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
             stats["backup_why"], widest = why, b_live
         est.choose_budget(choice, b_live)               # NEW: B, C per round, from the estimates
         c = est.choose_c(choice, b_live, temperature)
-        shadow = saguaro_c == "auto" and temperature > 0 and stats["target_calls"] % 4 == 1
+        shadow = (saguaro_c == "auto" and temperature > 0
+                  and stats["target_calls"] % est.every("c") == 1)
         fan_hit, fan_miss = est.fan_outs(choice)
         # the fast backup proposes for every row when it is the backup; for the rule's estimate
-        # of its acceptance, on up to 4 rows every fourth round otherwise (not every round: its
+        # of its acceptance, on up to 4 rows every few rounds otherwise (not every round: its
         # proposals are the target's time)
-        sample_fast = backup == "auto" and stats["target_calls"] % 4 == 2
+        sample_fast = backup == "auto" and stats["target_calls"] % est.every("fast") == 2
         asked = live & ((choice == "fast") | (sample_fast & (live.cumsum(0) <= 4)))
         fast_tokens, fast_probs = serve_fast(fast, rows, asked, K, temperature, gen, Vt, est, stats)
         tick = time.perf_counter()

@@ -1523,3 +1523,20 @@ def test_widths_timed_at_a_start_are_charged_the_slowdown_seen_in_the_loop():
     assert est.tree == pytest.approx({1: 0.015})
     assert est.tree_points() == pytest.approx({1: 0.015, 8: 0.060, 24: 0.150})   # x 1.5
     assert est.tree_step(2) > 0.015 + (0.060 - 0.015) / 7 * 0.99   # on the loop's line
+
+
+def test_the_rules_sample_beside_the_loop_less_often_once_they_have_measured_enough():
+    """C's shadow evaluation and the fast backup's acceptance cost the target's time (~4 ms a
+    shadow round at b = 4, T = 1, every fourth round): every 4th round until ENOUGH rows were
+    measured, then every 16th."""
+    est = saguaro.Estimates(K=4, budget="auto", fan_out="geometric", backup="auto", c="auto")
+    assert est.every("c") == est.every("fast") == 4
+    for sums in est.shadow.values():
+        sums[3] = saguaro.ENOUGH - 1
+    est.acc["fast"][1] += saguaro.ENOUGH
+    assert est.every("c") == 4 and est.every("fast") == 16
+    est.shadow[1.0][3] = est.shadow[0.3][3] = saguaro.ENOUGH
+    assert est.every("c") == 4                      # every candidate needs its rows
+    for sums in est.shadow.values():
+        sums[3] = saguaro.ENOUGH
+    assert est.every("c") == 16
