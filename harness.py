@@ -64,6 +64,12 @@ def check_request(model: kernels.Model, prompts: list, max_new_tokens: int, room
     return need + room
 
 
+def saguaro_budget(budget, k, f):
+    """saguaro's budget B as its caller gave it: a number or "auto"; None: (K+1) f when f is
+    given, else "auto" (the CLIs' default: a caller who sets nothing gets the rules)."""
+    return budget or ((k + 1) * f if f else "auto")
+
+
 def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=None, temperature=0.0,
                   top_k=None, top_p=None, fan_out="geometric", saguaro_c="auto", backup="auto",
                   budget=None, seed=0, **_):
@@ -79,7 +85,7 @@ def check_saguaro(target, prompt_ids, max_new_tokens, *, k=4, f=None, temperatur
         check_saguaro_c(saguaro_c)
     if budget not in (None, "auto") and (not isinstance(budget, int) or budget < 1):
         raise ValueError(f"budget (B) must be an integer >= 1 or 'auto', got {budget!r}.")
-    budget = budget or ((k + 1) * f if f else "auto")     # as saguaro.generate reads them
+    budget = saguaro_budget(budget, k, f)
     B = 1 if budget == "auto" else budget   # auto weighs only B < vocabulary
     if fan_out == "uniform" and budget != "auto" and B < k + 1:
         # the paper's uniform fan-out is F guesses per outcome, B = (K + 1) F: below K + 1 the
@@ -310,9 +316,8 @@ def draft_name(text: str) -> str:
     """argparse type for --draft: a name that is not blank (an empty --draft reached the Python
     API's 'needs a draft' message)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"must name a draft, got {text!r}: default (the "
-                                         "target's int4 self-draft), ngram, self, another "
-                                         "drafts.py candidate, or a model folder / hub id")
+        from drafts import DRAFT_HELP   # only here: the loops themselves need no drafts.py
+        raise argparse.ArgumentTypeError(f"must name a draft, got {text!r}: {DRAFT_HELP}")
     return text
 
 

@@ -33,7 +33,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import dataclasses
 from dataclasses import dataclass
@@ -648,8 +647,7 @@ def default_model_path() -> str:
         del hf.config.quantization_config  # the tensors are dequantized floats now
         hf.hf_quantizer = None
         tmp = folder + f".tmp{os.getpid()}"
-        for old in glob.glob(glob.escape(folder) + ".tmp*") + [folder]:  # killed conversions'
-            shutil.rmtree(old, ignore_errors=True)                  # (~0.5 GB each); we hold the lock
+        kernels_cpu.clear_leftovers(folder)  # of killed conversions (~0.5 GB each)
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, folder)  # atomic: a half-written folder is never taken for a model

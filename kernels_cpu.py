@@ -89,10 +89,18 @@ def cpu_ops():
     return _cpu_ops
 
 
-def _import_or_build():
+def clear_leftovers(path: str) -> None:
+    """Remove `path` and every `path`.tmp* beside it: what builds or conversions killed midway
+    left (each writes `path`.tmp<pid>, renamed into place when complete). Call it holding
+    exclusive(path + ".lock"): then none of them is running."""
     import glob
-    import importlib.util
     import shutil
+    for old in glob.glob(glob.escape(path) + ".tmp*") + [path]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _import_or_build():
+    import importlib.util
     build = cpu_build_dir()
     library = os.path.join(build, "ssd_kernels_cpu.so")
     if not os.path.exists(library):
@@ -103,10 +111,7 @@ def _import_or_build():
                 print("kernels: compiling kernels_cpu.cpp once for this machine (~30 s) ...",
                       file=sys.stderr, flush=True)
                 tmp = f"{build}.tmp{os.getpid()}"
-                # leftovers of killed builds (we hold the lock: none is running), or of an
-                # older scheme
-                for old in glob.glob(glob.escape(build) + ".tmp*") + [build]:
-                    shutil.rmtree(old, ignore_errors=True)
+                clear_leftovers(build)  # of killed builds, or of an older scheme
                 os.makedirs(tmp)
                 module = load("ssd_kernels_cpu", [_CPU_SOURCE], extra_cflags=CPU_BUILD_FLAGS,
                               build_directory=tmp)

@@ -98,8 +98,8 @@ class Measurements:
             self.time("jit", answer.jit_s)
 
     def learn_tree(self, width, seconds):
-        """One tree step's seconds at `width` branches per row (the draft's build after its
-        glue, over K steps; or the draft's timing of each width at its start)."""
+        """One tree step's seconds at `width` branches per row in the loop (the draft's build
+        after its glue, over K steps; a Start's timings go to tree_alone)."""
         self.tree[width] = 0.8 * self.tree.get(width, seconds) + 0.2 * seconds   # as time()
 
     def tree_points(self) -> dict:

@@ -157,8 +157,8 @@ class Estimates(measure.Measurements):
         target's time: "c", the shadow evaluation of C (q sent twice, every candidate's q'_C;
         ~4 ms a round at b = 4, T = 1), and "fast", the fast backup's acceptance on a few rows.
         Every 4th round until ENOUGH rows were measured (an acceptance's standard error then
-        ~0.03), then
-        every 16th: the estimates are kept across calls, and acceptance barely drifts."""
+        ~0.03), then every 16th: the estimates are kept across calls, and acceptance barely
+        drifts."""
         n = (min(s[3] for s in self.shadow.values()) if what == "c" else
              self.acc["fast"][1] - 2)   # less the prior's 2
         return EVERY[n >= ENOUGH]
@@ -601,7 +601,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
     speed per candidate), predicted_speedup (Thm. 7), measured_speedup (tokens per row per
     target verify), draft_wait_s, draft_lost (why) and couple_bonus (whether the bonus raced)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
-    K, budget = k, budget or ((k + 1) * f if f else "auto")
+    K, budget = k, harness.saguaro_budget(budget, k, f)
     seed = kernels.check_seed(seed)   # None is 0, as in every loop
     max_len = harness.check_request(target, prompts, max_new_tokens, room=K,  # verify overshoot
                                     draft=draft)
