@@ -831,6 +831,11 @@ def test_each_process_gets_its_own_cores_and_the_caller_gets_its_own_back(tiny_p
     gloo = [t for t, name in threads.items() if "gloo" in name]
     assert gloo and all(os.sched_getaffinity(t) == before for t in gloo), threads
     assert os.sched_getaffinity(worker.process.pid) == draft_cpus  # its main thread
+    # torch's threads for the target's cores (draft_process._borrow: lent while the target
+    # waits for an answer) are pinned there and run only when those cores are idle
+    lent = [t for t in threads if os.sched_getaffinity(t) == set(worker.target_cpus)]
+    assert lent and all(os.sched_getscheduler(t) == os.SCHED_IDLE for t in lent), threads
+    assert os.sched_getscheduler(worker.process.pid) != os.SCHED_IDLE
 
 
 def test_eos_inside_an_accepted_block_ends_the_row(self_pair):
@@ -1398,20 +1403,23 @@ def test_reuse_branch_after_a_jit_backup_keeps_the_kv_the_jit_wrote():
                                draft(torch.tensor([[11]]), fresh), atol=1e-4, rtol=1e-4)
 
 
-def test_every_record_crosses_the_link_whole():
+@pytest.mark.parametrize("sender", [0, 1])
+def test_every_record_crosses_the_link_whole(sender):
     """draft_process.send/recv over a real two-rank gloo link: small tensors ride in the one
     fixed-size header as their bytes (any dtype, 0-d and empty ones too), a long pickle (a Start
-    with long prompts) spills into a second transfer, a q' larger than RAW elements travels raw;
-    every field comes back equal, dtypes and shapes included."""
+    with long prompts) spills into a second transfer, a q' larger than RAW elements travels raw,
+    or, from the draft (rank 1), through the shared slab while it fits (a q' too large for it
+    takes the group); every field comes back equal, dtypes and shapes included, and a slab
+    written over after a recv leaves what that recv returned as it was."""
     import datetime
     import pickle
     import threading
     dp = saguaro.draft_process
     store = dp.dist.HashStore()
-    links = [None, None]
+    links, slab = [None, None], dp.new_slab(1 << 20)
 
     def connect(rank):
-        links[rank] = dp.Link(store, rank, "gloo", "cpu", datetime.timedelta(seconds=30))
+        links[rank] = dp.Link(store, rank, "gloo", "cpu", datetime.timedelta(seconds=30), slab)
     threads = [threading.Thread(target=connect, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
@@ -1431,15 +1439,25 @@ def test_every_record_crosses_the_link_whole():
                          q_plain=torch.rand(1, 2, 3).to(torch.bfloat16)),
                dp.Round(torch.tensor([3]), torch.tensor([9]), torch.tensor([True]), "fast",
                         [0, 0, 0, 1], [1, 0, 0, 0], torch.tensor([[4, 5, 6]])), dp.Sync(),
+               dp.Answer(torch.tensor([1]), torch.tensor([0]), torch.tensor([[9, 9, 9]]),
+                         torch.rand(1, 3, 1 << 17), q_plain=torch.rand(2, 3, dp.RAW).double()),
                dp.End()]
     assert len(pickle.dumps(long_prompts)) > dp.HEADER
+    assert records[-2].probs.numel() * 4 > len(slab) > records[-2].q_plain.numel() * 8
     got = []
-    reader = threading.Thread(target=lambda: got.extend(dp.recv(links[1], 30) for _ in records))
+    reader = threading.Thread(
+        target=lambda: got.extend(dp.recv(links[1 - sender], 30) for _ in records))
     reader.start()
-    for msg in records:
-        dp.send(msg, links[0], 30)
+    for i, msg in enumerate(records):  # one at a time, as the processes' records go (each
+        dp.send(msg, links[sender], 30)  # is answered before the next is sent)
+        deadline = time.monotonic() + 30
+        while len(got) <= i and time.monotonic() < deadline:
+            time.sleep(0.001)
     reader.join(60)
     assert len(got) == len(records)
+    if sender == 1:
+        assert slab.any()
+    slab.fill_(0)   # what a later answer would do: the records received stay as they were
     for sent, back in zip(records, got):
         assert type(back) is type(sent)
         for field in sent.__dataclass_fields__:
