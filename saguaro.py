@@ -119,17 +119,20 @@ def expected_tokens(a: float, K: int) -> float:
     return K + 1.0 if a >= 1 else (1 - a ** (K + 1)) / (1 - a)
 
 
-def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1, t_every=0.0) -> float:
+def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1, t_every=0.0,
+                      t_answer=0.0) -> float:
     """Thm. 7 over AR, times in units of one target verify (= one AR step, memory-bound):
-    [p_hit E_hit + (1 - p_hit) E_miss] / [max(1 + T_e, T_p) + (1 - P) T_b]: a round's verify and
-    the draft's build of the next cache (T_p) overlap, a miss first waits for the backup (T_b);
-    with b rows the batch waits when any row misses, so P = P(all hit) = p_hit^b (Sec. 4.3).
-    The paper charges a miss round 1 + T_b, assuming the build hidden (T_p <= 1, where the
-    two agree); here a miss round also waits for a build longer than the verify, as the loop
-    does (the next answer comes after it). T_e (ours): the target's own work every round
-    beside its verify (the fast backup's proposals, made before it knows who missed)."""
+    [p_hit E_hit + (1 - p_hit) E_miss] / [max(1 + T_e, T_p) + T_a + (1 - P) T_b]: a round's
+    verify and the draft's build of the next cache (T_p) overlap, a miss first waits for the
+    backup (T_b); with b rows the batch waits when any row misses, so P = P(all hit) = p_hit^b
+    (Sec. 4.3). The paper charges a miss round 1 + T_b, assuming the build hidden (T_p <= 1,
+    where the two agree); here a miss round also waits for a build longer than the verify, as
+    the loop does (the next answer comes after it). Ours, both 0 in the paper: T_e, the
+    target's own work every round beside its verify (accepting; the fast backup's proposals,
+    made before it knows who missed), and T_a, the answer's latency when the draft is ready
+    (the outcome's trip, the lookup, q' back)."""
     all_hit = p_hit ** batch
-    return (p_hit * e_hit + (1 - p_hit) * e_miss) / (max(1.0 + t_every, t_p) +
+    return (p_hit * e_hit + (1 - p_hit) * e_miss) / (max(1.0 + t_every, t_p) + t_answer +
                                                      (1 - all_hit) * t_b)
 
 
@@ -218,6 +221,8 @@ class Estimates(measure.Measurements):
         after the fast backup decodes K tokens again, so that stand-in made the JIT look slow
         at large b, the rule kept the fast backup and never measured the JIT)."""
         verify = verify or self.secs.get("verify", 1.0)
+        t_every = self.secs.get("accept", 0.0) / verify       # the target's own, every round
+        t_answer = self.secs.get("answer", 0.0) / verify
         if backup == "fast":
             # the fast backup is ready when a row misses (no wait), but the target proposes for
             # every row every round, and after a round where a row took it the draft's glue
@@ -226,14 +231,15 @@ class Estimates(measure.Measurements):
             t_p = t_p + (1 - p ** batch) * self.fast_glue_extra(p, batch)
             return predicted_speedup(p, expected_tokens(a_d, self.K),
                                      expected_tokens(self.a("fast"), self.K), t_p / verify, 0.0,
-                                     batch, t_every=self.secs.get("fast", 0.0) / verify)
+                                     batch, t_every + self.secs.get("fast", 0.0) / verify,
+                                     t_answer)
         if "jit" in self.secs:
             t_b = self.secs["jit"]
         else:  # not run yet: no fit of the tree's cost line once the JIT is measured
             step = self.tree_step(1)
             t_b = self.K * (self.secs.get("step", t_p / (self.K + 1)) if step is None else step)
         e = expected_tokens(a_d, self.K)
-        return predicted_speedup(p_d, e, e, t_p / verify, t_b / verify, batch)
+        return predicted_speedup(p_d, e, e, t_p / verify, t_b / verify, batch, t_every, t_answer)
 
     def fast_glue_extra(self, p_hit, batch):
         """Seconds a build takes longer after a round where some row took the fast backup: the
@@ -677,7 +683,10 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
         if answer is None:
             continue  # the draft was lost just now: this round again, all on the fast backup
         if answer.forwards:  # the draft's own answer (a lost draft's stand-in: no wait, no news)
-            stats["draft_wait_s"] += timeline.span("wait for draft", tick)
+            wait_s = timeline.span("wait for draft", tick)
+            stats["draft_wait_s"] += wait_s
+            if answer.ready and not answer.jit_s:   # the answer's own latency, no build in it
+                est.time("answer", wait_s)
             est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0),
                                  after_fast=bool((live & (made == FAST)).any()))
         source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)
@@ -741,7 +750,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
             est.learn_c(p, pad_vocab(answer.q_plain.to(dev), Vt), draft_tokens, fan_hit,
                         live & ~from_fast)
         outcome, made = torch.tensor(n_accepted), source
-        timeline.span("accept", tick)
+        est.time("accept", timeline.span("accept", tick))
     draft.exchange(End())
     kernels.sync(dev)
     stats["decode_s"] = time.perf_counter() - t0

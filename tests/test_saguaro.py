@@ -261,6 +261,28 @@ def test_expected_tokens_and_speed_model_at_known_points():
         (p * eh + (1 - p) * em) / (p ** 3 * 1.0 + (1 - p ** 3) * (1 + tb)))
     # a build longer than the verify: every round waits for it, a miss round for the backup too
     assert saguaro.predicted_speedup(0.5, 3.0, 2.0, 1.5, 1.0) == pytest.approx(2.5 / 2.0)
+    # the answer's latency adds to every round; the target's own work overlaps the build
+    assert saguaro.predicted_speedup(1.0, 3.0, 1.0, 0.5, 9.0, t_every=0.2,
+                                     t_answer=0.3) == pytest.approx(3.0 / 1.5)
+    assert saguaro.predicted_speedup(1.0, 3.0, 1.0, 1.4, 9.0, t_every=0.2,
+                                     t_answer=0.1) == pytest.approx(3.0 / 1.5)
+
+
+def test_the_speed_model_charges_what_the_loop_measured_around_its_verify():
+    """Estimates charge a round the target's accept (beside the build) and the answer's latency
+    (after it), both as measured, in units of the verify; the fast backup's proposals add to
+    the target's own work."""
+    est = saguaro.Estimates(4, 1, "geometric", "auto")
+    est.secs.update(verify=0.02, build=0.01, jit=0.01, fast=0.001)
+    p, e = est.hit_rate("draft"), saguaro.expected_tokens(est.a("draft"), 4)
+    assert est.speed("jit", 1) == pytest.approx(saguaro.predicted_speedup(p, e, e, 0.5, 0.5))
+    est.secs.update(accept=0.004, answer=0.002)
+    assert est.speed("jit", 2) == pytest.approx(
+        saguaro.predicted_speedup(p, e, e, 0.5, 0.5, 2, t_every=0.2, t_answer=0.1))
+    assert est.speed("jit", 2) == pytest.approx(
+        (p * e + (1 - p) * e) / (1.2 + 0.1 + (1 - p ** 2) * 0.5))
+    assert est.speed("fast", 1) == pytest.approx(saguaro.predicted_speedup(  # no glue extra yet
+        est.p_hit("fast"), e, saguaro.expected_tokens(est.a("fast"), 4), 0.5, 0.0, 1, 0.25, 0.1))
 
 
 def rule(p_hit=0.8, a=0.8, a_fast=0.4, jit_s=0.3, fast_s=0.001, backup="auto"):
