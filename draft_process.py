@@ -596,17 +596,24 @@ def _borrow(lent):
     while the target waits for its answer (a JIT backup: K draft steps with the target idle):
     pinned there at SCHED_IDLE, they run only while the target's own thread is blocked (an
     OpenMP thread spins a while after its last task; at normal priority that spin would take
-    its time from the verify that follows). Returns the thread count of an answer; the
-    calling thread keeps its own cores, and the draft's work between answers its own count."""
-    own, before = torch.get_num_threads(), set(os.listdir("/proc/self/task"))
-    torch.set_num_threads(own + len(lent))
-    torch.ones(1 << 22).add_(1)  # a parallel region of that size starts the pool's threads
-    for tid in set(os.listdir("/proc/self/task")) - before:
-        with contextlib.suppress(OSError):  # a thread gone already: it was not the pool's
-            os.sched_setaffinity(int(tid), lent)
-            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+    its time from the verify that follows). Returns the thread count of an answer (None: no
+    thread could be made idle there, nothing is borrowed); the calling thread keeps its own
+    cores, and the draft's work between answers its own count."""
+    own = torch.get_num_threads()
+    torch.ones(1 << 22).add_(1)  # a parallel region this large starts the pool's threads:
+    before = set(os.listdir("/proc/self/task"))  # first the draft's own (a team reuses them
+    torch.set_num_threads(own + len(lent))       # in order), then those for the lent cores
+    torch.ones(1 << 22).add_(1)
     torch.set_num_threads(own)
-    return own + len(lent)
+    idle = 0
+    for tid in set(os.listdir("/proc/self/task")) - before:
+        try:  # idle first: a thread that cannot be made idle stays on the draft's cores
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setaffinity(int(tid), lent)
+            idle += 1
+        except OSError:  # gone already (not the pool's), or not allowed here: no borrowing
+            pass
+    return own + len(lent) if idle >= len(lent) else None
 
 
 def _answer_rounds(side, draft, link, wide=None):
