@@ -29,6 +29,7 @@ class Measurements:
         self.tree_alone = {}  # width -> seconds of one tree step timed at a Start, not beside
         #                       a verify (the cost line charges it the slowdown seen in the loop)
         self.verify_at = {}   # budget B -> running mean seconds of a verify beside its build
+        self.verify_n = {}    # budget B -> how many verifies that mean has seen
         self.hits_at = {}     # budget B -> [hits, lookups] of the draft's caches of B branches
         self.ranks_seen = 0
         self.curve = (None, None, None)  # (ranks_seen at the fit, (c, r), ranks >= F per F)
@@ -125,6 +126,7 @@ class Measurements:
         """A verify's seconds while the draft built a cache of `budget` branches per row."""
         if keep:
             self.verify_at[budget] = 0.8 * self.verify_at.get(budget, seconds) + 0.2 * seconds
+            self.verify_n[budget] = self.verify_n.get(budget, 0) + 1
 
     def verify_beside(self, budget) -> float:
         """Seconds of a verify while the draft builds `budget` branches per row: the draft's

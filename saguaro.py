@@ -138,6 +138,7 @@ def predicted_speedup(p_hit, e_hit, e_miss, t_p, t_b, batch: int = 1, t_every=0.
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # the budgets B the auto rule weighs (24: the paper's)
 MARGIN = 0.05   # how much faster another budget must be predicted to be taken (model error)
+SETTLE = 12     # verifies at a budget before the rule may leave it (a cold start's fade: 0.8^11)
 EVERY, ENOUGH = (4, 16), 64   # rounds between samples beside the loop: until ENOUGH rows, after
 
 
@@ -287,13 +288,16 @@ class Estimates(measure.Measurements):
         """The budget rule: if the candidate B of the highest predicted speed (with `backup`,
         at `batch` rows) beats the budget in use by MARGIN (the estimates are noisy: no
         switching on noise), move one candidate towards it, so that what each budget costs
-        beside the verify is measured before the next step. A fixed --budget stays. Sets
-        self.B; returns it."""
+        beside the verify is measured before the next step; and not before SETTLE verifies at
+        the budget in use (a run's first rounds are slow, and a budget left early kept their
+        mean: B = 1 then looked slower than B = 2 for the rest of the run). A fixed --budget
+        stays. Sets self.B; returns it."""
         if self.budget != "auto" or not self.tree_points():  # no tree timed: nothing to weigh
             return self.B
         speeds = {b: self.speed_at_budget(b, backup, batch) for b in self.budgets}
         best = max(speeds, key=speeds.get)
-        if speeds[best] > (1 + MARGIN) * speeds.get(self.B, 0.0):
+        settled = self.verify_n.get(self.B, 0) >= SETTLE
+        if settled and speeds[best] > (1 + MARGIN) * speeds.get(self.B, 0.0):
             i = min(range(len(self.budgets)), key=lambda i: abs(self.budgets[i] - self.B))
             self.B = self.budgets[i + (1 if best > self.B else -1)]
         self.why["budget"] = f"b={batch}, {backup}: predicted tokens/s per row " + ", ".join(

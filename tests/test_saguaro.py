@@ -468,12 +468,21 @@ def budget_rule(tree, verify=1.0, a=0.8, r=1.0, batch=1):
     return est
 
 
+def verified(est, rounds=saguaro.SETTLE):
+    """`rounds` verifies at the budget in use, each as long as the estimates already say a
+    verify beside that budget lasts (the world the test set up)."""
+    for _ in range(rounds):
+        est.learn_verify(est.B, est.verify_beside(est.B))
+    return est
+
+
 def settle(est, backup="jit", batch=1):
-    """The budget rule asked round after round with these estimates: it moves one candidate
-    a round, towards the best predicted; returns where it stays (and the steps it took)."""
+    """The budget rule asked after SETTLE rounds at each budget, with these estimates: it
+    moves one candidate at a time, towards the best predicted; returns where it stays (and
+    the steps it took)."""
     steps = [est.B]
     for _ in saguaro.BUDGETS:
-        steps.append(est.choose_budget(backup, batch))
+        steps.append(verified(est).choose_budget(backup, batch))
     return est.B, steps
 
 
@@ -486,7 +495,8 @@ def test_budget_rule_climbs_to_the_largest_budgets_when_the_tree_is_free():
         est = budget_rule({1: 1e-4, 8: 1e-4}, r=r)
         speeds = [est.speed_at_budget(b, "jit", 1) for b in saguaro.BUDGETS]
         assert speeds == sorted(speeds)   # more guesses, more hits, same time
-        assert est.choose_budget("jit", 1) == 2
+        assert verified(est, saguaro.SETTLE - 1).choose_budget("jit", 1) == 1  # not yet settled
+        assert verified(est, 1).choose_budget("jit", 1) == 2
         B, steps = settle(est)
         assert steps == sorted(steps) and B > (8 if r < 1 else 1), steps
         assert est.speed_at_budget(B, "jit", 1) * (1 + saguaro.MARGIN) >= speeds[-1]
@@ -512,6 +522,7 @@ def test_budget_rule_charges_the_verify_the_draft_slows_beside_a_larger_tree():
     verify threefold is no longer worth it."""
     est = budget_rule({1: 1e-4, 8: 1e-4}, r=0.5)
     assert settle(est)[0] >= 12   # no slowdown seen yet
+    est.verify_at.clear()         # now a verify beside the largest tree measures 3x
     est.learn_verify(1, 1.0)
     est.learn_verify(max(saguaro.BUDGETS), 3.0)
     assert settle(est)[0] < 12
