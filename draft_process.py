@@ -100,7 +100,7 @@ class Answer:
     width: int = 0         # branches per row of the build that made this round's cache
     tree_s: dict = None    # width -> seconds of one tree step: the Start's time_widths, timed
     q_plain: torch.Tensor = None  # (B, K, V) the draft's q before C, when the Round asked
-    ready: bool = False    # the draft was waiting when the Round came (its build was done)
+    ready_at: float = 0.0  # time.perf_counter() when the draft began waiting for this Round
 
 
 @dataclasses.dataclass
@@ -147,7 +147,6 @@ class Link:
 
 HEADER = 4096    # bytes of a record's first transfer: every Round and greedy Answer fits in it
 RAW = 4096       # a tensor of more elements travels as it is, after the header (q' rows)
-READY_S = 2e-4   # a wait for the Round longer than this: the draft's build was done before it
 SLAB = 64 << 20  # bytes of shared memory for the draft's answers (pages used only when written)
 
 
@@ -622,9 +621,8 @@ def _answer_rounds(side, draft, link, wide=None):
     state, idle, own = None, time.perf_counter(), torch.get_num_threads()
     with torch.inference_mode():
         while not isinstance(msg := recv(link), Shutdown):
-            waited = 0.0
             if isinstance(msg, Round):  # stamped first: it ends before the answer's span starts
-                waited = timeline.span("wait for target", idle, "draft")
+                timeline.span("wait for target", idle, "draft")
             tick = time.perf_counter()
             if isinstance(msg, Start):
                 timeline.start() if msg.trace else timeline.stop()
@@ -638,7 +636,7 @@ def _answer_rounds(side, draft, link, wide=None):
                 torch.set_num_threads(wide or own)
                 reply = state.answer(msg)  # at once: the target is waiting
                 torch.set_num_threads(own)
-                reply.spans, reply.ready = timeline.take(), waited > READY_S
+                reply.spans, reply.ready_at = timeline.take(), idle
                 send(reply, link)
                 timeline.span("answer", tick, "draft")  # shipped with the next answer
                 state.work()           # then the next cache, while the target verifies
