@@ -122,6 +122,13 @@ class Measurements:
         slope, intercept = statistics.linear_regression(list(points), list(points.values()))
         return max(0.0, intercept + slope * width)
 
+    def learn_answer(self, wait_s, sent_at, ready_at, jit_s):
+        """The answer's own latency (the outcome's trip, the lookup, q' back) into "answer": a
+        round's wait for the draft less the draft's build still running when the Round left
+        (ready_at - sent_at, time.perf_counter() readings: both processes read one clock,
+        CLOCK_MONOTONIC on Linux) and less its JIT."""
+        self.time("answer", max(0.0, wait_s - max(0.0, ready_at - sent_at) - jit_s))
+
     def learn_verify(self, budget, seconds, keep=True):
         """A verify's seconds while the draft built a cache of `budget` branches per row."""
         if keep:

@@ -689,10 +689,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
         if answer.forwards:  # the draft's own answer (a lost draft's stand-in: no wait, no news)
             wait_s = timeline.span("wait for draft", tick)
             stats["draft_wait_s"] += wait_s
-            # the answer's own latency: the wait less the draft's build still running when the
-            # Round left (both processes read one clock, CLOCK_MONOTONIC) and less its JIT
-            late = max(0.0, answer.ready_at - tick)
-            est.time("answer", max(0.0, wait_s - late - answer.jit_s))
+            est.learn_answer(wait_s, tick, answer.ready_at, answer.jit_s)
             est.learn_from_draft(answer, live, first_round=bool(outcome.min() < 0),
                                  after_fast=bool((live & (made == FAST)).any()))
         source, draft_tokens = answer.source, answer.tokens.to(dev)        # (B,), (B, K)

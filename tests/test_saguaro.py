@@ -268,6 +268,20 @@ def test_expected_tokens_and_speed_model_at_known_points():
                                      t_answer=0.1) == pytest.approx(3.0 / 1.5)
 
 
+def test_the_answers_latency_leaves_out_the_build_and_the_jit_it_waited_for():
+    """A round's wait for the draft = the draft's build still running when the Round left +
+    its JIT + the answer's own latency; only the last is "answer" (a build outlasting the
+    verify is charged by T_p already: counted twice, the model under-predicted 22-30%)."""
+    est = saguaro.Estimates(4, 1, "geometric", "auto")
+    est.learn_answer(0.030, sent_at=10.0, ready_at=10.025, jit_s=0.0)  # the build 25 ms late
+    assert est.secs["answer"] == pytest.approx(0.005)
+    est.secs.clear()
+    est.learn_answer(0.020, sent_at=10.0, ready_at=9.990, jit_s=0.018)  # ready before; a JIT
+    assert est.secs["answer"] == pytest.approx(0.002)
+    est.learn_answer(0.020, sent_at=10.0, ready_at=10.030, jit_s=0.0)   # never below zero
+    assert est.secs["answer"] == pytest.approx(0.8 * 0.002)
+
+
 def test_the_speed_model_charges_what_the_loop_measured_around_its_verify():
     """Estimates charge a round the target's accept (beside the build) and the answer's latency
     (after it), both as measured, in units of the verify; the fast backup's proposals add to
