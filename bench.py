@@ -177,6 +177,11 @@ def measure(rows, prompts, args):
                     stem, ext = os.path.splitext(args.trace)
                     timeline.write(f"{stem}.{name}{ext or '.json'}", events, method=name,
                                    command=" ".join(sys.argv))
+                if stats.get("draft_lost"):  # its row would time the fallback, not saguaro
+                    raise harness.RunFailed(
+                        f"{name}'s draft process was lost during the benchmark "
+                        f"({stats['draft_lost']}); the rest of its row would time the target "
+                        "alone on the fast backup, so nothing is reported. Run bench again.")
                 results[name].append({"dataset": batch[0][0], "tokens": tokens, **stats})
                 bar.advance(task)
     return results
@@ -243,7 +248,9 @@ def accountings(results, args):
     sag = median_speed(results["saguaro"])
     half, draft_threads = draft_process.split_threads(args.threads)
     out = {}
-    for label, suffix in (("equal_cores", ""), ("paper", f"@{half}t")):
+    # at --threads 1 saguaro still runs 1 + 1: ar and sd on that one are the paper's accounting
+    labels = [("equal_cores", "")] if half + draft_threads <= args.threads else []
+    for label, suffix in labels + [("paper", f"@{half}t" if half != args.threads else "")]:
         ar, sd = results.get("ar" + suffix), results.get("sd" + suffix)
         out[label] = {"ar_threads": args.threads if not suffix else half,
                       "split": f"{half}+{draft_threads} threads",
@@ -394,6 +401,9 @@ def print_table(table, cond, acc=None, sol=None):
                           f"{row['backup_why']}")
             console.print(f"{name}: budget B = {row['budget']} ({row['budget_why']}); C = "
                           f"{row['saguaro_c']} ({row['c_why']})")
+    if acc and "equal_cores" not in acc:
+        console.print("saguaro: no equal-cores comparison at --threads 1 (its draft process "
+                      "takes a second core); give --threads 2 or more for one")
     for label, a in (acc or {}).items():
         fmt_x = lambda v: "-" if v is None else f"{v:.2f}x"
         console.print(f"saguaro, {label.replace('_', ' ')} accounting (ar/sd on "

@@ -295,6 +295,9 @@ class DraftWorker:
 
     def __init__(self, draft, target, *, device=None, threads=None, timeout_s=10.0,
                  load_timeout_s=300.0):
+        if self.side is None:
+            raise TypeError("draft_process.DraftWorker is saguaro's plumbing without its draft "
+                            "side: start saguaro.DraftWorker(draft, target) instead.")
         if draft is None:
             raise ValueError("saguaro needs a draft: a drafts.py name ('default'), a model "
                              "folder, a factory returning a kernels.Model, or a kernels.Model.")
@@ -374,8 +377,9 @@ class DraftWorker:
                     "is printed above. Processes are spawned, so a script that starts saguaro "
                     "must do it under `if __name__ == '__main__':`.")
             if time.monotonic() > deadline:
-                raise StartFailed(f"the draft process did not {what} within "
-                                   f"{deadline - self.started:.0f} s.")
+                raise StartFailed(f"the draft process (pid {self.process.pid}, still running) "
+                                   f"did not {what} within {deadline - self.started:.0f} s: "
+                                   "stopped, or far too slow on a busy machine.")
             time.sleep(0.02)
 
     def reset(self):

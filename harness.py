@@ -208,17 +208,21 @@ def after_warm_up(run, max_new_tokens: int, warm_up: int = 8, trace=None):
             print(f"[timeline: {trace}, open it in https://ui.perfetto.dev or chrome://tracing]\n")
 
 
-class StartFailed(RuntimeError):
-    """A process the run needs (saguaro's draft) died or timed out while starting: the message
-    says how; its own traceback, if it printed one, is above. cli ends the run on one line."""
+class RunFailed(RuntimeError):
+    """A process the run needs (saguaro's draft) failed: the message says how; its own
+    traceback, if it printed one, is above. cli ends the run on one line, exit code 1."""
+
+
+class StartFailed(RunFailed):
+    """... while starting: it died or timed out."""
 
 
 def cli(main) -> None:
     """Run a script's main(): bad input found after parsing (a ValueError: an impossible length,
     a prompt past the context, a draft over another tokenizer; a FileNotFoundError: no such
     model or draft) ends it as argparse ends a bad flag, one line on stderr and exit code 2, not
-    a traceback. A helper process that failed to start (StartFailed) ends it on one line with
-    code 1, Ctrl-C with code 130. A tensor-parallel rank that left its
+    a traceback. A helper process that failed (RunFailed: StartFailed, or lost while bench.py
+    measures) ends it on one line with code 1, Ctrl-C with code 130. A tensor-parallel rank that left its
     group after a failure (tp.abandoned) ends with os._exit and the same code (1 for any other
     error, after its traceback): its group's threads could abort the interpreter's teardown."""
     try:
@@ -226,7 +230,7 @@ def cli(main) -> None:
     except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: no such model or draft
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         _exit(2)
-    except StartFailed as e:  # not the caller's input (code 1), but nothing to trace here
+    except RunFailed as e:  # not the caller's input (code 1), but nothing to trace here
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         _exit(1)
     except KeyboardInterrupt:  # Ctrl-C: stopped as asked (a draft process is closed at exit)

@@ -592,7 +592,7 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     return sample(probs_from_logits(logits, temperature, top_k, top_p, who), generator, clocks)
 
 
-SEED_LIMIT = 2 ** 63 - 1   # saguaro's draft process seeds itself with seed + 1 (< 2^64)
+SEED_LIMIT = 2 ** 63 - 1   # saguaro's draft process seeds itself with (seed + 1) mod this
 
 
 def check_seed(seed) -> int:

@@ -365,7 +365,8 @@ class DraftSide:
     def __init__(self, draft, start: Start):
         self.draft, self.K, self.V, self.c = draft, start.K, start.vocab, start.c
         self.sampling = (start.temperature, start.top_k, start.top_p)
-        self.gen = kernels.make_generator(start.seed + 1, draft.device)  # the draft's own coins
+        self.gen = kernels.make_generator((start.seed + 1) % kernels.SEED_LIMIT,  # its own coins
+                                          draft.device)
         self.seed, self.race_vocab = start.seed, start.race_vocab
         self.cache = draft.new_cache(len(start.prompts), start.max_len)
         logits = draft.prefill(start.prompts, self.cache)[:, : self.V]          # (B, V)
@@ -608,8 +609,9 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
     Returns (tokens, stats) as ssd.generate; stats add backup_used (row-rounds), backup_why (at
     the widest batch, or why the draft was lost), b_star, a, a_fast, r, p_hit, fan_out_hit/_miss,
     budget and saguaro_c (in use at the end) with budget_why and c_why (the rule's predicted
-    speed per candidate), predicted_speedup (Thm. 7), measured_speedup (tokens per row per
-    target verify), draft_wait_s, draft_lost (why) and couple_bonus (whether the bonus raced)."""
+    speed per candidate, at the widest batch as backup_why), predicted_speedup (Thm. 7),
+    measured_speedup (tokens per row per target verify), draft_wait_s, draft_lost (why) and
+    couple_bonus (whether the bonus raced)."""
     prompts = harness.as_batch(prompt_ids)  # checked by harness.check_saguaro, before the draft
     K, budget = k, harness.saguaro_budget(budget, k, f)
     seed = kernels.check_seed(seed)   # None is 0, as in every loop
@@ -659,6 +661,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
     widest = 0                          # the most live rows a round has had
     outcome = torch.full((B,), -1)      # (B,) k of the last round; -1: no round yet
     made = torch.full((B,), HIT)        # (B,) who made the last round's speculation
+    reasons = dict(est.why)
     while not all(done):
         # 2a) NEW: the speculation x_1..x_K with q_1..q_K comes from the draft process: it gets
         # the outcome (k, t) and answers at once from the cache it built during the last verify
@@ -672,6 +675,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
             stats["backup_why"], widest = why, b_live
         est.choose_budget(choice, b_live)               # NEW: B, C per round, from the estimates
         c = est.choose_c(choice, b_live, temperature)
+        if b_live == widest:  # the rules' reasons at the widest batch, as backup_why's
+            reasons = dict(est.why)
         shadow = (saguaro_c == "auto" and temperature > 0
                   and stats["target_calls"] % est.every("c") == 1)
         fan_hit, fan_miss = est.fan_outs(choice)
@@ -763,7 +768,8 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
     stats = harness.finish_stats(stats, tokens)
-    stats.update(est.summary(stats, B), draft_lost=draft.lost, couple_bonus=race)
+    stats.update(est.summary(stats, B), draft_lost=draft.lost, couple_bonus=race,
+                 budget_why=reasons["budget"], c_why=reasons["c"])
     return tokens, stats
 
 

@@ -531,6 +531,48 @@ def test_bench_takes_ssd_s_fan_out_as_ssd_py_does(monkeypatch):
     assert parsed.value.args == ([2, 0, 1, 0, 1],)
 
 
+def test_bench_stops_when_the_draft_process_is_lost_instead_of_timing_the_fallback():
+    """A draft process killed mid-benchmark left saguaro's row timing the target alone on the
+    fast backup, printed as saguaro's (a newcomer run: tau 1.42, 'jit 2, fast 1339'): the
+    measurement now ends on one line naming the loss (harness.RunFailed: cli's exit code 1)."""
+    import bench
+    import harness
+    calls = []
+
+    def row(batch):   # the warm-up, a good batch, then the draft is gone
+        calls.append(batch)
+        lost = "it died (killed by signal 9)" if len(calls) == 3 else None
+        return [[1]], {"decode_tokens_per_s": 1.0, "draft_lost": lost}
+    args = argparse.Namespace(batch_size=1, max_new_tokens=4, trace=None)
+    prompts = [("alpaca", [5, 6]), ("alpaca", [7, 8]), ("alpaca", [9])]
+    with pytest.raises(harness.RunFailed, match="saguaro's draft process was lost during the "
+                                                "benchmark .it died"):
+        bench.measure({"saguaro": row}, prompts, args)
+    assert len(calls) == 3
+
+
+def test_bench_makes_no_equal_cores_claim_at_one_thread():
+    """--threads 1 still runs saguaro on 1 + 1 threads: compared with ar and sd on that one
+    thread it is the paper's accounting, not equal cores (a newcomer run printed it as equal
+    cores); from 2 threads both comparisons hold."""
+    import bench
+    runs = lambda speed: [{"decode_tokens_per_s": speed}]
+    results = {"ar": runs(50.0), "sd": runs(100.0), "saguaro": runs(150.0)}
+    one = bench.accountings(results, argparse.Namespace(threads=1))
+    assert list(one) == ["paper"] and one["paper"]["saguaro_vs_sd"] == 1.5
+    assert one["paper"]["ar_threads"] == 1 and one["paper"]["split"] == "1+1 threads"
+    two = bench.accountings({**results, "ar@1t": runs(40.0), "sd@1t": runs(75.0)},
+                            argparse.Namespace(threads=2))
+    assert two["equal_cores"]["saguaro_vs_sd"] == 1.5 and two["paper"]["saguaro_vs_sd"] == 2.0
+
+
+def test_the_plumbing_worker_alone_says_which_class_to_start():
+    """draft_process.DraftWorker has no draft side: started, it failed to pickle a weakref deep
+    in multiprocessing (a newcomer run); it now names saguaro.DraftWorker before any process."""
+    with pytest.raises(TypeError, match="saguaro.DraftWorker"):
+        saguaro.draft_process.DraftWorker("default", None)
+
+
 @pytest.mark.parametrize("methods", ["", " , "])
 def test_bench_methods_that_name_nothing_are_a_bad_flag(methods, monkeypatch, capsys):
     """--methods "" ran every method (an empty string read as 'not given')."""

@@ -1534,6 +1534,16 @@ def test_two_workers_in_one_process_each_serve_their_own_calls():
     assert not draft_processes()
 
 
+def test_the_largest_seed_keeps_the_draft_process(tiny_pair):
+    """The draft seeds its own coins with seed + 1: at the largest seed allowed, 2^63 - 2, that
+    was out of range, the draft process died with a traceback and the run fell back to the
+    target alone (a newcomer run)."""
+    target, worker = tiny_pair
+    _, stats = saguaro.generate(target, RAGGED, 6, draft=worker, k=2, f=1, temperature=1.0,
+                                seed=kernels.SEED_LIMIT - 1, backup="jit")
+    assert not stats["draft_lost"] and worker.lost is None
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_greedy_answers_carry_no_q_rows(temperature):
     """At temperature 0 q is one-hot on each drafted token: the target builds it from the tokens,
