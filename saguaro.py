@@ -338,17 +338,18 @@ class Estimates(measure.Measurements):
         return next((b for b in range(1, limit + 1)
                      if self.speed("fast", b) > self.speed("jit", b)), None)
 
-    def summary(self, stats, batch):
+    def summary(self, stats, batch, why):
         """For generate's stats: the figures above, at the backup the rule picks for `batch`
-        rows, and the measured speedup: decoded tokens per row per target verify."""
+        rows, the rules' reasons `why` (as self.why, at the batch generate chose), and the
+        measured speedup: decoded tokens per row per target verify."""
         choice, verify = self.choose_backup(batch)[0], self.secs.get("verify")
         fan_hit, fan_miss = self.fan_outs(choice)
         verifies = stats["decode_s"] / verify if verify else 0.0    # decode time, in verifies
         per_row = (stats["new_tokens"] - batch) / batch             # the first came at prefill
         return dict(a=self.a("draft"), a_fast=self.a("fast"), r=self.r(), p_hit=self.p_hit(choice),
                     b_star=self.b_star(), fan_out_hit=fan_hit, fan_out_miss=fan_miss,
-                    budget=self.B, budget_why=self.why["budget"], saguaro_c=self.c,
-                    c_why=self.why["c"],
+                    budget=self.B, budget_why=why["budget"], saguaro_c=self.c,
+                    c_why=why["c"],
                     predicted_speedup=self.speed(choice, batch),
                     measured_speedup=per_row / verifies if verifies > 0 else None)
 
@@ -768,8 +769,7 @@ def generate(target, prompt_ids, max_new_tokens, *, draft=None, k=4, f=None, tem
     # 3) hand back each row's tokens
     tokens = [r[len(prompt):] for r, prompt in zip(rows, prompts)]
     stats = harness.finish_stats(stats, tokens)
-    stats.update(est.summary(stats, B), draft_lost=draft.lost, couple_bonus=race,
-                 budget_why=reasons["budget"], c_why=reasons["c"])
+    stats.update(est.summary(stats, B, reasons), draft_lost=draft.lost, couple_bonus=race)
     return tokens, stats
 
 
